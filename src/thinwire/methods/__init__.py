@@ -1,0 +1,43 @@
+"""The method registry: name -> (server side, client side, options dataclass)."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from thinwire.config import METHOD_NAMES
+from thinwire.errors import UsageError
+
+# name -> (module, server class, client class, options class or None)
+_REGISTRY = {
+    "fedavg": ("thinwire.methods.fedavg", "DeltaServer", "DeltaClient", None),
+    "fedit": ("thinwire.methods.fedavg", "FedITServer", "FedITClient", None),
+}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    server: type
+    client: type
+    options: type | None
+
+
+def available() -> list[str]:
+    return [name for name in METHOD_NAMES if name in _REGISTRY]
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in _REGISTRY:
+        if name in METHOD_NAMES:
+            raise UsageError(f"method {name!r} is not implemented yet; available: {', '.join(available())}")
+        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(available())}")
+    module_name, server, client, options = _REGISTRY[name]
+    module = importlib.import_module(module_name)
+    return MethodSpec(name, getattr(module, server), getattr(module, client),
+                      getattr(module, options) if options else None)
+
+
+def option_classes() -> dict[str, type]:
+    """Options dataclass of every method that has one (config validates `[method.<name>]`)."""
+    return {name: spec.options for name in _REGISTRY if (spec := get_method(name)).options is not None}

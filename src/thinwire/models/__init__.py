@@ -1,0 +1,104 @@
+"""Resolve a model spec (built-in name, hub id, local directory, .gguf file) to a model and tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from thinwire.config import ModelConfig
+from thinwire.errors import UsageError
+
+BUILTIN = ("tiny", "smollm2-135m")
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise UsageError(f"model.device = {spec!r} is not a torch device; use auto, cpu or cuda") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"model.device = {spec!r} but CUDA is not available; use model.device=cpu")
+    return device
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, spec)
+
+
+def load_model(cfg: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the base model and tokenizer named by `cfg`, on its device and dtype, in eval mode."""
+    model, tokenizer = _load(cfg.name, seed)
+    device = resolve_device(cfg.device)
+    model.to(device=device, dtype=resolve_dtype(cfg.dtype, device))
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _load(name: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if name == "tiny":
+        from thinwire.models.tiny import build_tiny
+
+        return build_tiny(seed)
+    if name == "smollm2-135m":
+        from thinwire.models.smollm2 import prepare
+
+        return _from_pretrained(str(prepare()), local_only=True)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UsageError(f"model file {path} does not exist; pass an existing .gguf file")
+        return _from_pretrained(str(path.parent), local_only=True, gguf_file=path.name)
+    if path.is_dir():
+        return _from_pretrained(str(path), local_only=True)
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise UsageError(f"model {name!r} is not a model directory or .gguf file")
+    if name.count("/") != 1:
+        raise UsageError(f"unknown model {name!r}; use one of {', '.join(BUILTIN)}, a hub id, "
+                         "a local directory or a .gguf file (see `thinwire models`)")
+    return _from_hub(name)
+
+
+def _from_hub(repo_id: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Cached copy first; then the hub with short timeouts, so an unreachable hub fails fast."""
+    try:
+        return _from_pretrained(repo_id, local_only=True)
+    except UsageError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UsageError(f"model {repo_id!r} is not cached and HF_HUB_OFFLINE=1; "
+                         "download it on a connected machine or pass a local directory")
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    return _from_pretrained(repo_id, local_only=False)
+
+
+def _from_pretrained(source: str, local_only: bool, gguf_file: str | None = None):
+    kwargs = {"local_files_only": local_only}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot load model {source!r}: {first}; check the name, "
+                         "or pass a local directory when the hub is unreachable") from exc
+    return model, tokenizer
+
+
+def trainable_named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Unique trainable parameters in a fixed order (tied weights appear once)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}

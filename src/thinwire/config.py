@@ -1,0 +1,280 @@
+"""Typed experiment config: TOML sections, `--set section.key=value` overrides, strict validation.
+
+Every key has a default and a one-line doc (`thinwire config` could print them); an unknown
+key, a wrong type or an out-of-range value raises `UsageError` naming the key.
+Method-specific options live in a sub-table `[method.<name>]`, validated by the method's own
+options dataclass, so a method adds knobs without touching this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from thinwire.errors import UsageError
+
+METHOD_NAMES = ("fedavg", "fedit", "fedkseed", "fedkseed-pro", "ferret", "cgfedllm", "fedpt")
+
+
+def opt(default: Any, doc: str, *, choices: tuple | None = None, low: float | None = None,
+        high: float | None = None) -> Any:
+    """A config field with its documentation and the values it accepts."""
+    meta = {"doc": doc, "choices": choices, "low": low, "high": high}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("tiny", "built-in name (see `thinwire models`), hub id, local directory or .gguf file")
+    dtype: str = opt("auto", "weight dtype", choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:N or mps")
+    lora_rank: int = opt(8, "LoRA rank for methods that train an adapter", low=1)
+    lora_alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / rank)", low=0)
+    lora_dropout: float = opt(0.0, "LoRA dropout", low=0, high=0.99)
+    lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "module names LoRA wraps")
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("tasks", "'tasks' for the built-in suite, or a path to an Alpaca JSON/JSONL file")
+    tasks: list[str] = opt([], "task families of the built-in suite to use (empty: all)")
+    examples_per_client: int = opt(64, "training examples generated per client (built-in suite)", low=1)
+    eval_examples: int = opt(32, "held-out evaluation examples", low=1)
+    partition: str = opt("iid", "how examples are split over clients",
+                         choices=("iid", "dirichlet", "by-task"))
+    dirichlet_alpha: float = opt(0.5, "Dirichlet concentration over categories", low=1e-6)
+    category_field: str = opt("category", "example field that dirichlet partitions over")
+    max_length: int = opt(256, "tokens per training example (longer ones are truncated)", low=8)
+
+
+@dataclass
+class FederationConfig:
+    clients: int = opt(4, "number of clients (data owners)", low=1)
+    clients_per_round: int = opt(2, "clients sampled each round", low=1)
+    rounds: int = opt(2, "federated rounds", low=1)
+    seed: int = opt(0, "run seed: every random choice derives from it", low=0)
+
+
+@dataclass
+class MethodConfig:
+    name: str = opt("fedit", "federated method", choices=METHOD_NAMES)
+    weighting: str = opt("examples", "how client updates are weighted", choices=("examples", "equal"))
+    server_optimizer: str = opt("none", "server optimizer over the mean update",
+                                choices=("none", "fedavgm", "fedadam"))
+    server_lr: float = opt(1.0, "server learning rate", low=0)
+    server_momentum: float = opt(0.9, "FedAvgM momentum / FedAdam beta1", low=0, high=0.999999)
+    server_beta2: float = opt(0.99, "FedAdam beta2", low=0, high=0.999999)
+    server_tau: float = opt(1e-3, "FedAdam adaptivity (epsilon)", low=0)
+    options: dict[str, Any] = field(default_factory=dict, metadata={"doc": "[method.<name>] tables"})
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = opt(10, "optimizer steps per client per round", low=1)
+    batch_size: int = opt(4, "examples per micro-batch", low=1)
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", low=1)
+    lr: float = opt(1e-4, "local learning rate", low=0)
+    optimizer: str = opt("adamw", "local optimizer", choices=("adamw", "sgd"))
+    weight_decay: float = opt(0.0, "AdamW/SGD weight decay", low=0)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", low=0)
+
+
+@dataclass
+class EvalConfig:
+    every: int = opt(1, "evaluate every N rounds (0: only before the first and after the last)", low=0)
+    max_examples: int = opt(32, "held-out examples evaluated", low=1)
+    generate: bool = opt(True, "greedy generation for Rouge-L and exact match (else loss only)")
+    max_new_tokens: int = opt(32, "generation length bound", low=1)
+    batch_size: int = opt(16, "evaluation batch size", low=1)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        options = out["method"].pop("options")
+        out["method"].update(options)
+        return out
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML file (or start from defaults), apply `section.key=value` overrides, validate."""
+    table: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"config file {path} does not exist; pass an existing TOML file")
+        try:
+            table = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"config file {path} is not valid TOML: {exc}") from exc
+    for item in overrides:
+        _apply_override(table, item)
+    return from_dict(table)
+
+
+def from_dict(table: dict[str, Any]) -> Config:
+    unknown = set(table) - set(SECTIONS)
+    if unknown:
+        raise UsageError(f"unknown config section [{sorted(unknown)[0]}]; sections are "
+                         + ", ".join(f"[{s}]" for s in SECTIONS))
+    sections = {}
+    for name in SECTIONS:
+        raw = table.get(name, {})
+        if not isinstance(raw, dict):
+            raise UsageError(f"config [{name}] must be a table")
+        cls = _section_class(name)
+        if name == "method":
+            raw = dict(raw)
+            options = {k: raw.pop(k) for k in list(raw) if isinstance(raw[k], dict)}
+            section = parse_section(cls, raw, name)
+            section.options = _method_options(section.name, options)
+        else:
+            section = parse_section(cls, raw, name)
+        sections[name] = section
+    config = Config(**sections)
+    _check_cross_fields(config)
+    return config
+
+
+def parse_section(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass `cls` from `raw`, checking names, types and ranges."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "options"}
+    unknown = set(raw) - set(fields)
+    if unknown:
+        key = sorted(unknown)[0]
+        raise UsageError(f"unknown config key {prefix}.{key}; valid keys: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        values[name] = _check_value(f"{prefix}.{name}", value, hints[name], fields[name].metadata)
+    return cls(**values)
+
+
+def _section_class(name: str) -> type:
+    return typing.get_type_hints(Config)[name]
+
+
+def _check_value(key: str, value: Any, hint: Any, meta: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list) or not all(_is_type(v, item_type) for v in value):
+            raise UsageError(f"config key {key} must be a list of {item_type.__name__}")
+        return list(value)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or any(_is_type(value, t) for t in typing.get_args(hint) if t is not type(None)):
+            return value
+        raise UsageError(f"config key {key} has the wrong type {type(value).__name__}")
+    if not _is_type(value, hint):
+        raise UsageError(f"config key {key} must be {hint.__name__}, got {value!r}")
+    if hint is float:
+        value = float(value)
+    choices, low, high = meta.get("choices"), meta.get("low"), meta.get("high")
+    if choices and value not in choices:
+        raise UsageError(f"config key {key} = {value!r} is not one of: {', '.join(map(str, choices))}")
+    if low is not None and value < low:
+        raise UsageError(f"config key {key} = {value!r} is below its minimum {low}")
+    if high is not None and value > high:
+        raise UsageError(f"config key {key} = {value!r} is above its maximum {high}")
+    return value
+
+
+def _is_type(value: Any, hint: Any) -> bool:
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _method_options(method: str, options: dict[str, dict]) -> dict[str, Any]:
+    """Validate `[method.<name>]` tables against each method's options dataclass."""
+    from thinwire.methods import option_classes
+
+    classes = option_classes()
+    parsed = {}
+    for name, raw in options.items():
+        if name not in classes:
+            raise UsageError(f"unknown config table [method.{name}]; methods with options: "
+                             + ", ".join(sorted(classes)))
+        parsed[name] = dataclasses.asdict(parse_section(classes[name], raw, f"method.{name}"))
+    if method in classes and method not in parsed:
+        parsed[method] = dataclasses.asdict(classes[method]())
+    return parsed
+
+
+def method_options(config: Config, method: str, cls: type) -> Any:
+    """The validated options dataclass of `method` (its defaults when the table is absent)."""
+    return cls(**config.method.options.get(method, {}))
+
+
+def _check_cross_fields(config: Config) -> None:
+    fed = config.federation
+    if fed.clients_per_round > fed.clients:
+        raise UsageError(f"config key federation.clients_per_round = {fed.clients_per_round} exceeds "
+                         f"federation.clients = {fed.clients}; lower it or add clients")
+
+
+def _apply_override(table: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise UsageError(f"--set {item!r} must look like section.key=value")
+    dotted, text = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise UsageError(f"--set {item!r} must name a section and a key, like train.lr=1e-4")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    node = table
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UsageError(f"--set {item!r}: {part} is not a table")
+    node[parts[-1]] = value
+
+
+def to_toml(config: Config) -> str:
+    """The fully resolved config as TOML, readable back by `load_config`."""
+    lines = []
+    data = dataclasses.asdict(config)
+    for section, values in data.items():
+        options = values.pop("options", {})
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+        lines.append("")
+        for name, table in options.items():
+            lines.append(f"[{section}.{name}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, float):
+        return repr(value) if value == value and abs(value) != float("inf") else str(value)
+    return str(value)

@@ -1,0 +1,187 @@
+"""The small interface every method implements, and the pieces that methods share.
+
+A method is a pair of classes that talk only through `Payload`s:
+
+- `ServerSide` decides what each sampled client downloads this round (it may depend on when the
+  client last synced: catch-up) and aggregates the uploads. `setup()` is where a method runs
+  anything before federation (a pre-training phase, preparing a server-side model).
+- `ClientSide.fit` turns a download plus the client's local examples into an upload. State that
+  must survive between a client's rounds lives in that client's `ClientState`, which the runtime
+  keeps (in process for the local runtime, in Flower's `Context.state` on Flower), never on the
+  `ClientSide` object: a deployment starts a fresh one for every message.
+
+Both sides reach the model through a `Workbench`: one base model and tokenizer per process,
+loaded once and reused, so simulating many clients never holds many models.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from thinwire.config import Config
+from thinwire.models import load_model, trainable_named_parameters
+from thinwire.seeding import derive_seed
+from thinwire.train.first_order import TrainStats, batch_stream, train_local
+from thinwire.wire import Payload, PayloadError
+
+
+class ClientState(Payload):
+    """A client's state between rounds: tensors and scalars, so any runtime can persist it as bytes."""
+
+
+@dataclass
+class Upload:
+    payload: Payload
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Reply:
+    """An upload as the server received it: decoded from the bytes that crossed the wire."""
+
+    client_id: int
+    payload: Payload
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Workbench:
+    """The process's base model and tokenizer, loaded on first use; LoRA wrapping happens once."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._model: PreTrainedModel | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._lora: torch.nn.Module | None = None
+
+    def _load(self) -> None:
+        if self._model is None:
+            self._model, self._tokenizer = load_model(self.config.model, self.config.federation.seed)
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        self._load()
+        return self._tokenizer
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The plain base model, every weight trainable."""
+        self._load()
+        if self._lora is not None:
+            raise RuntimeError("this workbench's model is wrapped with LoRA; use lora_model()")
+        return self._model
+
+    def lora_model(self) -> torch.nn.Module:
+        """The base model wrapped with the configured LoRA adapter (only the adapter trainable)."""
+        if self._lora is None:
+            from thinwire.models.lora import add_lora
+
+            self._load()
+            self._lora = add_lora(self._model, self.config.model, derive_seed(self.config.federation.seed, "lora"))
+        return self._lora
+
+    def base_parameters(self) -> int:
+        """Unique weights of the base model: what plain FedAvg moves each way per client-round."""
+        self._load()
+        return sum(p.numel() for name, p in self._model.named_parameters() if "lora_" not in name)
+
+    def trainable(self, lora: bool) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
+        model = self.lora_model() if lora else self.model
+        return model, trainable_named_parameters(model)
+
+
+@dataclass
+class RunContext:
+    """What both sides of a method may use: the config, the workbench and a progress hook."""
+
+    config: Config
+    workbench: Workbench
+    on_step: Callable[[], None] | None = None
+
+
+class ServerSide(ABC):
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.config = ctx.config
+
+    def setup(self) -> None:
+        """Runs once before round 1."""
+
+    @abstractmethod
+    def download(self, rnd: int, client_id: int) -> Payload:
+        """What `client_id` receives at the start of round `rnd`."""
+
+    @abstractmethod
+    def aggregate(self, rnd: int, replies: list[Reply]) -> dict[str, float]:
+        """Fold the round's uploads into the global model; returns metrics to log."""
+
+    @abstractmethod
+    def eval_model(self) -> torch.nn.Module:
+        """A model that carries the current global weights, ready for evaluation."""
+
+    @abstractmethod
+    def final_state(self) -> Payload:
+        """The compact global state saved in the run directory (bit-comparable across runs)."""
+
+    @abstractmethod
+    def trainable_parameters(self) -> int:
+        """How many values the method trains (the size of its update space)."""
+
+
+class ClientSide(ABC):
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.config = ctx.config
+
+    @abstractmethod
+    def fit(self, rnd: int, client_id: int, download: Payload, examples: list[dict],
+            state: ClientState) -> Upload:
+        """One round of local work."""
+
+    def local_train(self, model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
+                    examples: list[dict], rnd: int, client_id: int) -> TrainStats:
+        """First-order local training; batches and dropout draw from a (seed, round, client) stream."""
+        seed = derive_seed(self.config.federation.seed, "local-train", rnd, client_id)
+        batches = batch_stream(examples, self.ctx.workbench.tokenizer, self.config.train.batch_size,
+                               self.config.data.max_length, np.random.default_rng(seed))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return train_local(model, list(params.values()), batches, self.config.train, self.ctx.on_step)
+
+
+def snapshot(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in params.items()}
+
+
+@torch.no_grad()
+def load_into(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy received tensors into the model's parameters, insisting on the same names and shapes."""
+    check_tensors(tensors, params)
+    for name, p in params.items():
+        p.copy_(tensors[name])
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    """Same names, shapes and finite values as `reference`, or a PayloadError saying which."""
+    if set(tensors) != set(reference):
+        missing, extra = set(reference) - set(tensors), set(tensors) - set(reference)
+        raise PayloadError(f"tensor names differ: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+    for name, ref in reference.items():
+        if tensors[name].shape != ref.shape:
+            raise PayloadError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(ref.shape)}")
+        if tensors[name].is_floating_point() and not torch.isfinite(tensors[name]).all():
+            raise PayloadError(f"tensor {name!r} has non-finite values")
+
+
+def client_weights(replies: list[Reply], weighting: str) -> list[float]:
+    """Normalised aggregation weights: by example count (FedAvg) or equal."""
+    raw = [float(r.num_examples) if weighting == "examples" else 1.0 for r in replies]
+    total = sum(raw)
+    return [w / total for w in raw]

@@ -1,0 +1,64 @@
+"""The run directory: `config.toml`, `metrics.jsonl`, `summary.json`, `final_state.safetensors`.
+
+A run writes into `<out>.partial` and renames it to `<out>` only when it finishes, so a
+directory named `<out>` is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+from pathlib import Path
+from typing import Any
+
+from thinwire.config import Config, to_toml
+from thinwire.errors import UsageError
+from thinwire.wire import Payload
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RunDir:
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.partial = self.out.with_name(self.out.name + ".partial")
+
+    def open(self, config: Config) -> None:
+        if self.out.exists():
+            raise UsageError(f"output directory {self.out} already exists; pass a new --out or remove it")
+        try:
+            if self.partial.exists():
+                shutil.rmtree(self.partial)
+            self.partial.mkdir(parents=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create output directory {self.partial}: {exc.strerror}; "
+                             "pass a writable --out") from exc
+        atomic_write(self.partial / "config.toml", to_toml(config))
+        self._metrics = (self.partial / "metrics.jsonl").open("w")
+
+    def log_round(self, record: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(record, sort_keys=True) + "\n")
+        self._metrics.flush()
+
+    def finish(self, summary: dict[str, Any], final_state: Payload) -> Path:
+        self._metrics.close()
+        atomic_write(self.partial / "final_state.safetensors", final_state.encode())
+        atomic_write(self.partial / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+        os.replace(self.partial, self.out)
+        return self.out
+
+    def abandon(self) -> None:
+        """Leave `<out>.partial` for inspection; close what is open."""
+        metrics = getattr(self, "_metrics", None)
+        if metrics is not None and not metrics.closed:
+            metrics.close()

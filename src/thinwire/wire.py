@@ -1,0 +1,146 @@
+"""Payload: the only thing that crosses the wire, as safetensors bytes with a format version.
+
+Decoding validates the header by hand before safetensors touches the buffer, so malformed or
+hostile bytes fail with a `PayloadError` naming the problem; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+FORMAT_VERSION = "1"
+DEFAULT_MAX_BYTES = 1 << 34
+MAX_HEADER_BYTES = 1 << 24
+Scalar = int | float | str
+
+_DTYPES = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+_META_VERSION = "thinwire.format"
+_META_SCALARS = "thinwire.scalars"
+
+
+class PayloadError(ValueError):
+    """Bytes that are not a valid thinwire payload."""
+
+
+@dataclass
+class Payload:
+    """Named tensors plus named scalars; encodes to bytes deterministically."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    scalars: dict[str, Scalar] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        for key, value in self.scalars.items():
+            if not isinstance(value, (int, float, str)) or isinstance(value, bool):
+                raise TypeError(f"scalar {key!r} must be int, float or str, not {type(value).__name__}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"scalar {key!r} is not finite")
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(self.tensors.items())}
+        metadata = {
+            _META_VERSION: FORMAT_VERSION,
+            _META_SCALARS: json.dumps(self.scalars, sort_keys=True),
+        }
+        return st_save(tensors, metadata=metadata)
+
+    @classmethod
+    def decode(cls, data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Payload:
+        header = _check_header(data, max_bytes)
+        metadata = header.pop("__metadata__")
+        scalars = _parse_scalars(metadata.get(_META_SCALARS, "{}"))
+        try:
+            tensors = st_load(bytes(data)) if header else {}
+        except Exception as exc:  # safetensors raises its own types; normalise them
+            raise PayloadError(f"safetensors rejected the payload: {exc}") from exc
+        return cls(tensors=tensors, scalars=scalars)
+
+    def nbytes(self) -> int:
+        return len(self.encode())
+
+
+def _check_header(data: bytes, max_bytes: int) -> dict:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise PayloadError(f"payload must be bytes, not {type(data).__name__}")
+    size = len(data)
+    if size > max_bytes:
+        raise PayloadError(f"payload of {size} bytes exceeds the cap of {max_bytes} bytes")
+    if size < 8:
+        raise PayloadError(f"payload of {size} bytes is too short for a header")
+    (header_len,) = struct.unpack("<Q", bytes(data[:8]))
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+        raise PayloadError(f"header length {header_len} does not fit a {size}-byte payload")
+    try:
+        header = json.loads(bytes(data[8 : 8 + header_len]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PayloadError(f"header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise PayloadError("header is not a JSON object")
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or metadata.get(_META_VERSION) != FORMAT_VERSION:
+        found = metadata.get(_META_VERSION) if isinstance(metadata, dict) else None
+        raise PayloadError(f"unsupported payload format version {found!r}; expected {FORMAT_VERSION!r}")
+    body = size - 8 - header_len
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        spans.append(_check_entry(name, info, body))
+    spans.sort()
+    cursor = 0
+    for start, end, name in spans:
+        if start != cursor:
+            raise PayloadError(f"tensor {name!r} leaves a gap or overlaps at byte {start}")
+        cursor = end
+    if cursor != body:
+        raise PayloadError(f"tensor data covers {cursor} of {body} body bytes")
+    return header
+
+
+def _check_entry(name: str, info: object, body: int) -> tuple[int, int, str]:
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise PayloadError(f"tensor {name!r} has a malformed header entry")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in _DTYPES:
+        raise PayloadError(f"tensor {name!r} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise PayloadError(f"tensor {name!r} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise PayloadError(f"tensor {name!r} has invalid data offsets")
+    start, end = offsets
+    if not 0 <= start <= end <= body:
+        raise PayloadError(f"tensor {name!r} data [{start}, {end}) lies outside the {body}-byte body")
+    if end - start != math.prod(shape) * _DTYPES[dtype][1]:
+        raise PayloadError(f"tensor {name!r}: {end - start} bytes do not match shape {shape} of {dtype}")
+    return start, end, name
+
+
+def _parse_scalars(text: object) -> dict[str, Scalar]:
+    try:
+        scalars = json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError as exc:
+        raise PayloadError(f"scalars are not valid JSON: {exc}") from exc
+    if not isinstance(scalars, dict):
+        raise PayloadError("scalars must be a JSON object")
+    for key, value in scalars.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise PayloadError(f"scalar {key!r} has unsupported type {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PayloadError(f"scalar {key!r} is not finite")
+    return scalars
