@@ -32,8 +32,7 @@ _DTYPES = {
     "U8": (torch.uint8, 1),
     "BOOL": (torch.bool, 1),
 }
-_META_VERSION = "thinwire.format"
-_META_SCALARS = "thinwire.scalars"
+_META_KEY = "thinwire"  # one key: safetensors writes metadata keys in hash order
 
 
 class PayloadError(ValueError):
@@ -54,17 +53,12 @@ class Payload:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"scalar {key!r} is not finite")
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(self.tensors.items())}
-        metadata = {
-            _META_VERSION: FORMAT_VERSION,
-            _META_SCALARS: json.dumps(self.scalars, sort_keys=True),
-        }
-        return st_save(tensors, metadata=metadata)
+        meta = json.dumps({"format": FORMAT_VERSION, "scalars": self.scalars}, sort_keys=True)
+        return st_save(tensors, metadata={_META_KEY: meta})
 
     @classmethod
     def decode(cls, data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Payload:
-        header = _check_header(data, max_bytes)
-        metadata = header.pop("__metadata__")
-        scalars = _parse_scalars(metadata.get(_META_SCALARS, "{}"))
+        header, scalars = _check_header(data, max_bytes)
         try:
             tensors = st_load(bytes(data)) if header else {}
         except Exception as exc:  # safetensors raises its own types; normalise them
@@ -75,7 +69,7 @@ class Payload:
         return len(self.encode())
 
 
-def _check_header(data: bytes, max_bytes: int) -> dict:
+def _check_header(data: bytes, max_bytes: int) -> tuple[dict, dict[str, Scalar]]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise PayloadError(f"payload must be bytes, not {type(data).__name__}")
     size = len(data)
@@ -92,16 +86,9 @@ def _check_header(data: bytes, max_bytes: int) -> dict:
         raise PayloadError(f"header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise PayloadError("header is not a JSON object")
-    metadata = header.get("__metadata__")
-    if not isinstance(metadata, dict) or metadata.get(_META_VERSION) != FORMAT_VERSION:
-        found = metadata.get(_META_VERSION) if isinstance(metadata, dict) else None
-        raise PayloadError(f"unsupported payload format version {found!r}; expected {FORMAT_VERSION!r}")
+    scalars = _parse_meta(header.pop("__metadata__", None))
     body = size - 8 - header_len
-    spans = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        spans.append(_check_entry(name, info, body))
+    spans = [_check_entry(name, info, body) for name, info in header.items()]
     spans.sort()
     cursor = 0
     for start, end, name in spans:
@@ -110,7 +97,7 @@ def _check_header(data: bytes, max_bytes: int) -> dict:
         cursor = end
     if cursor != body:
         raise PayloadError(f"tensor data covers {cursor} of {body} body bytes")
-    return header
+    return header, scalars
 
 
 def _check_entry(name: str, info: object, body: int) -> tuple[int, int, str]:
@@ -131,11 +118,15 @@ def _check_entry(name: str, info: object, body: int) -> tuple[int, int, str]:
     return start, end, name
 
 
-def _parse_scalars(text: object) -> dict[str, Scalar]:
+def _parse_meta(metadata: object) -> dict[str, Scalar]:
     try:
-        scalars = json.loads(text) if isinstance(text, str) else None
-    except json.JSONDecodeError as exc:
-        raise PayloadError(f"scalars are not valid JSON: {exc}") from exc
+        meta = json.loads(metadata.get(_META_KEY, "null")) if isinstance(metadata, dict) else None
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise PayloadError(f"payload metadata is not valid JSON: {exc}") from exc
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != FORMAT_VERSION:
+        raise PayloadError(f"unsupported payload format version {found!r}; expected {FORMAT_VERSION!r}")
+    scalars = meta.get("scalars")
     if not isinstance(scalars, dict):
         raise PayloadError("scalars must be a JSON object")
     for key, value in scalars.items():

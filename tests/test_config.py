@@ -1,0 +1,68 @@
+import subprocess
+import sys
+
+import pytest
+
+from thinwire.cli import main
+from thinwire.config import Config, from_dict, load_config, to_toml
+from thinwire.errors import UsageError
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[train]\nlr = 0.5\n[federation]\nclients = 6\n')
+    config = load_config(path, ["train.local_steps=3", "model.lora_targets=['q_proj']", "method.name=fedavg"])
+    assert config.train.lr == 0.5 and config.train.local_steps == 3
+    assert config.federation.clients == 6 and config.federation.rounds == Config().federation.rounds
+    assert config.model.lora_targets == ["q_proj"] and config.method.name == "fedavg"
+
+
+def test_resolved_toml_round_trips(tmp_path):
+    config = load_config(None, ["train.lr=0.25", "data.tasks=['add']"])
+    path = tmp_path / "resolved.toml"
+    path.write_text(to_toml(config))
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.lrr=1", "unknown config key train.lrr"),
+    ("trian.lr=1", "unknown config section"),
+    ("train.lr='fast'", "train.lr must be float"),
+    ("train.local_steps=1.5", "train.local_steps must be int"),
+    ("train.lr=-1", "below its minimum"),
+    ("method.name=fedsgd", "method.name = 'fedsgd' is not one of"),
+    ("federation.clients_per_round=99", "exceeds federation.clients"),
+    ("model.lora_targets=[1]", "must be a list of str"),
+    ("train.lr", "must look like section.key=value"),
+])
+def test_bad_values_name_the_key(override, words):
+    with pytest.raises(UsageError, match=words):
+        load_config(None, [override])
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nlr = ")
+    with pytest.raises(UsageError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(UsageError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(UsageError, match="must be a table"):
+        from_dict({"train": 3})
+
+
+def test_cli_errors_exit_2_with_one_line(capsys, tmp_path):
+    assert main(["run", "--set", "train.lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("thinwire: error: unknown config key train.lrr") and "\n" not in err
+    assert main(["run", "--set", "method.name=nope"]) == 2
+    assert main(["run", str(tmp_path / "nothing.toml")]) == 2
+
+
+def test_real_process_exit_status():
+    proc = subprocess.run([sys.executable, "-m", "thinwire.cli", "run", "--set", "federation.rounds=0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "thinwire: error: config key federation.rounds = 0 is below its minimum 1")
+    assert "Traceback" not in proc.stderr

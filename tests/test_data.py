@@ -1,0 +1,91 @@
+import json
+
+import numpy as np
+import pytest
+
+from thinwire.data import build_federation, partition
+from thinwire.data.readers import read_alpaca
+from thinwire.data.template import IGNORE_INDEX, encode_example
+from thinwire.errors import UsageError
+from thinwire.models.tiny import tiny_tokenizer
+
+
+def test_prompt_tokens_are_masked():
+    tok = tiny_tokenizer()
+    ex = {"instruction": "Reverse the word.", "input": "abc", "output": "cba"}
+    enc = encode_example(tok, ex, max_length=512)
+    answer = [i for i, label in zip(enc["input_ids"], enc["labels"]) if label != IGNORE_INDEX]
+    assert tok.decode(answer) == "cba" + tok.eos_token
+    assert enc["labels"][: len(enc["labels"]) - len(answer)] == [IGNORE_INDEX] * (len(enc["labels"]) - len(answer))
+
+
+def test_truncation_keeps_the_response():
+    tok = tiny_tokenizer()
+    enc = encode_example(tok, {"instruction": "x" * 500, "input": "", "output": "yes"}, max_length=64)
+    assert len(enc["input_ids"]) == 64
+    assert tok.decode([i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE_INDEX]) == "yes</s>"
+
+
+def test_iid_partition_covers_everything_once():
+    parts = partition.iid(10, 3, np.random.default_rng(0))
+    assert sorted(sum(parts, [])) == list(range(10))
+    assert [len(p) for p in parts] == [4, 3, 3]
+
+
+def test_dirichlet_is_seeded_and_skewed():
+    labels = ["a"] * 50 + ["b"] * 50
+    one = partition.dirichlet(labels, 4, 0.1, np.random.default_rng(1))
+    two = partition.dirichlet(labels, 4, 0.1, np.random.default_rng(1))
+    assert one == two and sorted(sum(one, [])) == list(range(100)) and all(one)
+    shares = [sum(1 for i in p if labels[i] == "a") / len(p) for p in one]
+    assert max(shares) - min(shares) > 0.5
+
+
+def test_dirichlet_reports_empty_clients():
+    with pytest.raises(UsageError, match="left a client empty"):
+        partition.dirichlet(["a", "b"], 5, 0.5, np.random.default_rng(0), attempts=3)
+
+
+def test_by_task_gives_each_client_one_task():
+    tasks = ["x"] * 4 + ["y"] * 4
+    parts = partition.by_task(tasks, 4)
+    assert [sorted({tasks[i] for i in p}) for p in parts] == [["x"], ["y"], ["x"], ["y"]]
+    assert sorted(sum(parts, [])) == list(range(8))
+
+
+def test_alpaca_reader_json_and_jsonl(tmp_path):
+    rows = [{"instruction": "Add.", "input": "1 + 1", "output": "2"}, {"instruction": "Hi", "output": "Hello"}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    for name in ("d.json", "d.jsonl"):
+        got = read_alpaca(tmp_path / name)
+        assert [(e["instruction"], e["input"], e["output"]) for e in got] == [("Add.", "1 + 1", "2"), ("Hi", "", "Hello")]
+
+
+@pytest.mark.parametrize("content, words", [
+    ("", "is empty"), ("{nope", "not valid JSON"), ('[{"instruction": "x"}]', "lacks string field"),
+    ('{"a": 1}', "list of JSON objects"),
+])
+def test_alpaca_reader_bad_files(tmp_path, content, words):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(UsageError, match=words):
+        read_alpaca(path)
+
+
+def test_suite_federation_holds_out_unseen_examples(smoke_config):
+    fed = build_federation(smoke_config())
+    assert len(fed.clients) == 3 and all(fed.clients)
+    assert [{e["task"] for e in c} for c in fed.clients] == [{"add"}, {"reverse-word"}, {"uppercase"}]
+    seen = {(e["task"], e["input"]) for c in fed.clients for e in c}
+    assert fed.eval and not any((e["task"], e["input"]) in seen for e in fed.eval)
+
+
+def test_file_federation_and_missing_category(tmp_path, smoke_config):
+    rows = [{"instruction": "Echo.", "input": str(i), "output": str(i)} for i in range(40)]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows))
+    fed = build_federation(smoke_config(f"data.source='{path}'", "data.partition='iid'"))
+    assert sum(map(len, fed.clients)) + len(fed.eval) == 40
+    with pytest.raises(UsageError, match="category_field"):
+        build_federation(smoke_config(f"data.source='{path}'", "data.partition='dirichlet'"))
