@@ -43,14 +43,21 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = opt("tasks", "'tasks' for the built-in suite, or a path to an Alpaca JSON/JSONL file")
+    source: str = opt("tasks", "'tasks' for the built-in suite, a data file or directory, or a dataset hub id")
+    format: str = opt("auto", "format of data.source",
+                      choices=("auto", "alpaca", "dolly", "natural-instructions", "hf"))
+    instruction_field: str = opt("", "record field holding the instruction ('' = the format's default)")
+    input_field: str = opt("", "record field holding the input ('' = the format's default)")
+    output_field: str = opt("", "record field holding the reference output ('' = the format's default)")
     tasks: list[str] = opt([], "task families of the built-in suite to use (empty: all)")
+    heldout_tasks: list[str] = opt([], "tasks kept out of training, evaluated apart (generalisation)")
     examples_per_client: int = opt(64, "training examples generated per client (built-in suite)", low=1)
     eval_examples: int = opt(32, "held-out evaluation examples", low=1)
     partition: str = opt("iid", "how examples are split over clients",
                          choices=("iid", "dirichlet", "by-task"))
     dirichlet_alpha: float = opt(0.5, "Dirichlet concentration over categories", low=1e-6)
     category_field: str = opt("category", "example field that dirichlet partitions over")
+    quantity_skew: float = opt(0.0, "lognormal sigma of per-client dataset sizes (0: equal)", low=0)
     max_length: int = opt(256, "tokens per training example (longer ones are truncated)", low=8)
 
 

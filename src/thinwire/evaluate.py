@@ -79,3 +79,12 @@ def evaluate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, example
         result["rougeL"] = sum(map(rouge_l, predictions, references)) / len(examples)
         result["exact_match"] = sum(map(exact_match, predictions, references)) / len(examples)
     return result
+
+
+def evaluate_splits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, splits: dict[str, list[dict]],
+                    cfg: EvalConfig, max_length: int) -> dict[str, float]:
+    """Evaluate every split; a split's metrics carry its prefix (e.g. heldout_rougeL)."""
+    result = {}
+    for prefix, examples in splits.items():
+        result.update({prefix + k: v for k, v in evaluate(model, tokenizer, examples, cfg, max_length).items()})
+    return result

@@ -46,3 +46,14 @@ def by_task(tasks: list[str], clients: int) -> list[list[int]]:
         for k, chunk in enumerate(np.array_split(np.array(members, dtype=int), len(owners))):
             parts[owners[k]].extend(chunk.tolist())
     return parts
+
+
+def quantity_skew(parts: list[list[int]], sigma: float, rng: np.random.Generator) -> list[list[int]]:
+    """Keep a lognormal(0, sigma) share of each client's examples (the largest keeps all, each keeps one)."""
+    weights = rng.lognormal(0.0, sigma, size=len(parts))
+    weights /= weights.max()
+    kept = []
+    for part, w in zip(parts, weights):
+        n = max(1, int(np.ceil(len(part) * w)))
+        kept.append(sorted(rng.permutation(part)[:n].tolist()) if part else [])
+    return kept

@@ -16,7 +16,7 @@ import numpy as np
 
 from thinwire.config import Config
 from thinwire.data import build_federation
-from thinwire.evaluate import evaluate
+from thinwire.evaluate import evaluate_splits
 from thinwire.methods import get_method
 from thinwire.methods.base import ClientState, Reply, RunContext, Workbench
 from thinwire.runtime.display import console, make_progress, summary_table
@@ -60,8 +60,8 @@ def _federate(config, spec, federation, run_dir: RunDir, quiet: bool) -> tuple[d
     states = {cid: ClientState() for cid in range(fed.clients)}
 
     def evaluate_global() -> dict[str, float]:
-        return evaluate(server.eval_model(), workbench.tokenizer, federation.eval, config.eval,
-                        config.data.max_length)
+        return evaluate_splits(server.eval_model(), workbench.tokenizer, federation.eval_splits(),
+                               config.eval, config.data.max_length)
 
     up_total = down_total = 0
     with progress if not quiet else contextlib.nullcontext():
