@@ -5,7 +5,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
 from thinwire.config import load_config  # noqa: E402
+
+# The tiny models run fastest single-threaded, and two threads on a busy 2-core machine thrash.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

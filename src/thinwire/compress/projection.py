@@ -8,22 +8,25 @@ E[V Vᵀ] = ρ K I.
 
 What makes it fast (the released code spends nearly all its time regenerating bases):
 
-* a cheap generator: the fast bases are a discrete uniform on a symmetric 2^16-point grid
-  (``dist="uniform"``; 2^8 points with ``"uniform8"``), i.e. raw 64-bit words from the seeded
-  ``torch.Generator`` viewed as int16 (int8) lanes. That is 4 (8) entries per generator call
-  instead of one, and no ``erfinv``: the paper's N(0,1) truncated to [−1/√d, 1/√d] is Uniform to
-  within a relative variance difference of 2/(15 d) (≤ 2.3e-4 at d = 576), and ρ below is the
+* a cheap generator: the fast bases are a discrete uniform on a symmetric 2^16-point grid over
+  (−1/√d, 1/√d) (``dist="uniform"``, the default; 2^8 points with ``"uniform8"``), i.e. raw
+  64-bit words from the seeded ``torch.Generator`` viewed as int16 (int8) lanes: 4 (8) entries
+  per generator step instead of one, and no ``erfinv``. The paper's N(0,1) truncated to
+  [−1/√d, 1/√d] has variance (1 − 2/(15d))/(3d), the uniform 1/(3d): a relative difference of
+  2/(15d) ≤ 2.3e-4 at d = 576 (measured in benchmarks/ferret_codec.py); ρ below is always the
   exact variance of what is drawn, so the reconstruction stays unbiased. ``"trunc_normal"``
-  draws the paper's exact distribution (``torch.nn.init.trunc_normal_``, ~10-25× slower);
+  draws the paper's distribution (``torch.nn.init.trunc_normal_``, ~10× slower). ``"sign"``
+  (structured option) draws ±1/√(3d) from single bits: same ρ as the uniform, kurtosis 1 instead
+  of 1.8, so its error is the same up to O(1/d) (measured in the benchmark);
 * only bases with a non-zero coordinate are generated, each once per round on the server
   (coordinates of all clients are aggregated before reconstruction);
 * generation is streamed in cache-sized chunks (never a [K, d] matrix) and spread over threads.
 
 Seeds (the basis definition, shared by everyone). The flat vector of block l is cut on a fixed
 grid of ``GRID`` elements; entries [c·GRID, (c+1)·GRID) of basis j of block l in round r come
-from a fresh ``torch.Generator`` seeded with ``fmix32(key_r + n_l)`` where
-``key_r = derive_seed(run_seed, "ferret-bases", r)`` (mod 2^32) and
-``n_l = k_max·Σ_{l'<l} chunks(l') + j·chunks(l) + c`` enumerates (block, basis, chunk) densely.
+from a fresh ``torch.Generator`` seeded with ``fmix32(key_r + n)`` (mod 2^32), where
+``key_r = derive_seed(run_seed, "ferret-bases", r)`` and
+``n = k_max·Σ_{l'<l} chunks(l') + j·chunks(l) + c`` enumerates (block, basis, chunk) densely.
 fmix32 is a bijection and the enumeration is injective, so within a round no two chunks share a
 seed (torch's CPU mt19937 uses only 32 seed bits: hashing into 32 bits would collide). Bases are
 fresh every round; pass a constant ``round_idx`` to get the released code's fixed run-wide pool.
@@ -34,8 +37,8 @@ tiles) yields the same bits.
 Determinism: reconstruction only multiplies exactly representable grid values by a float32
 coefficient and adds, as separate IEEE operations on ≤ GRID elements in a fixed order (bases in
 ascending j per chunk), so it is bit-identical across processes and thread counts, and across
-machines with the same torch. Projection uses BLAS dots: deterministic for a fixed thread
-setting; its bits never need to match anywhere else (the coordinates are what is sent).
+machines with the same torch. Projection uses single-threaded BLAS products: deterministic on a
+machine; its bits never need to match anywhere else (the coordinates are what is sent).
 Generation happens on the CPU in float32 whatever the tensors' device, so a CUDA server and a CPU
 client agree; inputs are copied to the CPU per block, outputs are CPU float32.
 """
@@ -70,11 +73,14 @@ __all__ = [
 ]
 
 GRID = 32768
-"""Elements per generator chunk: part of the basis definition. 2^15 is ATen's grain size, so every
-per-chunk op runs single-threaded (no nested thread teams, order fixed) and fits in L2."""
+"""Elements per generator chunk: part of the basis definition (changing it changes the bases).
+2^15 float32 = 128 KiB, so a chunk, its Δ slice and its output stay in L2, while the per-chunk
+costs (a generator seeding, a few Python calls) stay under ~10% of drawing the chunk."""
 
 _M32 = 0xFFFFFFFF
-_DISTS = ("uniform", "uniform8", "trunc_normal")
+_DISTS = ("uniform", "uniform8", "sign", "trunc_normal")
+_LANES = {"uniform": 4, "uniform8": 8, "sign": 64, "trunc_normal": 0}  # entries per 64-bit draw
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
@@ -334,47 +340,64 @@ class _Worker(threading.local):
         self.row = torch.empty(GRID, dtype=torch.float32)
         self.tmp = torch.empty(GRID, dtype=torch.float32)
         self.tile = torch.empty(_TILE, GRID, dtype=torch.float32)
+        self.bits = torch.empty(GRID // 8, 8, dtype=torch.float32)
 
 
 _TILE = 8  # bases per projection matrix product: 8 × GRID float32 = 1 MiB, an L2's worth
+# _BITS[byte, i] = bit i of byte: entry 8g + i of a chunk is bit i of byte g (8 floats per lookup)
+_BITS = torch.arange(256, dtype=torch.uint8).unsqueeze(1).bitwise_right_shift(_SHIFTS).bitwise_and(1).float()
 _WORKER = _Worker()
 
 
 @contextmanager
-def _serial_intraop() -> Iterator[None]:
-    """Run torch ops single-threaded inside the codec; our own threads parallelise instead.
+def _workers(threads: int) -> Iterator[tuple[ThreadPoolExecutor | None, int]]:
+    """Our thread pool, with torch ops single-threaded inside the codec; yields (pool, saved).
 
-    Why: nested thread teams (ours × ATen/MKL's) oversubscribe the cores, and a BLAS dot in a
-    thread team that waits on a descheduled thread was measured 20× slower on a busy 2-core box.
-    Threads created while this is active (our workers) start with one intra-op thread.
+    Why: nested thread teams (ours × ATen/MKL's) oversubscribe the cores, and a BLAS dot whose
+    thread team waits on a descheduled thread was measured 20× slower on a busy 2-core box. We
+    set one intra-op thread, start the workers (a barrier makes each initialise torch's
+    per-thread setting while it is 1) and restore the caller's setting on exit. `saved` lets a
+    generator hand the caller its threads back while it is suspended.
     """
-    before = torch.get_num_threads()
+    saved = torch.get_num_threads()
     torch.set_num_threads(1)
+    pool = None
     try:
-        yield
+        if threads > 1:
+            pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="thinwire-proj")
+            barrier = threading.Barrier(threads)
+
+            def warm() -> None:
+                torch.get_num_threads()  # torch reads the (now 1) setting once per thread
+                barrier.wait()
+
+            for f in [pool.submit(warm) for _ in range(threads)]:
+                f.result()
+        yield pool, saved
     finally:
-        torch.set_num_threads(before)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(saved)
 
 
-def _ordered_map(fn: Callable, items: Iterable, threads: int) -> Iterator:
-    """fn over items, results in input order, at most 2·threads in flight (bounded memory)."""
-    if threads <= 1:
+def _ordered_map(fn: Callable, items: Iterable, pool: ThreadPoolExecutor | None, depth: int = 4) -> Iterator:
+    """fn over items, results in input order, at most `depth` in flight (bounded memory)."""
+    if pool is None:
         for x in items:
             yield fn(x)
         return
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="thinwire-proj") as pool:
-        pending: deque = deque()
-        it = iter(items)
+    pending: deque = deque()
+    it = iter(items)
+    for x in it:
+        pending.append(pool.submit(fn, x))
+        if len(pending) >= depth:
+            break
+    while pending:
+        res = pending.popleft().result()
         for x in it:
             pending.append(pool.submit(fn, x))
-            if len(pending) >= 2 * threads:
-                break
-        while pending:
-            res = pending.popleft().result()
-            for x in it:
-                pending.append(pool.submit(fn, x))
-                break
-            yield res
+            break
+        yield res
 
 
 class ProjectionCodec:
@@ -404,7 +427,9 @@ class ProjectionCodec:
         self.run_seed = int(run_seed)
         self.k_max = int(k_max)
         self.dist = dist
-        self.threads = max(1, int(threads if threads is not None else min(torch.get_num_threads(), os.cpu_count() or 1)))
+        if threads is None:
+            threads = min(torch.get_num_threads(), os.cpu_count() or 1)
+        self.threads = max(1, int(threads))
         offsets, acc = [], 0
         for b in self.blocks:
             offsets.append(acc)
@@ -412,25 +437,29 @@ class ProjectionCodec:
         if acc >= 2**32:
             raise ValueError("ProjectionCodec: too many (block, basis, chunk) seeds for 32-bit seeding; lower k_max")
         self._offsets = offsets
-        levels = {"uniform": 2**16, "uniform8": 2**8}.get(dist)
-        self._levels = levels  # grid points of the discrete uniform (None: trunc_normal)
+        self._lanes = _LANES[dist]
+        self._levels = {"uniform": 2**16, "uniform8": 2**8, "sign": 2}.get(dist)  # None: trunc_normal
 
     # ---- the distribution ---------------------------------------------------------------------
 
     def rho(self, block: int) -> float:
         """Per-entry variance ρ_l of the bases actually drawn (makes 1/(ρK) unbiased)."""
         d = self.blocks[block].size
-        if self._levels is None:  # N(0,1) truncated to ±1/√d: series, exact to O(d⁻³)
+        if self.dist == "trunc_normal":  # N(0,1) truncated to ±1/√d: series, exact to O(d⁻³)
             return (1.0 - 2.0 / (15.0 * d)) / (3.0 * d)
+        if self.dist == "sign":  # ±1/√(3d): the uniform's variance, so "code" scaling means the same
+            return 1.0 / (3.0 * d)
         n = self._levels  # symmetric grid (m + ½)·(2b/n), m uniform on n integers: var = b²(1 − n⁻²)/3
         return (1.0 - 1.0 / (n * n)) / (3.0 * d)
 
     def _scale(self, block: int) -> tuple[float, float]:
-        """(scale, offset): basis entries are scale·(raw + offset), raw as generated."""
-        if self._levels is None:
+        """(scale, offset): basis entries are scale·(raw + offset), raw as generated (exact)."""
+        d = self.blocks[block].size
+        if self.dist == "trunc_normal":
             return 1.0, 0.0
-        b = 1.0 / math.sqrt(self.blocks[block].size)
-        return 2.0 * b / self._levels, 0.5
+        if self.dist == "sign":  # raw bit s ∈ {0, 1} → (2s − 1)/√(3d)
+            return 2.0 / math.sqrt(3.0 * d), -0.5
+        return 2.0 / (math.sqrt(d) * self._levels), 0.5
 
     def seeds(self, round_idx: int, block: int, js: Sequence[int] | np.ndarray, chunk: int) -> list[int]:
         """32-bit generator seeds of chunk `chunk` of bases `js` of `block` in round `round_idx`."""
@@ -450,14 +479,20 @@ class ProjectionCodec:
         """
         w = _WORKER
         w.gen.manual_seed(seed)
-        if self._levels is None:
+        lanes = self._lanes
+        if not lanes:
             return torch.nn.init.trunc_normal_(w.row[:n], 0.0, 1.0, -bound, bound, generator=w.gen)
-        lanes = 4 if self._levels == 2**16 else 8
         raw = w.raw[: -(-n // lanes)]
         raw.random_(-(2**63), None, generator=w.gen)
+        if lanes == 64:  # one bit per entry: a byte → 8 floats table lookup (2.5× faster than shifts)
+            n8 = -(-n // 8)
+            bits = torch.index_select(_BITS, 0, raw.view(torch.uint8)[:n8].long(), out=w.bits[:n8])
+            return bits.view(-1)[:n]
         return raw.view(torch.int16 if lanes == 4 else torch.int8)[:n]
 
-    def basis(self, round_idx: int, block: int, j0: int, j1: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def basis(
+        self, round_idx: int, block: int, j0: int, j1: int, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
         """Bases j0..j1−1 of a block, entries [start, stop), materialised as a [j, n] float32 tensor.
 
         For tests and small blocks; the codec itself never materialises more than a chunk.
@@ -523,8 +558,8 @@ class ProjectionCodec:
                 res += off * float(dc.double().sum())
             return l, c, res
 
-        with _serial_intraop():
-            for l, c, res in _ordered_map(run, units(), self.threads):
+        with _workers(self.threads) as (pool, _):
+            for l, c, res in _ordered_map(run, units(), pool, 2 * self.threads):
                 partial[l][c] = res
         out = []
         for blk, k in zip(self.blocks, ks):
@@ -595,15 +630,19 @@ class ProjectionCodec:
         nxt = 0
         done: dict[int, int] = {}
         ready: list[tuple[Block, torch.Tensor]] = []
-        with _serial_intraop():
-            for l, _c in _ordered_map(run, units(), self.threads):
+        with _workers(self.threads) as (pool, saved):
+            for l, _c in _ordered_map(run, units(), pool, 2 * self.threads):
                 done[l] = done.get(l, 0) + 1
                 while nxt < len(self.blocks) and (not plans[nxt][0] or done.get(nxt) == self.blocks[nxt].n_chunks):
-                    ready.append((self.blocks[nxt], bufs.pop(nxt) if plans[nxt][0] else torch.zeros(self.blocks[nxt].size)))
+                    blk = self.blocks[nxt]
+                    ready.append((blk, bufs.pop(nxt) if plans[nxt][0] else torch.zeros(blk.size)))
                     nxt += 1
-                # yield outside the serial section's control: the caller's code runs with its own threads
-                while ready:
-                    yield ready.pop(0)
+                while ready:  # the caller's code runs with the caller's thread setting
+                    torch.set_num_threads(saved)
+                    try:
+                        yield ready.pop(0)
+                    finally:
+                        torch.set_num_threads(1)
         for blk in self.blocks[nxt:]:  # trailing blocks with nothing to generate
             yield blk, torch.zeros(blk.size)
 
@@ -623,7 +662,7 @@ class ProjectionCodec:
             return gam
         blk = self.blocks[block]
         b = 1.0 / math.sqrt(blk.size)
-        scale, _ = self._scale(block)
+        scale, off = self._scale(block)
         cj = [js[i] for i in cand]
 
         def run(c):
@@ -633,14 +672,14 @@ class ProjectionCodec:
                 row = self._raw(s, n, b)
                 if self._levels is None:  # exact, order-free sum of squares
                     res.append(math.fsum(row.double().square().tolist()))
-                else:  # grid values m + ½: Σ(m+½)² = Σ(m² + m) + n/4, exact in int64
+                else:  # grid values m ± ½: Σ(m ± ½)² = Σ(m² ± m) + n/4, exact in int64
                     m = row.to(torch.int64)
-                    res.append(int((m * m + m).sum()))
+                    res.append(int((m * m + m).sum()) if off > 0 else int((m * m - m).sum()))
             return res
 
         sums: list[list] = [[] for _ in cj]
-        with _serial_intraop():
-            for res in _ordered_map(run, range(blk.n_chunks), self.threads):
+        with _workers(self.threads) as (pool, _):
+            for res in _ordered_map(run, range(blk.n_chunks), pool, 2 * self.threads):
                 for i, v in enumerate(res):
                     sums[i].append(v)
         out = list(gam)

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from transformers.utils import logging as hf_logging
+
 from thinwire.config import ModelConfig
 from thinwire.errors import UsageError
 
@@ -86,6 +88,7 @@ def _from_hub(repo_id: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 
 
 def _from_pretrained(source: str, local_only: bool, gguf_file: str | None = None):
+    hf_logging.disable_progress_bar()
     kwargs = {"local_files_only": local_only}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file

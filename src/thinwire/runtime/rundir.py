@@ -25,6 +25,13 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 
 
 def peak_rss_mb() -> float:
+    """The process's resident-memory high-water mark (VmHWM, which `reset_peak_rss` can reset)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -19,6 +19,12 @@ CPU kernel that draws normals: ``torch.Tensor.normal_`` uses a vectorised Box-Mu
 bits differ between ATen CPU capabilities (``DEFAULT`` vs ``AVX2``/``AVX512``; differences are
 ~1e-6 absolute). Same machine type and torch build -> identical z; parties on different hardware
 should compare `direction_fingerprint()` at handshake (or all set ``ATEN_CPU_CAPABILITY``).
+torch's CPU mt19937 takes a 32-bit seed, so block streams are hashed into 2**32 seeds; the rare
+collision makes two 32K-element blocks of different directions equal, which is harmless.
+
+Memory: a ZO estimate costs inference memory plus a perturbed copy of the tensors in use; a tied
+embedding stays perturbed for the whole forward, so the extra is about the largest weight tensor
+(+108 MiB on a 513 MiB SmolLM2-135M, see benchmarks/fedkseed_rebuild.py).
 """
 
 from __future__ import annotations
@@ -98,7 +104,8 @@ def _scratch(n: int) -> tuple[torch.Generator, torch.Tensor, torch.Tensor]:
     return _tls.gen, _tls.z[:n], _tls.acc[:n]
 
 
-def _fill_block(out: torch.Tensor, gen: torch.Generator, tensor_key: int, block: int) -> torch.Tensor:
+def _fill_block(out: torch.Tensor, gen: torch.Generator, tensor_key: int,
+                block: int) -> torch.Tensor:
     gen.manual_seed(_block_seed(tensor_key, block))
     return out.normal_(generator=gen)
 
@@ -157,7 +164,8 @@ def _blocks(numel: int) -> list[tuple[int, int, int]]:
     return [(b, s, min(s + BLOCK, numel)) for b, s in enumerate(range(0, numel, BLOCK))]
 
 
-def _group_blocks(blocks: list[tuple[int, int, int]], threads: int) -> list[list[tuple[int, int, int]]]:
+def _group_blocks(blocks: list[tuple[int, int, int]],
+                  threads: int) -> list[list[tuple[int, int, int]]]:
     per = max(1, -(-len(blocks) // (threads * 4)))
     return [blocks[i : i + per] for i in range(0, len(blocks), per)]
 
@@ -218,7 +226,8 @@ def perturbed(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], seed
                 owners[id(p)] = owners.get(id(p), 0) + 1
     missing = [i for i, p in enumerate(params) if id(p) not in owners]
     if missing:
-        raise ValueError(f"parameters at indices {missing[:5]} are not owned by any module of the model")
+        raise ValueError(f"parameters at indices {missing[:5]} are not owned by any module "
+                         "of the model")
 
     active: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
 
@@ -358,7 +367,7 @@ def apply_seed_scalars(params: Sequence[torch.nn.Parameter], pool: SeedPool, sca
 
 def sample_seed_index(generator: torch.Generator, size: int,
                       probabilities: torch.Tensor | None = None) -> int:
-    """Uniform (FedKSeed) or weighted (FedKSeed-Pro) draw of a pool index from a seeded generator."""
+    """Uniform (FedKSeed) or weighted (FedKSeed-Pro) pool index, from a seeded generator."""
     if probabilities is None:
         return int(torch.randint(size, (1,), generator=generator))
     return int(torch.multinomial(probabilities.to(torch.float64), 1, generator=generator))
@@ -390,12 +399,14 @@ def zo_train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], pool:
              loss_fn: LossFn = causal_lm_loss, threads: int | None = None) -> ZOResult:
     """T local ZO steps: draw seed, estimate g on the next batch, ``w <- w - lr*g*z`` in place.
 
-    `batches` is consumed one batch per step; a re-iterable (list) is cycled, an exhausted
-    iterator raises. The model is updated in place; the returned scalars are what to upload.
+    `batches` is consumed one batch per step (dict batches are moved to the params' device); a
+    re-iterable (list) is cycled, an exhausted iterator raises. The model is updated in place;
+    the returned scalars are what to upload.
     """
     scalars = torch.zeros(pool.size, dtype=torch.float64)
     counts = torch.zeros(pool.size, dtype=torch.int64)
     result = ZOResult(scalars, counts)
+    device = params[0].device
     it = iter(batches)
     for _ in range(steps):
         try:
@@ -406,6 +417,8 @@ def zo_train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], pool:
                 batch = next(it)
             except StopIteration:
                 raise ValueError("zo_train: ran out of batches") from None
+        if isinstance(batch, Mapping):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         k = sample_seed_index(generator, pool.size, probabilities)
         est = zo_estimate(model, params, pool.seed(k), eps, batch, loss_fn, threads)
         apply_seed_scalars(params, pool, {k: est.g}, lr, threads)

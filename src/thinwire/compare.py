@@ -1,0 +1,191 @@
+"""`thinwire compare`: the same experiment once per method, then one side-by-side report.
+
+Only `method.name` differs between the runs: data, federation, client sampling and seed are the
+config's. Runs go one after another in this process (`out/<method>`); a method that fails is
+recorded with a one-line reason and the others still run. `out/compare.json` keeps the status
+of every method so that `thinwire report out` can list the failures again later.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from thinwire.errors import UsageError
+from thinwire.report import COMPARE_FILE, render_report
+from thinwire.runtime.rundir import atomic_write
+
+
+def check_methods(methods: list[str]) -> list[str]:
+    """Cleaned, de-duplicated method names (empty: every implemented method); unknown ones are a
+    UsageError naming the valid names."""
+    from thinwire.config import METHOD_NAMES
+    from thinwire.methods import available
+
+    names = list(dict.fromkeys(m.strip() for item in methods for m in item.split(",") if m.strip()))
+    unknown = [m for m in names if m not in METHOD_NAMES]
+    if unknown:
+        raise UsageError(f"unknown method {unknown[0]!r} in --methods; valid names: {', '.join(METHOD_NAMES)} "
+                         f"(implemented now: {', '.join(available())})")
+    return names or available()
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line: a UsageError's own message, otherwise the exception type and its first line."""
+    lines = str(exc).strip().splitlines()
+    if isinstance(exc, UsageError):
+        return lines[0] if lines else "usage error"
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _reset_peak_rss() -> None:
+    """Best effort: reset the kernel's peak-RSS mark so each run's peak is its own (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+class _RoundWatcher:
+    """Advances the display's rounds bar from the lines of the running method's metrics.jsonl."""
+
+    def __init__(self, progress: Any, task: Any):
+        self.progress, self.task = progress, task
+        self.paths: tuple[Path, ...] = ()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="thinwire-compare-rounds", daemon=True)
+
+    def __enter__(self) -> _RoundWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def poll(self) -> None:
+        for path in self.paths:
+            try:
+                with path.open("rb") as handle:
+                    done = sum(1 for _ in handle)
+            except OSError:
+                continue
+            self.progress.update(self.task, completed=done)
+            return
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            self.poll()
+
+
+def run_compare(config_path: str | Path | None, methods: list[str], overrides: list[str], out: Path,
+                quiet: bool = False) -> list[dict[str, Any]]:
+    """Run the experiment once per method into `out/<method>` and render the report into `out`.
+
+    Returns one row per method: method, status ("ok" or "failed"), reason (None when ok),
+    run_dir, wall_s and, for finished runs, the run's summary. The report is `out/report.html`.
+    """
+    from rich.markup import escape
+
+    from thinwire.config import load_config
+    from thinwire.runtime.display import console, make_progress
+    from thinwire.runtime.local import run_local
+
+    names = check_methods(list(methods))
+    base = load_config(config_path, list(overrides))  # a bad config fails once, up front
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a directory")
+    taken = [m for m in names if (out / m).exists()]
+    if taken:
+        raise UsageError(f"output directory {out / taken[0]} already exists; pass a new --out or remove it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output directory {out}: {exc.strerror}; pass a writable --out") from exc
+
+    rows: list[dict[str, Any]] = []
+    progress = make_progress()
+    if not quiet:
+        progress.start()
+    try:
+        methods_bar = progress.add_task("methods", total=len(names))
+        rounds_bar = progress.add_task("rounds", total=base.federation.rounds)
+        with _RoundWatcher(progress, rounds_bar) as watcher:
+            for name in names:
+                progress.update(methods_bar, description=name)
+                progress.reset(rounds_bar)
+                run_dir = out / name
+                watcher.paths = (run_dir.with_name(name + ".partial") / "metrics.jsonl", run_dir / "metrics.jsonl")
+                row: dict[str, Any] = {"method": name, "status": "ok", "reason": None, "run_dir": None}
+                started = time.perf_counter()
+                _reset_peak_rss()
+                try:
+                    config = load_config(config_path, [*overrides, f"method.name={name}"])
+                    row["summary"] = run_local(config, run_dir, quiet=True)
+                    row["run_dir"] = str(run_dir)
+                except Exception as exc:  # noqa: BLE001 -- one method failing must not stop the others
+                    row.update(status="failed", reason=failure_reason(exc))
+                    if not isinstance(exc, UsageError):
+                        row["traceback"] = traceback.format_exc()
+                row["wall_s"] = time.perf_counter() - started
+                watcher.poll()
+                gc.collect()
+                rows.append(row)
+                if not quiet:
+                    mark = "[green]ok[/]" if row["status"] == "ok" else f"[red]failed[/]: {escape(row['reason'])}"
+                    progress.console.print(f"{name}: {mark} ({row['wall_s']:.1f} s)", markup=True,
+                                           highlight=False)
+                progress.advance(methods_bar)
+            progress.update(methods_bar, description="methods")
+            progress.update(rounds_bar, visible=False)
+    finally:
+        if not quiet:
+            progress.stop()
+
+    _write_status(out, config_path, names, overrides, rows)
+    ok = [out / r["method"] for r in rows if r["status"] == "ok"]
+    failures = [(r["method"], r["reason"]) for r in rows if r["status"] == "failed"]
+    if not ok:
+        raise UsageError("every method failed: " + "; ".join(f"{m}: {r}" for m, r in failures))
+    result = render_report(ok, out, failures=failures)
+    if not quiet:
+        console.print(_status_table(rows))
+        console.print(f"report: {result.html}")
+    return rows
+
+
+def _write_status(out: Path, config_path: str | Path | None, names: list[str], overrides: list[str],
+                  rows: list[dict[str, Any]]) -> None:
+    record = {
+        "config": None if config_path is None else str(config_path), "overrides": list(overrides),
+        "methods": [{k: v for k, v in row.items() if k != "summary"} for row in rows],
+    }
+    atomic_write(out / COMPARE_FILE, json.dumps(record, indent=2, sort_keys=True))
+
+
+def _status_table(rows: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    from thinwire.runtime.display import human_bytes
+
+    table = Table(title="compare")
+    for column in ("method", "status", "Rouge-L", "loss", "bytes / client-round", "wall"):
+        table.add_column(column, justify="left" if column in ("method", "status") else "right")
+    for row in rows:
+        summary = row.get("summary") or {}
+        final = summary.get("final_eval", {})
+        per_round = (summary["uplink_bytes_per_client_round"] + summary["downlink_bytes_per_client_round"]
+                     if summary else None)
+        table.add_row(
+            row["method"], "ok" if row["status"] == "ok" else f"failed: {row['reason']}",
+            f"{final['rougeL']:.4f}" if "rougeL" in final else "-",
+            f"{final['loss']:.4f}" if "loss" in final else "-",
+            human_bytes(per_round) if per_round is not None else "-", f"{row['wall_s']:.1f} s")
+    return table

@@ -1,0 +1,752 @@
+"""Run directories -> a side-by-side comparison: `comparison.csv`, `comparison.md`, PNG plots and
+one self-contained `report.html` (plots embedded as data URIs, inline CSS, no script, no network).
+
+Everything comes from what a run wrote (`summary.json`, `metrics.jsonl`, `config.toml`), so a
+report can be re-rendered at any time. A directory that is not a complete run (an interrupted
+`<x>.partial`, missing or unparsable files, an unknown format) is skipped with its reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from thinwire.errors import UsageError
+from thinwire.runtime.display import human_bytes
+from thinwire.runtime.rundir import atomic_write
+
+SUMMARY_KEYS = ("method", "model", "rounds", "base_eval", "final_eval", "uplink_bytes_total",
+                "downlink_bytes_total", "uplink_bytes_per_client_round",
+                "downlink_bytes_per_client_round", "wall_s", "peak_rss_mb")
+RUN_FILES = ("summary.json", "metrics.jsonl", "config.toml")
+COMPARE_FILE = "compare.json"
+PLOTS = ("quality_per_round.png", "quality_vs_bytes.png", "quality_vs_time.png")
+QUALITY_ORDER = ("rougeL", "exact_match", "loss")
+METRIC_LABELS = {"rougeL": "Rouge-L", "exact_match": "exact match", "loss": "loss"}
+# Header facts, in display order: (dotted config key, label).
+FACTS = (("model.name", "model"), ("model.dtype", "dtype"), ("data.source", "data"),
+         ("data.tasks", "tasks"), ("data.heldout_tasks", "held-out tasks"),
+         ("data.partition", "partition"), ("data.examples_per_client", "examples / client"),
+         ("federation.clients", "clients"), ("federation.clients_per_round", "clients / round"),
+         ("federation.rounds", "rounds"), ("federation.seed", "seed"),
+         ("train.local_steps", "local steps"), ("train.batch_size", "batch"), ("train.lr", "lr"),
+         ("train.optimizer", "optimizer"), ("eval.max_examples", "eval examples"),
+         ("eval.generate", "generation"), ("eval.every", "eval every"))
+
+
+@dataclass
+class Run:
+    """One usable run directory, parsed."""
+    path: Path
+    summary: dict[str, Any]
+    rounds: list[dict[str, Any]]
+    config: dict[str, Any]  # flattened `section.key` -> value ({} when config.toml is unreadable)
+    label: str = ""
+
+    @property
+    def method(self) -> str:
+        return str(self.summary["method"])
+
+
+@dataclass
+class ReportResult:
+    out: Path
+    html: Path
+    csv: Path
+    markdown: Path
+    plots: list[Path]
+    rows: list[dict[str, Any]]  # one per usable run, as written to comparison.csv
+    runs: list[Path]  # the run directories used, in row order
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (directory, reason)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (method, reason) from compare
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading run directories
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.name.endswith(".partial") or any((path / name).exists() for name in RUN_FILES)
+
+
+def expand_dirs(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]], list[tuple[str, str]]]:
+    """Each path is a run directory or a directory of run directories (one level, like compare's
+    output). Returns (candidate run dirs, skipped with reasons, failures recorded by compare)."""
+    candidates: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    failed: list[tuple[str, str]] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            skipped.append((path, "does not exist"))
+        elif not path.is_dir():
+            skipped.append((path, "not a directory"))
+        elif is_run_dir(path):
+            candidates.append(path)
+        else:
+            order = _compare_order(path)
+            subdirs = sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                             key=lambda p: (order.get(p.name.removesuffix(".partial"), len(order)), p.name))
+            failed.extend(_compare_failures(path))
+            runs = [p for p in subdirs if is_run_dir(p)]
+            if not runs and not failed:
+                skipped.append((path, "not a run directory (no summary.json, metrics.jsonl or "
+                                      "config.toml) and holds no run directories"))
+            candidates.extend(runs)
+    seen: set[Path] = set()
+    unique = []
+    for path in candidates:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique, skipped, failed
+
+
+def _compare_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((path / COMPARE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) and isinstance(record.get("methods"), list) else {}
+
+
+def _compare_order(path: Path) -> dict[str, int]:
+    """Method order of a compare output directory (run directories are named after methods)."""
+    names = [r.get("method") for r in _compare_record(path).get("methods", []) if isinstance(r, dict)]
+    return {str(name): i for i, name in enumerate(names) if isinstance(name, str)}
+
+
+def _compare_failures(path: Path) -> list[tuple[str, str]]:
+    """Methods that `thinwire compare` recorded as failed in `<dir>/compare.json`."""
+    return [(str(r["method"]), str(r.get("reason") or "failed"))
+            for r in _compare_record(path).get("methods", [])
+            if isinstance(r, dict) and r.get("status") == "failed" and "method" in r]
+
+
+def load_run(path: Path) -> Run | str:
+    """A parsed run, or the one-line reason it cannot be used."""
+    if path.name.endswith(".partial"):
+        return "interrupted or failed run (.partial): it never finished"
+    for name in ("summary.json", "metrics.jsonl"):
+        if not (path / name).is_file():
+            return f"no {name}: not a finished run directory"
+    try:
+        summary = json.loads((path / "summary.json").read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"summary.json is not valid JSON ({_short(exc)})"
+    except OSError as exc:
+        return f"cannot read summary.json ({exc.strerror})"
+    if not isinstance(summary, dict):
+        return "unknown format: summary.json is not a JSON object"
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    if missing:
+        return f"older or unknown format: summary.json lacks {', '.join(missing)}"
+    problem = _check_summary(summary)
+    if problem:
+        return f"unknown format: {problem}"
+    rounds = []
+    try:
+        lines = (path / "metrics.jsonl").read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"cannot read metrics.jsonl ({_short(exc)})"
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            return f"metrics.jsonl line {number} is not valid JSON ({_short(exc)})"
+        if not isinstance(record, dict) or not isinstance(record.get("round"), int):
+            return f"unknown format: metrics.jsonl line {number} has no integer 'round'"
+        rounds.append(record)
+    if not rounds:
+        return "metrics.jsonl holds no rounds"
+    return Run(path, summary, sorted(rounds, key=lambda r: r["round"]), _read_config(path))
+
+
+def _check_summary(summary: dict[str, Any]) -> str | None:
+    for key in ("base_eval", "final_eval"):
+        value = summary[key]
+        if not isinstance(value, dict) or not all(_is_number(v) or v is None for v in value.values()):
+            return f"summary.json {key} is not a dict of numbers"
+    for key in SUMMARY_KEYS[5:]:
+        if not _is_number(summary[key]):
+            return f"summary.json {key} is not a number"
+    if not isinstance(summary["method"], str):
+        return "summary.json method is not a string"
+    return None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        table = tomllib.loads((path / "config.toml").read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return {}
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: dict[str, Any]) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[prefix + key] = value
+
+    walk("", table)
+    return flat
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures per run
+
+
+def metric_keys(runs: list[Run]) -> list[str]:
+    """Evaluation metrics present in any run: rougeL, exact_match, loss, heldout_*, others."""
+    keys = {k for run in runs for k in (*run.summary["final_eval"], *run.summary["base_eval"])}
+    return sorted(keys, key=_metric_order)
+
+
+def _metric_order(key: str) -> tuple:
+    base = key.removeprefix("heldout_")
+    rank = QUALITY_ORDER.index(base) if base in QUALITY_ORDER else len(QUALITY_ORDER)
+    return (key.startswith("heldout_"), rank, base)
+
+
+def _mean(values: list[Any]) -> float | None:
+    numbers = [float(v) for v in values if _is_number(v)]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
+def _fedavg_references(runs: list[Run]) -> dict[str, float]:
+    """Measured up+down bytes per client-round of a FedAvg run, by model (first one wins)."""
+    refs: dict[str, float] = {}
+    for run in runs:
+        if run.method == "fedavg":
+            s = run.summary
+            refs.setdefault(str(s["model"]),
+                            s["uplink_bytes_per_client_round"] + s["downlink_bytes_per_client_round"])
+    return refs
+
+
+def build_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    keys = metric_keys(runs)
+    refs = _fedavg_references(runs)
+    rows = []
+    for run in runs:
+        s = run.summary
+        row: dict[str, Any] = {
+            "run": run.label, "method": run.method, "run_dir": str(run.path), "model": s["model"],
+            "rounds": s["rounds"], "clients": s.get("clients"),
+            "clients_per_round": s.get("clients_per_round"), "seed": s.get("seed"),
+        }
+        for key in keys:
+            row[f"base_{key}"] = s["base_eval"].get(key)
+            row[f"final_{key}"] = s["final_eval"].get(key)
+        per_round = s["uplink_bytes_per_client_round"] + s["downlink_bytes_per_client_round"]
+        if str(s["model"]) in refs:
+            reference, how = refs[str(s["model"])], "measured fedavg run"
+        elif _is_number(s.get("fedavg_bytes_per_client_round")):
+            reference, how = 2 * s["fedavg_bytes_per_client_round"], "2 x fedavg_bytes_per_client_round"
+        else:
+            reference, how = None, "none"
+        times = [r.get("time_s") if isinstance(r.get("time_s"), dict) else {} for r in run.rounds]
+        row.update({
+            "uplink_bytes_per_client_round": s["uplink_bytes_per_client_round"],
+            "downlink_bytes_per_client_round": s["downlink_bytes_per_client_round"],
+            "bytes_per_client_round": per_round,
+            "uplink_bytes_total": s["uplink_bytes_total"],
+            "downlink_bytes_total": s["downlink_bytes_total"],
+            "bytes_total": s["uplink_bytes_total"] + s["downlink_bytes_total"],
+            "fedavg_reference_bytes_per_client_round": reference,
+            "traffic_ratio_vs_fedavg": per_round / reference if reference else None,
+            "traffic_reference": how,
+            "round_s_mean": _mean([t.get("total") for t in times]),
+            "local_s_mean": _mean([t.get("local") for t in times]),
+            "aggregate_s_mean": _mean([t.get("aggregate") for t in times]),
+            "eval_s_mean": _mean([t.get("eval") for t in times]),
+            "wall_s": s["wall_s"],
+            "peak_rss_mb": s["peak_rss_mb"],
+            "trainable_parameters": s.get("trainable_parameters"),
+        })
+        rows.append(row)
+    return rows
+
+
+def _series(run: Run, metric: str) -> dict[str, list[float]]:
+    """Per evaluated point (round 0 = base): round, cumulative bytes, cumulative training time, value."""
+    out = {"round": [], "bytes": [], "time": [], "value": []}
+    base = run.summary["base_eval"].get(metric)
+    if _is_number(base):
+        for key, value in (("round", 0), ("bytes", 0), ("time", 0.0), ("value", base)):
+            out[key].append(value)
+    cum_bytes, cum_time = 0, 0.0
+    for record in run.rounds:
+        cum_bytes += (record.get("uplink_bytes") or 0) + (record.get("downlink_bytes") or 0)
+        t = record.get("time_s") if isinstance(record.get("time_s"), dict) else {}
+        spent = t.get("local", 0) + t.get("aggregate", 0) if "local" in t else t.get("total", 0)
+        cum_time += spent if _is_number(spent) else 0
+        value = (record.get("eval") or {}).get(metric) if isinstance(record.get("eval"), dict) else None
+        if _is_number(value):
+            for key, v in (("round", record["round"]), ("bytes", cum_bytes), ("time", cum_time),
+                           ("value", value)):
+                out[key].append(v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (matplotlib's object API with the Agg canvas: no pyplot, no global backend state)
+
+
+def _styles(n: int) -> list[dict[str, Any]]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"] if n <= 10 else colormaps["tab20"]
+    markers = "osD^vPX*<>"
+    return [{"color": cmap(i % cmap.N), "marker": markers[i % len(markers)]} for i in range(n)]
+
+
+def _plot(runs: list[Run], x: str, title: str, xlabel: str, logx: bool = False) -> bytes:
+    from matplotlib.figure import Figure
+
+    panels = [m for m in ("rougeL", "loss") if any(m in r.summary["final_eval"] for r in runs)] or ["loss"]
+    styles = _styles(len(runs))
+    legend_rows = math.ceil(len(runs) / min(len(runs), 5))
+    fig = Figure(figsize=(max(7.0, 5.2 * len(panels)), 3.6 + 0.28 * legend_rows), dpi=110, layout="constrained")
+    fig.suptitle(title, fontsize=11)
+    heldout_seen = False
+    for index, metric in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), index + 1)
+        for run, style in zip(runs, styles):
+            for prefix, dashed in (("", False), ("heldout_", True)):
+                series = _series(run, prefix + metric)
+                points = [(xv, v) for xv, v in zip(series[x], series["value"]) if not (logx and xv <= 0)]
+                if not points:
+                    continue
+                heldout_seen |= dashed
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, color=style["color"], marker=style["marker"], markersize=4,
+                        linewidth=1.6, linestyle="--" if dashed else "-", alpha=0.8 if dashed else 1.0,
+                        label=None if dashed else run.label)
+        ax.set_title(METRIC_LABELS[metric] + (" (higher is better)" if metric != "loss" else " (lower is better)"),
+                     fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_ylabel(METRIC_LABELS[metric], fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(True, alpha=0.3, which="both" if logx else "major")
+        if logx:
+            _bytes_axis(ax)
+        if metric != "loss":  # fractions in [0, 1]: keep 0 in view so flat-zero lines look flat
+            top = max([line.get_ydata().max() for line in ax.get_lines() if len(line.get_ydata())] + [0.0])
+            ax.set_ylim(-0.02, min(1.02, max(0.1, top * 1.1)))
+        if x == "round":
+            ax.xaxis.get_major_locator().set_params(integer=True)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    if heldout_seen:
+        from matplotlib.lines import Line2D
+        handles.append(Line2D([], [], color="grey", linestyle="--"))
+        labels.append("held-out tasks (dashed)")
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), fontsize=8,
+                   frameon=False)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _bytes_axis(ax: Any) -> None:
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    def label(value: float, _pos: int) -> str:
+        for unit in ("B", "KB", "MB", "GB", "TB"):
+            if value < 1000 or unit == "TB":
+                return f"{value:.3g} {unit}"
+            value /= 1000
+        return ""
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(label))
+    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10))))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def render_plots(runs: list[Run]) -> dict[str, bytes]:
+    return {
+        PLOTS[0]: _plot(runs, "round", "Quality per round (round 0: before training)", "round"),
+        PLOTS[1]: _plot(runs, "bytes", "Quality against cumulative traffic (up + down, all clients)",
+                        "cumulative bytes (log scale)", logx=True),
+        PLOTS[2]: _plot(runs, "time", "Quality against wall time (local training + aggregation)",
+                        "cumulative wall time excluding evaluation (s)"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables: CSV, Markdown, HTML
+
+
+def _fmt_metric(value: Any) -> str:
+    return "-" if not _is_number(value) else f"{value:.4f}"
+
+
+def _fmt_s(value: Any) -> str:
+    if not _is_number(value):
+        return "-"
+    if value < 0.1:
+        return f"{value * 1000:.1f} ms"
+    return f"{value:.2f} s" if value < 100 else f"{value:,.0f} s"
+
+
+def _fmt_ratio(value: Any) -> str:
+    if not _is_number(value):
+        return "-"
+    return f"{value:#.3g}×" if value >= 0.001 else f"{value:.2e}×"
+
+
+def _csv_value(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def write_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    columns = list(rows[0]) if rows else []
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def _best(rows: list[dict[str, Any]], column: str, higher: bool) -> set[int]:
+    """Row indices holding the best value of `column` (empty if fewer than two distinct values)."""
+    values = {i: row[column] for i, row in enumerate(rows) if _is_number(row.get(column))}
+    if len(values) < 2 or len(set(values.values())) < 2:
+        return set()
+    target = max(values.values()) if higher else min(values.values())
+    return {i for i, v in values.items() if v == target}
+
+
+def _higher_is_better(metric: str) -> bool:
+    return not metric.endswith("loss")
+
+
+def _facts(runs: list[Run]) -> tuple[list[tuple[str, str]], list[str]]:
+    """(label, value) facts shared by every run, and config keys that differ between runs."""
+    def value_of(run: Run, key: str) -> Any:
+        if key in run.config:
+            return run.config[key]
+        fallback = {"model.name": "model", "federation.rounds": "rounds", "federation.clients": "clients",
+                    "federation.clients_per_round": "clients_per_round", "federation.seed": "seed"}
+        return run.summary.get(fallback.get(key, ""), None)
+
+    common = []
+    for key, label in FACTS:
+        values = [value_of(run, key) for run in runs]
+        if values[0] is not None and all(v == values[0] for v in values) and values[0] not in ([], ""):
+            common.append((label, _fact_text(values[0])))
+    with_config = [run for run in runs if run.config]
+    keys = sorted({k for run in with_config for k in run.config})
+    option_tables = tuple(f"method.{run.method}." for run in runs)
+    differing = [k for k in keys if k != "method.name" and not k.startswith(option_tables)
+                 and len({json.dumps(run.config.get(k), sort_keys=True) for run in with_config}) > 1]
+    return common, differing
+
+
+def _fact_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def write_markdown(runs: list[Run], rows: list[dict[str, Any]], skipped: list[tuple[Path, str]],
+                   failed: list[tuple[str, str]]) -> str:
+    keys = metric_keys(runs)
+    common, differing = _facts(runs)
+    lines = ["# thinwire comparison", ""]
+    if common:
+        lines += ["; ".join(f"{label}: {value}" for label, value in common), ""]
+    if differing:
+        lines += ["Config keys that differ between runs (besides the method): " + ", ".join(differing), ""]
+    header = ["run"] + [METRIC_LABELS.get(k, k) if not k.startswith("heldout_")
+                        else "held-out " + METRIC_LABELS.get(k[8:], k[8:]) for k in keys]
+    header += ["up / client-round", "down / client-round", "total traffic", "vs FedAvg",
+               "round time (local + agg)", "peak RSS"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["run"]]
+        cells += [f"{_fmt_metric(row[f'base_{k}'])} → {_fmt_metric(row[f'final_{k}'])}" for k in keys]
+        cells += [human_bytes(row["uplink_bytes_per_client_round"]),
+                  human_bytes(row["downlink_bytes_per_client_round"]), human_bytes(row["bytes_total"]),
+                  _fmt_ratio(row["traffic_ratio_vs_fedavg"]),
+                  f"{_fmt_s(row['round_s_mean'])} ({_fmt_s(row['local_s_mean'])} + "
+                  f"{_fmt_s(row['aggregate_s_mean'])})", f"{row['peak_rss_mb']:,.0f} MB"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines.append("")
+    lines.append(_reference_note(rows))
+    if failed or skipped:
+        lines += ["", "## Failed or skipped", ""]
+        lines += [f"- {method}: failed: {reason}" for method, reason in failed]
+        lines += [f"- {path}: skipped: {reason}" for path, reason in skipped]
+    lines += ["", "Plots: " + ", ".join(PLOTS), ""]
+    return "\n".join(lines)
+
+
+def _reference_note(rows: list[dict[str, Any]]) -> str:
+    hows = {row["traffic_reference"] for row in rows}
+    if hows == {"measured fedavg run"}:
+        return "Traffic ratio: up+down bytes per client-round against the FedAvg run's measured bytes."
+    return ("Traffic ratio: up+down bytes per client-round against FedAvg's — measured where a FedAvg "
+            "run of the same model is in the report, else estimated as 2 × 4 bytes × base parameters "
+            "(summary.json fedavg_bytes_per_client_round, upload + download).")
+
+
+CSS = """
+:root { --fg:#1f2328; --muted:#59636e; --line:#d1d9e0; --bg:#f6f8fa; --accent:#0969da; --best:#dafbe1;
+        --bestfg:#116329; --bad:#ffebe9; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.5 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
+       color: var(--fg); background: #fff; }
+header { background: linear-gradient(135deg, #0b3d91, #0969da); color: #fff; padding: 22px 32px 18px; }
+header h1 { margin: 0 0 4px; font-size: 22px; font-weight: 600; }
+header p { margin: 0 0 12px; opacity: .9; }
+.facts { display: flex; flex-wrap: wrap; gap: 6px; margin: 0; padding: 0; list-style: none; }
+.facts li { background: rgba(255,255,255,.15); border-radius: 12px; padding: 2px 10px; font-size: 12.5px; }
+.facts b { font-weight: 600; margin-right: 4px; opacity: .85; }
+main { padding: 20px 32px 40px; max-width: 1500px; }
+h2 { font-size: 17px; margin: 28px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid var(--line); padding: 5px 10px; text-align: right; white-space: nowrap; }
+th { background: var(--bg); font-weight: 600; }
+th.group { text-align: center; }
+td.name, th.name { text-align: left; }
+td.name { font-weight: 600; }
+td.best { background: var(--best); color: var(--bestfg); font-weight: 600; }
+.delta { color: var(--muted); font-size: 12px; }
+.up { color: #1a7f37; } .down { color: #cf222e; }
+.note { color: var(--muted); font-size: 12.5px; margin: 6px 0; max-width: 1000px; }
+.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(560px, 1fr)); gap: 16px; }
+figure { margin: 0; border: 1px solid var(--line); border-radius: 6px; padding: 8px; background: #fff; }
+figure img { width: 100%; height: auto; display: block; }
+figcaption { color: var(--muted); font-size: 12.5px; margin-top: 4px; }
+ul.problems { padding-left: 20px; } ul.problems li { margin: 3px 0; }
+.tag { display: inline-block; border-radius: 10px; padding: 0 8px; font-size: 12px; font-weight: 600; }
+.tag.failed { background: var(--bad); color: #a40e26; } .tag.skipped { background: #fff8c5; color: #7d4e00; }
+code { background: var(--bg); border-radius: 4px; padding: 0 4px; font-size: 12.5px; }
+details { margin: 6px 0; } summary { cursor: pointer; font-weight: 600; }
+details table { margin: 6px 0 12px; font-size: 12.5px; }
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _td(text: str, best: bool = False, cls: str = "") -> str:
+    classes = " ".join(c for c in (cls, "best" if best else "") if c)
+    return f'<td class="{classes}">{text}</td>' if classes else f"<td>{text}</td>"
+
+
+def _delta_html(base: Any, final: Any, metric: str) -> str:
+    if not (_is_number(base) and _is_number(final)):
+        return ""
+    delta = final - base
+    if delta == 0:
+        return ' <span class="delta">(±0)</span>'
+    good = delta > 0 if _higher_is_better(metric) else delta < 0
+    cls = "up" if good else ("down" if delta else "")
+    return f' <span class="delta {cls}">({delta:+.4f})</span>'
+
+
+def write_html(runs: list[Run], rows: list[dict[str, Any]], plots: dict[str, bytes],
+               skipped: list[tuple[Path, str]], failed: list[tuple[str, str]]) -> str:
+    keys = metric_keys(runs)
+    common, differing = _facts(runs)
+    models = sorted({str(r.summary["model"]) for r in runs})
+    methods = ", ".join(row["run"] for row in rows)
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             '<meta name="viewport" content="width=device-width, initial-scale=1">',
+             f"<title>thinwire comparison: {_e(methods)}</title>", f"<style>{CSS}</style></head><body>",
+             "<header>", f"<h1>thinwire comparison — {_e(', '.join(models))}</h1>",
+             f"<p>{len(rows)} run{'s' if len(rows) != 1 else ''}: {_e(methods)}"
+             + (f"; {len(failed) + len(skipped)} failed or skipped" if failed or skipped else "") + "</p>",
+             '<ul class="facts">']
+    parts += [f"<li><b>{_e(label)}</b>{_e(value)}</li>" for label, value in common]
+    parts += ["</ul>", "</header>", "<main>"]
+
+    # Quality table
+    parts += ["<h2>Quality: before → after federated fine-tuning</h2>", '<div class="scroll"><table id="quality">',
+              "<thead><tr><th class=\"name\">run</th>"]
+    for key in keys:
+        name = METRIC_LABELS.get(key, key) if not key.startswith("heldout_") else \
+            "held-out " + METRIC_LABELS.get(key[8:], key[8:])
+        arrow = "↑" if _higher_is_better(key) else "↓"
+        parts.append(f"<th>{_e(name)} {arrow}<br><small>base → final</small></th>")
+    parts.append("</tr></thead><tbody>")
+    best = {k: _best(rows, f"final_{k}", _higher_is_better(k)) for k in keys}
+    for i, row in enumerate(rows):
+        parts.append(f'<tr data-run="{_e(row["run"])}">' + _td(_e(row["run"]), cls="name"))
+        for k in keys:
+            base, final = row[f"base_{k}"], row[f"final_{k}"]
+            parts.append(_td(f"{_fmt_metric(base)} → <b>{_fmt_metric(final)}</b>{_delta_html(base, final, k)}",
+                             i in best[k]))
+        parts.append("</tr>")
+    parts.append("</tbody></table></div>")
+
+    # Cost table
+    cost_columns = [  # (column, header, formatter, lower is better)
+        ("uplink_bytes_per_client_round", "uplink<br><small>per client-round</small>", human_bytes),
+        ("downlink_bytes_per_client_round", "downlink<br><small>per client-round</small>", human_bytes),
+        ("uplink_bytes_total", "uplink<br><small>total</small>", human_bytes),
+        ("downlink_bytes_total", "downlink<br><small>total</small>", human_bytes),
+        ("traffic_ratio_vs_fedavg", "traffic vs FedAvg<br><small>up+down per client-round</small>", _fmt_ratio),
+        ("round_s_mean", "time / round<br><small>mean, all</small>", _fmt_s),
+        ("local_s_mean", "local<br><small>mean / round</small>", _fmt_s),
+        ("aggregate_s_mean", "aggregation<br><small>mean / round</small>", _fmt_s),
+        ("wall_s", "wall<br><small>whole run</small>", _fmt_s),
+        ("peak_rss_mb", "peak RSS", lambda v: f"{v:,.0f} MB"),
+    ]
+    parts += ["<h2>Cost: traffic, time, memory</h2>", '<div class="scroll"><table id="cost">',
+              '<thead><tr><th class="name">run</th>']
+    parts += [f"<th>{header} ↓</th>" for _, header, _ in cost_columns]
+    parts.append("</tr></thead><tbody>")
+    cost_best = {c: _best(rows, c, False) for c, _, _ in cost_columns}
+    for i, row in enumerate(rows):
+        parts.append(f'<tr data-run="{_e(row["run"])}">' + _td(_e(row["run"]), cls="name"))
+        for column, _, formatter in cost_columns:
+            value = row[column]
+            parts.append(_td(_e(formatter(value)) if _is_number(value) else "-", i in cost_best[column]))
+        parts.append("</tr>")
+    parts.append("</tbody></table></div>")
+    parts.append(f'<p class="note">{_e(_reference_note(rows))} Best value per column highlighted. '
+                 "Time per round includes evaluation; local time is the sum over the round's clients, "
+                 "run one after another.</p>")
+    if differing:
+        parts.append('<p class="note">Config keys that differ between runs besides the method: '
+                     + ", ".join(f"<code>{_e(k)}</code>" for k in differing) + ".</p>")
+
+    # Plots
+    parts += ["<h2>Plots</h2>", '<div class="grid">']
+    captions = {PLOTS[0]: "Rouge-L and evaluation loss after each round; round 0 is the base model.",
+                PLOTS[1]: "Quality against cumulative bytes moved (uplink + downlink, all clients); log x axis.",
+                PLOTS[2]: "Quality against cumulative wall time of local training and aggregation."}
+    for name, data in plots.items():
+        uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+        parts.append(f'<figure><img class="plot" src="{uri}" alt="{_e(name)}" data-name="{_e(name)}">'
+                     f"<figcaption>{_e(captions.get(name, name))} (<code>{_e(name)}</code>)</figcaption></figure>")
+    parts.append("</div>")
+
+    # Failures and skipped directories
+    if failed or skipped:
+        parts += ["<h2>Failed or skipped</h2>", '<ul class="problems" id="problems">']
+        parts += [f'<li><span class="tag failed">failed</span> <b>{_e(m)}</b>: {_e(r)}</li>' for m, r in failed]
+        parts += [f'<li><span class="tag skipped">skipped</span> <code>{_e(p)}</code>: {_e(r)}</li>'
+                  for p, r in skipped]
+        parts.append("</ul>")
+
+    # Per-round details
+    parts.append("<h2>Per round</h2>")
+    for run in runs:
+        parts.append(_round_details(run))
+    parts.append('<p class="note">Runs: ' + ", ".join(f"<code>{_e(r.path)}</code>" for r in runs) + "</p>")
+    parts += ["</main>", "</body></html>", ""]
+    return "\n".join(parts)
+
+
+def _round_details(run: Run) -> str:
+    evals = sorted({k for r in run.rounds if isinstance(r.get("eval"), dict) for k in r["eval"]},
+                   key=_metric_order)
+    head = ["round", "clients ok", "uplink", "downlink", "train loss", *evals, "local", "aggregate", "total"]
+    rows = []
+    for r in run.rounds:
+        t = r.get("time_s") if isinstance(r.get("time_s"), dict) else {}
+        e = r.get("eval") if isinstance(r.get("eval"), dict) else {}
+        cells = [r["round"], f"{r.get('clients_ok', '-')}/{r.get('clients_sampled', '-')}",
+                 human_bytes(r["uplink_bytes"]) if _is_number(r.get("uplink_bytes")) else "-",
+                 human_bytes(r["downlink_bytes"]) if _is_number(r.get("downlink_bytes")) else "-",
+                 _fmt_metric(r.get("train_loss")), *(_fmt_metric(e.get(k)) for k in evals),
+                 _fmt_s(t.get("local")), _fmt_s(t.get("aggregate")), _fmt_s(t.get("total"))]
+        rows.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
+    return (f"<details><summary>{_e(run.label)} <span class=\"delta\">({_e(run.path)})</span></summary>"
+            "<table><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table></details>")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _label_runs(runs: list[Run]) -> None:
+    """The method name; with the directory name where methods repeat; the full path if still ambiguous."""
+    def ambiguous() -> list[Run]:
+        counts: dict[str, int] = {}
+        for run in runs:
+            counts[run.label] = counts.get(run.label, 0) + 1
+        return [run for run in runs if counts[run.label] > 1]
+
+    for run in runs:
+        run.label = run.method
+    for run in ambiguous():
+        run.label = f"{run.method} ({run.path.name})"
+    for run in ambiguous():
+        run.label = f"{run.method} ({run.path})"
+
+
+def render_report(run_dirs: list[Path], out: Path, failures: list[tuple[str, str]] | None = None) -> ReportResult:
+    """Write report.html, comparison.csv, comparison.md and the PNG plots into `out`.
+
+    Each of `run_dirs` is a run directory or a directory of run directories (expanded one level).
+    `failures` are (method, reason) pairs to list (compare passes the methods that failed).
+    Unusable directories are skipped with a reason; no usable run at all is a UsageError.
+    """
+    out = Path(out)
+    candidates, skipped, failed = expand_dirs([Path(p) for p in run_dirs])
+    failed = list(dict.fromkeys([*(failures or []), *failed]))
+    failed_methods = {m for m, _ in failed}
+    runs: list[Run] = []
+    for path in candidates:
+        loaded = load_run(path)
+        if isinstance(loaded, Run):
+            runs.append(loaded)
+        elif not (path.name.endswith(".partial") and path.name[:-8] in failed_methods):
+            skipped.append((path, loaded))  # a failed method's own .partial is already listed
+    if not runs:
+        reasons = "; ".join(f"{p}: {r}" for p, r in skipped) or "no run directories given"
+        if failed:
+            reasons += "; " + "; ".join(f"{m}: {r}" for m, r in failed)
+        raise UsageError(f"no usable run directory to report on ({reasons}); pass finished run "
+                         "directories (each with summary.json and metrics.jsonl)")
+    _label_runs(runs)
+    rows = build_rows(runs)
+    plots = render_plots(runs)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create report directory {out}: {exc.strerror}; pass a writable directory") from exc
+    plot_paths = []
+    for name, data in plots.items():
+        atomic_write(out / name, data)
+        plot_paths.append(out / name)
+    atomic_write(out / "comparison.csv", write_csv(rows))
+    atomic_write(out / "comparison.md", write_markdown(runs, rows, skipped, failed))
+    atomic_write(out / "report.html", write_html(runs, rows, plots, skipped, failed))
+    return ReportResult(out=out, html=out / "report.html", csv=out / "comparison.csv",
+                        markdown=out / "comparison.md", plots=plot_paths, rows=rows,
+                        runs=[r.path for r in runs], skipped=skipped, failed=failed)

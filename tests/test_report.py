@@ -1,0 +1,254 @@
+"""compare + report: real tiny runs, a failing method, skipped directories, and the HTML page
+rendered by a real headless browser."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from thinwire.cli import EXAMPLES
+from thinwire.compare import run_compare
+from thinwire.errors import UsageError
+from thinwire.report import PLOTS, render_report
+
+FAST = ["federation.rounds=2", "train.local_steps=2", "train.batch_size=2", "data.max_length=64",
+        "eval.generate=false", "eval.max_examples=4",
+        "data.examples_per_client=8"]
+FAILING = "cgfedllm"  # stands in for a method whose client crashes mid-run
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """fedavg and fedit for real, plus a method whose client fit raises; one compare run."""
+    import thinwire.runtime.local as local
+
+    real_get_method = local.get_method
+
+    def get_method(name):
+        if name != FAILING:
+            return real_get_method(name)
+        spec = real_get_method("fedavg")
+
+        class Crashing(spec.client):
+            def fit(self, *args, **kwargs):
+                raise RuntimeError("boom in client fit\nsecond line")
+
+        return dataclasses.replace(spec, name=FAILING, client=Crashing)
+
+    out = tmp_path_factory.mktemp("compare") / "out"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is faster, and immune to a busy machine
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(local, "get_method", get_method)
+            rows = run_compare(EXAMPLES / "smoke.toml", ["fedavg", "fedit", FAILING], FAST, out, quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    return out, rows
+
+
+def _csv_rows(path: Path) -> dict[str, dict[str, str]]:
+    with path.open() as handle:
+        return {row["run"]: row for row in csv.DictReader(handle)}
+
+
+def test_compare_runs_every_method_and_reports_the_failure(compared):
+    out, rows = compared
+    status = {r["method"]: r for r in rows}
+    assert [r["method"] for r in rows] == ["fedavg", "fedit", FAILING]
+    assert status["fedavg"]["status"] == status["fedit"]["status"] == "ok"
+    assert status[FAILING]["status"] == "failed"
+    assert status[FAILING]["reason"] == "RuntimeError: boom in client fit"
+    assert (out / f"{FAILING}.partial").is_dir() and not (out / FAILING).exists()
+    for name in ("report.html", "comparison.csv", "comparison.md", "compare.json", *PLOTS):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.tmp"))
+
+    # Only method.name differs between the runs' resolved configs.
+    configs = {m: (out / m / "config.toml").read_text() for m in ("fedavg", "fedit")}
+    strip = [re.sub(r'name = "(fedavg|fedit)"', "", c) for c in configs.values()]
+    assert strip[0] == strip[1]
+
+    # CSV numbers are the summaries' numbers.
+    table = _csv_rows(out / "comparison.csv")
+    assert set(table) == {"fedavg", "fedit"}
+    summaries = {m: json.loads((out / m / "summary.json").read_text()) for m in ("fedavg", "fedit")}
+    for method, summary in summaries.items():
+        row = table[method]
+        for key in ("uplink_bytes_total", "downlink_bytes_total", "uplink_bytes_per_client_round",
+                    "downlink_bytes_per_client_round", "wall_s", "peak_rss_mb", "rounds"):
+            assert float(row[key]) == summary[key], (method, key)
+        for key, value in summary["final_eval"].items():
+            assert float(row[f"final_{key}"]) == value
+            assert float(row[f"base_{key}"]) == summary["base_eval"][key]
+        metrics = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
+        local_mean = sum(m["time_s"]["local"] for m in metrics) / len(metrics)
+        assert float(row["local_s_mean"]) == pytest.approx(local_mean)
+        assert row["traffic_reference"] == "measured fedavg run"
+    per_round = {m: s["uplink_bytes_per_client_round"] + s["downlink_bytes_per_client_round"]
+                 for m, s in summaries.items()}
+    assert float(table["fedavg"]["traffic_ratio_vs_fedavg"]) == 1.0
+    assert float(table["fedit"]["traffic_ratio_vs_fedavg"]) == pytest.approx(per_round["fedit"] / per_round["fedavg"])
+    assert float(table["fedit"]["traffic_ratio_vs_fedavg"]) < 0.5
+
+    html = (out / "report.html").read_text()
+    markdown = (out / "comparison.md").read_text()
+    for text in (html, markdown):
+        assert FAILING in text and "boom in client fit" in text
+    assert f"{FAILING}.partial" not in html  # the failed method's own partial dir is not listed twice
+    assert "<script" not in html and not re.search(r'(src|href)="(https?:)?//', html)
+    assert html.count('src="data:image/png;base64,') == len(PLOTS)
+
+    # Re-rendering from the compare directory alone lists the failure again (from compare.json).
+    again = render_report([out], out / "again")
+    assert [r["run"] for r in again.rows] == ["fedavg", "fedit"]
+    assert again.failed == [(FAILING, "RuntimeError: boom in client fit")] and again.skipped == []
+
+
+def test_compare_checks_method_names_and_output(compared, tmp_path):
+    with pytest.raises(UsageError, match=r"unknown method 'fedsgd'.*valid names: fedavg, fedit"):
+        run_compare(EXAMPLES / "smoke.toml", ["fedavg", "fedsgd"], FAST, tmp_path / "a", quiet=True)
+    assert not (tmp_path / "a").exists()
+    out, _ = compared
+    with pytest.raises(UsageError, match="already exists"):
+        run_compare(EXAMPLES / "smoke.toml", ["fedavg"], FAST, out, quiet=True)
+    with pytest.raises(UsageError, match="unknown config key"):
+        run_compare(EXAMPLES / "smoke.toml", ["fedavg"], ["train.lrr=1"], tmp_path / "b", quiet=True)
+
+
+def test_report_skips_incomplete_directories(compared, tmp_path):
+    out, _ = compared
+    runs = tmp_path / "runs"
+    shutil.copytree(out / "fedit", runs / "fedit")
+    shutil.copytree(out / "fedit", runs / "interrupted.partial")
+    shutil.copytree(out / "fedit", runs / "garbage")
+    (runs / "garbage" / "summary.json").write_text("{not json")
+    shutil.copytree(out / "fedit", runs / "old")
+    (runs / "old" / "summary.json").write_text(json.dumps({"method": "fedit", "rounds": 2}))
+    shutil.copytree(out / "fedit", runs / "no-metrics")
+    (runs / "no-metrics" / "metrics.jsonl").unlink()
+    shutil.copytree(out / "fedit", runs / "bad-line")
+    with (runs / "bad-line" / "metrics.jsonl").open("a") as handle:
+        handle.write("{truncated\n")
+    (runs / "notes").mkdir()  # not a run directory at all: ignored inside a container
+
+    result = render_report([runs, tmp_path / "missing"], tmp_path / "report")
+    assert [r["run"] for r in result.rows] == ["fedit"]
+    reasons = {path.name: reason for path, reason in result.skipped}
+    assert set(reasons) == {"missing", "interrupted.partial", "garbage", "old", "no-metrics", "bad-line"}
+    assert "does not exist" in reasons["missing"]
+    assert ".partial" in reasons["interrupted.partial"]
+    assert "not valid JSON" in reasons["garbage"]
+    assert "lacks" in reasons["old"] and "final_eval" in reasons["old"]
+    assert "no metrics.jsonl" in reasons["no-metrics"]
+    assert "line 3" in reasons["bad-line"]
+    html = (tmp_path / "report" / "report.html").read_text()
+    for name in reasons:
+        assert name in html
+
+    # No fedavg run here: the ratio uses the summary's estimate, and says so.
+    summary = json.loads((out / "fedit" / "summary.json").read_text())
+    row = result.rows[0]
+    assert row["traffic_reference"] == "2 x fedavg_bytes_per_client_round"
+    assert row["traffic_ratio_vs_fedavg"] == pytest.approx(
+        row["bytes_per_client_round"] / (2 * summary["fedavg_bytes_per_client_round"]))
+    assert "estimated" in html
+
+    with pytest.raises(UsageError) as info:
+        render_report([runs / "garbage", runs / "interrupted.partial"], tmp_path / "nothing")
+    assert "no usable run directory" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_report_with_many_runs_labels_them_apart(compared, tmp_path):
+    out, _ = compared
+    for i in range(10):
+        shutil.copytree(out / ("fedavg" if i % 2 else "fedit"), tmp_path / "many" / f"run{i}")
+    result = render_report([tmp_path / "many"], tmp_path / "report")
+    labels = [r["run"] for r in result.rows]
+    assert len(labels) == len(set(labels)) == 10 and "fedit (run0)" in labels
+    assert all(p.stat().st_size > 10_000 for p in result.plots)
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTML in a real browser
+
+CHECK_SCRIPT = """<script>
+window.addEventListener("load", function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var decoded = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0 && i.naturalHeight > 0; });
+  document.body.setAttribute("data-images", String(imgs.length));
+  document.body.setAttribute("data-decoded", String(decoded.length));
+  document.body.setAttribute("data-widths", imgs.map(function (i) { return i.naturalWidth; }).join(","));
+});
+</script>"""
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's chromium; installed with apt when missing (skip only if that is impossible)."""
+    path = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    if path is None and shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        try:
+            subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
+                           env=env, capture_output=True, timeout=600, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("chromium is not installed and could not be installed with apt-get")
+    return path
+
+
+def _browser(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", f"--user-data-dir={profile}", *args],
+        capture_output=True, text=True, timeout=90, check=False)
+
+
+def _png_width(path: Path) -> int:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">I", data[16:20])[0]
+
+
+def test_report_html_renders_in_headless_chromium(compared, chromium, tmp_path):
+    out, rows = compared
+    page = (out / "report.html").read_text()
+    check = out / "browser-check.html"
+    check.write_text(page.replace("</body>", CHECK_SCRIPT + "</body>"))
+    try:
+        result = _browser(chromium, tmp_path / "profile", "--virtual-time-budget=10000", "--dump-dom",
+                          check.as_uri())
+    finally:
+        check.unlink()
+    dom = result.stdout
+    assert result.returncode == 0 and "<body" in dom, result.stderr[-2000:]
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    attrs = dict(re.findall(r'(data-[a-z]+)="([^"]*)"', body))
+    assert attrs.get("data-images") == str(len(PLOTS)), body
+    assert attrs.get("data-decoded") == str(len(PLOTS)), body
+    assert attrs["data-widths"].split(",") == [str(_png_width(out / name)) for name in PLOTS]
+    for name in PLOTS:
+        assert f'data-name="{name}"' in dom
+    for method in ("fedavg", "fedit"):
+        assert dom.count(f'<tr data-run="{method}">') == 2  # quality table and cost table
+    assert FAILING in dom and "boom in client fit" in dom
+
+    shot = tmp_path / "shot.png"
+    result = _browser(chromium, tmp_path / "profile2", "--window-size=1280,2000", f"--screenshot={shot}",
+                      (out / "report.html").as_uri())
+    assert result.returncode == 0 and shot.stat().st_size > 20_000, result.stderr[-2000:]
