@@ -129,6 +129,8 @@ def test_allocate_proportional_by_hand():
     # the 4.0 block is capped at 40; 58 left over 2:3 = 23.2, 34.8
     assert allocate(norms, k_max=40, k_min=2, rule="proportional", budget=100) == [40, 23, 0, 2, 35]
     assert sum(allocate([1.0, 1.0, 1.0], k_max=50, rule="proportional", budget=10)) == 10
+    # the capped block comes down to make room for the k_min floors: 4 + 2 + 2 + 2 = 10
+    assert allocate([100.0, 1.0, 1.0, 1.0], k_max=5, k_min=2, rule="proportional", budget=10) == [4, 2, 2, 2]
 
 
 # ---- bases -------------------------------------------------------------------------------------

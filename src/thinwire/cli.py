@@ -1,4 +1,4 @@
-"""The `thinwire` command: run, models, tasks."""
+"""The `thinwire` command: run, compare, report, models, tasks."""
 
 from __future__ import annotations
 
@@ -27,6 +27,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="run directory (default: runs/<method>-<time>)")
     run.add_argument("--runtime", choices=["local"], default="local")
     run.add_argument("--quiet", action="store_true", help="no progress bars or summary table")
+    compare = sub.add_parser("compare", help="run one experiment per method and report them side by side")
+    compare.add_argument("config", nargs="?", help="TOML config (default: examples/quickstart.toml)")
+    compare.add_argument("--methods", default="", help="comma-separated methods (default: all available)")
+    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    compare.add_argument("--out", type=Path, required=True, help="directory for the runs and the report")
+    compare.add_argument("--quiet", action="store_true")
+    report = sub.add_parser("report", help="tables, plots and report.html from run directories")
+    report.add_argument("dirs", nargs="+", type=Path, help="run directories, or directories of runs")
+    report.add_argument("--out", type=Path, help="where to write the report (default: the only DIR)")
     sub.add_parser("models", help="list built-in models")
     sub.add_parser("tasks", help="list the built-in task families")
     return parser
@@ -39,6 +48,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config or default_config(), args.overrides)
     out = args.out or Path("runs") / f"{config.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_local(config, out, quiet=args.quiet)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from thinwire.compare import check_methods, run_compare
+
+    methods = check_methods(args.methods.split(",") if args.methods else [])
+    rows = run_compare(args.config or default_config(), methods, args.overrides, args.out, quiet=args.quiet)
+    return 0 if all(row["status"] == "ok" for row in rows) else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from thinwire.report import render_report
+    from thinwire.runtime.display import console
+
+    if args.out is None and len(args.dirs) > 1:
+        raise UsageError("several directories given; pass --out for the report")
+    result = render_report(args.dirs, args.out or args.dirs[0])
+    for path, reason in result.skipped:
+        console.print(f"skipped {path}: {reason}")
+    console.print(f"report: {result.html}")
     return 0
 
 
@@ -76,7 +106,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "models": cmd_models, "tasks": cmd_tasks}
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "models": cmd_models,
+            "tasks": cmd_tasks}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -211,8 +211,9 @@ def allocate(
 
     - ``"code"`` (released code): K_l = max(⌊(‖Δ_l‖/max_j ‖Δ_j‖)·k_max⌋, k_min).
     - ``"proportional"``: K_l ∝ ‖Δ_l‖ with Σ K_l = `budget` exactly (when
-      k_min·#nonzero ≤ budget ≤ k_max·#nonzero; otherwise clamped), each non-zero block getting
-      k_min ≤ K_l ≤ k_max; rounding by largest remainder, ties to the lower block index.
+      k_min·#nonzero ≤ budget ≤ k_max·#nonzero; otherwise clamped): water-filling,
+      K_l = clamp(λ‖Δ_l‖, k_min, k_max) with the level λ found by bisection, then rounding by
+      largest remainder, ties to the lower block index.
     Blocks with ‖Δ_l‖ = 0 get 0 coordinates in both rules (the released code sends k_min
     zeros; they carry no information). A non-finite norm is an error (a diverged client).
     k_max also caps the basis sequence of each block (`ProjectionCodec.k_max`).
@@ -233,26 +234,20 @@ def allocate(
         raise ValueError("allocate: rule 'proportional' needs a budget >= 0 (total coordinates)")
     live = [i for i, x in enumerate(norms) if x > 0.0]
     budget = min(max(budget, k_min * len(live)), k_max * len(live))
-    # water-filling: pin blocks at the bounds, share the rest proportionally, repeat
-    fixed: dict[int, int] = {}
-    while True:
-        free = [i for i in live if i not in fixed]
-        left = budget - sum(fixed.values())
-        tot = sum(norms[i] for i in free)
-        share = {i: left * norms[i] / tot for i in free} if free and tot > 0 else {}
-        pin = {i: k_min for i, v in share.items() if v < k_min}
-        pin.update({i: k_max for i, v in share.items() if v > k_max})
-        if not pin:
-            break
-        fixed.update(pin)
+
+    def share(lam: float) -> dict[int, float]:  # water level λ: K_l = clamp(λ‖Δ_l‖, k_min, k_max)
+        return {i: min(max(lam * norms[i], k_min), k_max) for i in live}
+
+    lo, hi = 0.0, k_max / min(norms[i] for i in live)  # Σ share(hi) = k_max·#live ≥ budget
+    for _ in range(200):  # bisection on a monotone sum
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if sum(share(mid).values()) < budget else (lo, mid)
+    x = share(hi)
     k = [0] * len(norms)
-    for i, v in fixed.items():
-        k[i] = v
-    for i, v in share.items():
-        k[i] = int(v)
+    for i, v in x.items():
+        k[i] = math.floor(v + 1e-9)
     rest = budget - sum(k)
-    order = sorted(share, key=lambda i: (-(share[i] - int(share[i])), i))
-    for i in order:
+    for i in sorted(live, key=lambda i: (-(x[i] - k[i]), i)):  # largest remainder, ties to lower index
         if rest <= 0:
             break
         if k[i] < k_max:

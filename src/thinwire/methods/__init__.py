@@ -12,6 +12,8 @@ from thinwire.errors import UsageError
 _REGISTRY = {
     "fedavg": ("thinwire.methods.fedavg", "DeltaServer", "DeltaClient", None),
     "fedit": ("thinwire.methods.fedavg", "FedITServer", "FedITClient", None),
+    "fedkseed": ("thinwire.methods.fedkseed", "FedKSeedServer", "FedKSeedClient", "FedKSeedOptions"),
+    "fedkseed-pro": ("thinwire.methods.fedkseed", "FedKSeedProServer", "FedKSeedProClient", None),
 }
 
 

@@ -140,6 +140,10 @@ class ClientSide(ABC):
         self.ctx = ctx
         self.config = ctx.config
 
+    def steps_per_round(self) -> int:
+        """Local steps per round, for progress display."""
+        return self.config.train.local_steps
+
     @abstractmethod
     def fit(self, rnd: int, client_id: int, download: Payload, examples: list[dict],
             state: ClientState) -> Upload:

@@ -11,15 +11,31 @@ client reached, and a client at an older version only needs the suffix of its ow
 that the replica lacks. Because `apply_update` is deterministic and applied round by round in
 the same order, the shared replica is bit-identical to what each client would rebuild alone
 (tests/test_history.py checks this against private replicas).
+
+Where a client process does not outlive one message (Flower deployment starts the ClientApp
+afresh per message), the runtime sets `ReplicaClient.replica_dir`, one directory per run on that
+machine. The replica is then also kept there as `v<version>.safetensors` (written to a temporary
+name and renamed, so readers never see a partial file; older versions are removed). A process
+whose in-memory replica is missing or older than the download's `since` resumes from the newest
+file: every file holds the global model at its version (the same bytes whichever client wrote
+it, because the update rule is deterministic), no file is newer than the server's current
+version, and the newest is at least the version any client of this machine last synced, so the
+download still covers every version after the replica's.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import tempfile
 from abc import abstractmethod
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from thinwire.methods.base import ClientSide, ClientState, Reply, ServerSide, load_into, snapshot
+from thinwire.methods.base import ClientSide, ClientState, Reply, ServerSide, check_tensors, load_into, snapshot
 from thinwire.wire import Payload, PayloadError
 
 _SEP = "/"
@@ -95,6 +111,9 @@ class HistoryServer(UpdateRule, ServerSide):
 class ReplicaClient(UpdateRule, ClientSide):
     """A client that rebuilds the global model from downloaded updates (catch-up included)."""
 
+    # Set by a runtime whose client processes may not outlive one message (see the module doc).
+    replica_dir: Path | None = None
+
     def __init__(self, ctx):
         super().__init__(ctx)
         self._replica: dict[str, torch.Tensor] | None = None
@@ -103,9 +122,11 @@ class ReplicaClient(UpdateRule, ClientSide):
     def sync(self, download: Payload, state: ClientState) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
         """Bring the replica to the download's version; load it into the model for training."""
         model, params = self.ctx.workbench.trainable(self.lora)
+        since, target = int(download.scalars["since"]), int(download.scalars["version"])
+        if self._replica is None or self._replica_version < since:
+            self._resume_from_disk(params, since, target)
         if self._replica is None:
             self._replica = snapshot(params)
-        since, target = int(download.scalars["since"]), int(download.scalars["version"])
         if since > self._replica_version or target < self._replica_version:
             raise PayloadError(f"download covers versions ({since}, {target}] but the replica is at "
                                f"version {self._replica_version}")
@@ -113,8 +134,58 @@ class ReplicaClient(UpdateRule, ClientSide):
             self.apply_update(self._replica, unnest(download, version), version)
         self._replica_version = target
         state.scalars["version"] = target
+        self._keep_on_disk()
         load_into(params, self._replica)
         return model, params
+
+    # -- disk-backed replica (only when a runtime sets `replica_dir`) --------------------------
+
+    def _disk_versions(self) -> list[int]:
+        if self.replica_dir is None or not self.replica_dir.is_dir():
+            return []
+        found = (re.fullmatch(r"v(\d+)\.safetensors", p.name) for p in self.replica_dir.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def _resume_from_disk(self, params: dict[str, torch.nn.Parameter], since: int, target: int) -> None:
+        """Adopt the newest stored replica in [since, target], if any (it may vanish under a writer)."""
+        for _ in range(3):
+            usable = [v for v in self._disk_versions() if since <= v <= target]
+            if not usable or (self._replica is not None and usable[-1] <= self._replica_version):
+                return
+            path = self.replica_dir / f"v{usable[-1]}.safetensors"
+            try:
+                with safe_open(str(path), framework="pt") as f:  # memory-mapped; each tensor copied once
+                    stored = int((f.metadata() or {}).get("version", -1))
+                    tensors = {name: f.get_tensor(name) for name in f.keys()}
+            except FileNotFoundError:
+                continue  # replaced by a newer version between listing and opening
+            if stored != usable[-1]:
+                raise PayloadError(f"stored replica {path} claims version {stored}")
+            check_tensors(tensors, params)
+            self._replica = {name: tensors[name].to(p.device, p.dtype) for name, p in params.items()}
+            self._replica_version = stored
+            return
+
+    def _keep_on_disk(self) -> None:
+        """Store the replica at its version when it is newer than every stored one; drop older ones."""
+        if self.replica_dir is None or self._replica_version == 0:  # version 0 is the public base model
+            return
+        versions = self._disk_versions()
+        if versions and versions[-1] >= self._replica_version:
+            return
+        self.replica_dir.mkdir(parents=True, exist_ok=True)
+        final = self.replica_dir / f"v{self._replica_version}.safetensors"
+        fd, tmp = tempfile.mkstemp(dir=self.replica_dir, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file({k: t.detach().cpu().contiguous() for k, t in self._replica.items()}, tmp,
+                      metadata={"version": str(self._replica_version)})
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        for version in versions:
+            (self.replica_dir / f"v{version}.safetensors").unlink(missing_ok=True)
 
     def fit(self, rnd: int, client_id: int, download: Payload, examples: list[dict], state: ClientState):
         model, params = self.sync(download, state)

@@ -68,7 +68,7 @@ def _federate(config: Config, spec: MethodSpec, federation: Federation, run_dir:
     with progress if not quiet else contextlib.nullcontext():
         rounds_bar = progress.add_task("rounds", total=fed.rounds)
         clients_bar = progress.add_task("clients", total=fed.clients_per_round)
-        steps_bar = progress.add_task("steps", total=config.train.local_steps)
+        steps_bar = progress.add_task("steps", total=client.steps_per_round())
         ctx.on_step = lambda: progress.advance(steps_bar)
         server.setup()
         base_eval = evaluation = evaluate_global()

@@ -1,0 +1,131 @@
+"""FedKSeed and FedKSeed-Pro (ALGORITHMS.md §2): zeroth-order full-parameter tuning where every
+message is seed indices and scalars.
+
+Client: `local_steps` two-point ZO steps, each on a seed drawn from the run-wide pool of K
+(uniformly, or by FedKSeed-Pro's probabilities), uploading the per-seed sums of g.
+Server: the round's update is the weighted mean of those sums per seed; any party applies it as
+w ← w − η·Σ_s ΔG_s·z_s with z_s regenerated from the seed. Clients download the updates of the
+rounds they have not applied (see history.py), never weights.
+FedKSeed-Pro: the server keeps every seed's |g| history and sends the sampling probabilities
+(min–max normalised mean |g|, softmax) with each download, as float16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from thinwire.config import method_options, opt
+from thinwire.methods.base import Reply, Upload, client_weights
+from thinwire.methods.history import HistoryServer, ReplicaClient
+from thinwire.seeding import derive_seed, torch_generator
+from thinwire.train.first_order import batch_stream
+from thinwire.train.zeroth_order import SeedHistory, SeedPool, apply_seed_scalars, zo_train
+from thinwire.wire import Payload, PayloadError
+
+
+@dataclass
+class FedKSeedOptions:
+    """`[method.fedkseed]`, which also configures fedkseed-pro. Defaults: the paper's settings."""
+
+    pool_size: int = opt(4096, "K: candidate seeds shared for the whole run", low=1, high=2**31 - 1)
+    eps: float = opt(5e-4, "perturbation scale ε of the two-point estimate", low=1e-12)
+    lr: float = opt(3e-7, "ZO learning rate η (clients and the server's rebuild)", low=0)
+    local_steps: int = opt(200, "ZO steps per client per round", low=1)
+    batch_size: int = opt(1, "examples per ZO step", low=1)
+    pro_clip: float = opt(0.0, "FedKSeed-Pro: clip |g| at this value in the history (0: off)", low=0)
+
+
+class _FedKSeedRule:
+    """The update rule both sides share: apply a round's (seed, ΔG) pairs to the weights."""
+
+    pro = False
+
+    def _setup_rule(self) -> None:
+        self.options = method_options(self.config, "fedkseed", FedKSeedOptions)
+        self.pool = SeedPool(self.options.pool_size, derive_seed(self.config.federation.seed, "fedkseed-pool"))
+
+    def apply_update(self, weights: dict[str, torch.Tensor], update: Payload, version: int) -> None:
+        seeds, values = update.tensors["seeds"], update.tensors["values"]
+        if seeds.numel() and (int(seeds.min()) < 0 or int(seeds.max()) >= self.pool.size):
+            raise PayloadError(f"seed index outside the pool of {self.pool.size}")
+        scalars = dict(zip(seeds.tolist(), values.tolist()))
+        apply_seed_scalars(list(weights.values()), self.pool, scalars,
+                           self.options.lr * self.config.method.server_lr, threads=1)
+
+
+class FedKSeedServer(_FedKSeedRule, HistoryServer):
+    def setup(self) -> None:
+        super().setup()
+        self._setup_rule()
+        self.seed_history = SeedHistory.empty(self.pool.size, clip=self.options.pro_clip or None)
+
+    def download(self, rnd: int, client_id: int) -> Payload:
+        payload = super().download(rnd, client_id)
+        if self.pro:
+            payload.tensors["probabilities"] = self.seed_history.probabilities().to(torch.float16)
+        return payload
+
+    def combine(self, rnd: int, replies: list[Reply]) -> tuple[Payload, dict[str, float]]:
+        total = torch.zeros(self.pool.size, dtype=torch.float64)
+        for reply, w in zip(replies, client_weights(replies, self.config.method.weighting)):
+            seeds, values = reply.payload.tensors["seeds"].long(), reply.payload.tensors["values"]
+            if seeds.numel() and (int(seeds.min()) < 0 or int(seeds.max()) >= self.pool.size):
+                raise PayloadError(f"client {reply.client_id} sent a seed index outside the pool")
+            total.index_add_(0, seeds, values.double() * w)
+            if self.pro:
+                steps = reply.payload.tensors["step_seeds"].tolist()
+                self.seed_history.record(zip(steps, reply.payload.tensors["step_g"].tolist()))
+        seeds = torch.nonzero(total).view(-1)
+        update = Payload(tensors={"seeds": seeds.to(torch.int32), "values": total[seeds].float()})
+        return update, {"seeds_touched": float(seeds.numel())}
+
+
+class FedKSeedClient(_FedKSeedRule, ReplicaClient):
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self._setup_rule()
+
+    def steps_per_round(self) -> int:
+        return self.options.local_steps
+
+    def train_and_encode(self, model, params, rnd, client_id, examples) -> Upload:
+        seed = derive_seed(self.config.federation.seed, "local-train", rnd, client_id)
+        batches = batch_stream(examples, self.ctx.workbench.tokenizer, self.options.batch_size,
+                               self.config.data.max_length, np.random.default_rng(seed))
+        probabilities = self._download_probabilities
+        result = zo_train(model, list(params.values()), self.pool, _progress(batches, self.ctx.on_step),
+                          self.options.local_steps, lr=self.options.lr, eps=self.options.eps,
+                          generator=torch_generator(seed, "seeds"), probabilities=probabilities, threads=1)
+        seeds, values = result.sparse()
+        tensors = {"seeds": seeds.to(torch.int32), "values": values.float()}
+        if self.pro:
+            tensors["step_seeds"] = torch.tensor([k for k, _ in result.steps], dtype=torch.int32)
+            tensors["step_g"] = torch.tensor([g for _, g in result.steps], dtype=torch.float32)
+        loss = sum(result.losses) / len(result.losses)
+        return Upload(Payload(tensors=tensors), len(examples), {"train_loss": loss})
+
+    def fit(self, rnd, client_id, download, examples, state):
+        probabilities = download.tensors.get("probabilities")
+        if self.pro and (probabilities is None or probabilities.numel() != self.pool.size):
+            raise PayloadError("FedKSeed-Pro download lacks the seed probabilities")
+        self._download_probabilities = probabilities.double() if self.pro else None
+        return super().fit(rnd, client_id, download, examples, state)
+
+
+def _progress(batches, on_step):
+    """Yield batches, ticking the progress hook as each ZO step starts (one batch per step)."""
+    for batch in batches:
+        if on_step is not None:
+            on_step()
+        yield batch
+
+
+class FedKSeedProServer(FedKSeedServer):
+    pro = True
+
+
+class FedKSeedProClient(FedKSeedClient):
+    pro = True
