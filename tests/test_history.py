@@ -8,7 +8,9 @@ from thinwire.methods import get_method
 from thinwire.methods.base import ClientState, Reply, RunContext, Workbench
 from thinwire.wire import Payload
 
-HISTORY_METHODS = ["fedkseed", "fedkseed-pro"]
+HISTORY_METHODS = ["fedkseed", "fedkseed-pro", "ferret"]
+# per method: settings under which the tiny model learns in a few rounds
+SETTINGS = {"fedkseed": [], "fedkseed-pro": [], "ferret": ["method.server_lr=0.3"]}
 
 
 def _fresh(config, spec):
@@ -57,7 +59,8 @@ def test_end_to_end_reduces_loss_and_counts_bytes(tmp_path, smoke_config, method
 
     from thinwire.runtime.local import run_local
 
-    summary = run_local(smoke_config(f"method.name='{method}'", "federation.rounds=3"), tmp_path / "r", quiet=True)
+    config = smoke_config(f"method.name='{method}'", "federation.rounds=3", *SETTINGS[method])
+    summary = run_local(config, tmp_path / "r", quiet=True)
     assert summary["final_eval"]["loss"] < summary["base_eval"]["loss"] - 0.1
     rounds = [json.loads(line) for line in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
     assert summary["uplink_bytes_total"] == sum(c["uplink_bytes"] for r in rounds for c in r["clients"])

@@ -14,6 +14,7 @@ _REGISTRY = {
     "fedit": ("thinwire.methods.fedavg", "FedITServer", "FedITClient", None),
     "fedkseed": ("thinwire.methods.fedkseed", "FedKSeedServer", "FedKSeedClient", "FedKSeedOptions"),
     "fedkseed-pro": ("thinwire.methods.fedkseed", "FedKSeedProServer", "FedKSeedProClient", None),
+    "ferret": ("thinwire.methods.ferret", "FerretServer", "FerretClient", "FerretOptions"),
 }
 
 

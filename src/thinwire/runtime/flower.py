@@ -52,6 +52,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -107,6 +108,18 @@ def flower_bytes(message: Message) -> int:
 
 def config_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b[^\n]*")
+
+
+def short_reason(text: str) -> str:
+    """The telling line of an error report (Flower wraps ClientApp tracebacks in Ray's and its
+    own text): the last `SomeError: message` line, else the first line."""
+    lines = [line.strip() for line in _ANSI.sub("", str(text)).splitlines() if line.strip()]
+    found = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    return (found[-1] if found else lines[0] if lines else "unknown error")[:500]
 
 
 def round_timeout(config: Config) -> float:
@@ -270,7 +283,8 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
                 elif reply is None:
                     reason = f"no reply within {timeout_s:g} s"
                 elif reply.has_error():
-                    reason = f"{reply.error.reason} (Flower error code {reply.error.code})"
+                    reason = f"{short_reason(reply.error.reason)} (Flower error code {reply.error.code})"
+                    log(logging.DEBUG, "thinwire: client %d error: %s", cid, reply.error.reason)
                 if reason is None:
                     try:
                         up = unpack(reply.content[PAYLOAD])
@@ -290,7 +304,8 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
                 record = {"client": cid, "downlink_bytes": down_len, "uplink_bytes": len(up),
                           "examples": examples, **metrics, "node": reply.metadata.src_node_id,
                           "flower_downlink_bytes": flower_down, "flower_uplink_bytes": flower_bytes(reply),
-                          "setup_s": float(meta.get("setup-s", 0.0))}
+                          "clientapp_age_s": float(meta.get("process-age-s", -1.0)),
+                          "import_s": float(meta.get("import-s", 0.0)), "setup_s": float(meta.get("setup-s", 0.0))}
                 accepted.append((cid, Reply(cid, decoded, examples, metrics), record))
             del replies
             accepted.sort(key=lambda item: item[0])  # aggregate in client order, as the local runtime does
@@ -324,6 +339,7 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
         workbench.base_parameters(), time.perf_counter() - started, runtime=runtime,
         flower_downlink_bytes_total=sum(r["flower_downlink_bytes"] for r in rounds),
         flower_uplink_bytes_total=sum(r["flower_uplink_bytes"] for r in rounds),
+        flower_control_bytes_total=link.flower_bytes,
         failures_total=sum(len(r["failures"]) for r in rounds))
     return summary, server.final_state()
 
@@ -403,6 +419,17 @@ def replica_root() -> Path:
     return cache_root() / "replicas"
 
 
+def process_age() -> float:
+    """Seconds since this process started (Linux; -1 elsewhere): how long a fresh ClientApp
+    process took to reach the handler, or how long a simulation actor has lived."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return -1.0
+
+
 def _partition(context: Context) -> int:
     value = context.node_config.get(PARTITION_ID)
     if value is None:
@@ -432,9 +459,11 @@ def _hello(message: Message, context: Context) -> Message:
 @client_app.train("thinwire_fit")
 def _fit(message: Message, context: Context) -> Message:
     """Decode the download, run the method's client side with this client's state, reply."""
+    entered, age = time.perf_counter(), process_age()
     from thinwire.methods.base import ClientState
     from thinwire.wire import Payload
 
+    import_s = time.perf_counter() - entered
     host, setup_s = _host(context)
     meta = message.content[META]
     rnd, cid = int(meta["round"]), int(meta["client"])
@@ -453,7 +482,8 @@ def _fit(message: Message, context: Context) -> Message:
     metrics = {k: v for k, v in upload.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     content = RecordDict({
         PAYLOAD: pack(up),
-        META: ConfigRecord({"client": cid, "num-examples": int(upload.num_examples), "setup-s": float(setup_s)}),
+        META: ConfigRecord({"client": cid, "num-examples": int(upload.num_examples), "setup-s": float(setup_s),
+                            "import-s": float(import_s), "process-age-s": float(age)}),
         METRICS: MetricRecord(metrics),
     })
     return Message(content, reply_to=message)

@@ -1,0 +1,156 @@
+"""Ferret (ALGORITHMS.md §3): first-order local training; the update crosses the wire as a few
+thousand coordinates in a shared random basis, both ways.
+
+Client: T first-order steps from the synced model, Δ = start − end, cut into blocks, K_l ∝ ‖Δ_l‖
+coordinates per block (compress/projection.py), uploaded as 16-bit values plus one count per
+block (positions are implicit: the first K_l bases of the block).
+Server: the weighted mean of the coordinates per (block, basis) is the round's update, sent as
+is to clients (never weights); every party applies it as w ← w − η_g·V·γ̄ with the bases
+regenerated from the shared seed. The server learning rate of each round travels inside the
+update, so a schedule needs no extra agreement.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from thinwire.compress.projection import ProjectionCodec, aggregate, allocate, block_norms, pack, partition_blocks, unpack
+from thinwire.config import method_options, opt
+from thinwire.errors import UsageError
+from thinwire.methods.base import Reply, Upload, client_weights, snapshot
+from thinwire.methods.history import HistoryServer, ReplicaClient
+from thinwire.wire import Payload, PayloadError
+
+WIRE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class FerretOptions:
+    """`[method.ferret]`. Defaults follow the paper, with its unbiased scaling."""
+
+    trainable: str = opt("all", "what local training updates: all weights, or only a LoRA adapter",
+                         choices=("all", "lora"))
+    block_rule: str = opt("code", "block partition: the released code's rule, one block per matrix, "
+                          "per tensor or per layer", choices=("code", "matrix", "tensor", "layer"))
+    k_max: int = opt(200, "most coordinates per block (the code's K)", low=1)
+    k_min: int = opt(2, "fewest coordinates of a block with a non-zero update", low=0)
+    allocation: str = opt("code", "K_l ∝ ‖Δ_l‖: the code's floor rule, or a fixed total budget",
+                          choices=("code", "proportional"))
+    budget: int = opt(0, "total coordinates per client with allocation = 'proportional'", low=0)
+    scaling: str = opt("unbiased", "coordinate scaling: the paper's 1/(ρK) or the code's d/K",
+                       choices=("unbiased", "code"))
+    basis: str = opt("uniform", "basis distribution: fast uniform grid (same support and, up to "
+                     "2/(15d), variance as the paper's truncated normal), 8-bit grid, signs, or "
+                     "the paper's truncated normal", choices=("uniform", "uniform8", "sign", "trunc_normal"))
+    fixed_bases: bool = opt(False, "reuse one basis pool every round (the released code) instead of fresh bases")
+    clip: float = opt(0.0, "clip each reconstructed (basis, block) piece to this norm (code: 10; 0: off)", low=0)
+    momentum: float = opt(0.0, "server momentum on coordinates (needs fixed_bases)", low=0, high=0.999)
+    lr_schedule: str = opt("constant", "server learning-rate schedule over rounds",
+                           choices=("constant", "cosine", "linear"))
+    value_dtype: str = opt("float16", "precision of coordinates on the wire", choices=tuple(WIRE_DTYPES))
+    threads: int = opt(0, "codec worker threads (0: torch's intra-op thread count)", low=0)
+
+
+class _FerretRule:
+    """What client and server share: the blocks, the codec and how an update is applied."""
+
+    def _setup_rule(self) -> None:
+        self.options = options = method_options(self.config, "ferret", FerretOptions)
+        if options.momentum and not options.fixed_bases:
+            raise UsageError("method.ferret.momentum needs method.ferret.fixed_bases = true "
+                             "(coordinates of fresh bases cannot be accumulated)")
+        if options.allocation == "proportional" and options.budget < 1:
+            raise UsageError("method.ferret.allocation = 'proportional' needs method.ferret.budget > 0")
+        self.lora = options.trainable == "lora"
+        _, params = self.ctx.workbench.trainable(self.lora)
+        self.blocks = partition_blocks([(name, tuple(p.shape)) for name, p in params.items()], options.block_rule)
+        self.codec = ProjectionCodec(self.blocks, self.config.federation.seed, k_max=options.k_max,
+                                     dist=options.basis, threads=options.threads or None)
+
+    def basis_round(self, version: int) -> int:
+        return 0 if self.options.fixed_bases else version
+
+    @torch.no_grad()
+    def apply_update(self, weights: dict[str, torch.Tensor], update: Payload, version: int) -> None:
+        try:
+            coords = unpack(update.tensors["values"], update.tensors["counts"])
+        except (KeyError, ValueError) as exc:
+            raise PayloadError(f"malformed Ferret update: {exc}") from exc
+        if len(coords) != len(self.blocks) or any(c.numel() > self.options.k_max for c in coords):
+            raise PayloadError(f"Ferret update has {len(coords)} blocks or too many coordinates")
+        lr = float(update.scalars["lr"])
+        for block, flat in self.codec.iter_reconstruct(coords, self.basis_round(version),
+                                                       clip=self.options.clip or None):
+            for name, piece in block.split(flat).items():
+                weights[name].sub_(piece.to(weights[name].device, weights[name].dtype), alpha=lr)
+
+
+class FerretServer(_FerretRule, HistoryServer):
+    def setup(self) -> None:
+        self._setup_rule()
+        super().setup()
+        self.momentum: list[torch.Tensor] | None = None
+
+    def server_lr(self, rnd: int) -> float:
+        base, rounds = self.config.method.server_lr, self.config.federation.rounds
+        progress = (rnd - 1) / max(1, rounds - 1)
+        if self.options.lr_schedule == "cosine":
+            return base * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.options.lr_schedule == "linear":
+            return base * (1 - progress)
+        return base
+
+    def combine(self, rnd: int, replies: list[Reply]) -> tuple[Payload, dict[str, float]]:
+        client_coords = []
+        for reply in replies:
+            if int(reply.payload.scalars.get("basis_round", -1)) != self.basis_round(self.version + 1):
+                raise PayloadError(f"client {reply.client_id} projected on the wrong round's bases")
+            coords = unpack(reply.payload.tensors["values"], reply.payload.tensors["counts"])
+            if len(coords) != len(self.blocks) or any(c.numel() > self.options.k_max for c in coords):
+                raise PayloadError(f"client {reply.client_id} sent coordinates for the wrong blocks")
+            client_coords.append(coords)
+        mean = aggregate(client_coords, client_weights(replies, self.config.method.weighting)) if replies else [
+            torch.zeros(0) for _ in self.blocks]
+        if self.options.momentum:
+            self.momentum = _momentum(self.momentum, mean, self.options.momentum)
+            mean = self.momentum
+        values, counts = pack(mean, WIRE_DTYPES[self.options.value_dtype])
+        lr = self.server_lr(rnd)
+        return Payload(tensors={"values": values, "counts": counts}, scalars={"lr": lr}), {
+            "coordinates": float(values.numel()), "server_lr": lr}
+
+
+def _momentum(buffer: list[torch.Tensor] | None, coords: list[torch.Tensor], beta: float) -> list[torch.Tensor]:
+    """m ← β·m + γ̄ per block, zero-padding to the longer of the two."""
+    if buffer is None:
+        return [c.clone() for c in coords]
+    out = []
+    for m, c in zip(buffer, coords):
+        n = max(m.numel(), c.numel())
+        mixed = torch.zeros(n, dtype=torch.float64)
+        mixed[: m.numel()] += beta * m.double()
+        mixed[: c.numel()] += c.double()
+        out.append(mixed)
+    return out
+
+
+class FerretClient(_FerretRule, ReplicaClient):
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self._setup_rule()
+
+    def train_and_encode(self, model, params, rnd, client_id, examples) -> Upload:
+        start = snapshot(params)
+        stats = self.local_train(model, params, examples, rnd, client_id)
+        delta = {name: start[name] - p.detach() for name, p in params.items()}
+        del start
+        opts = self.options
+        ks = allocate(block_norms(self.blocks, delta), opts.k_max, opts.k_min, opts.allocation, opts.budget or None)
+        basis_round = self.basis_round(self._replica_version + 1)
+        coords = self.codec.project(delta, basis_round, ks, scaling=opts.scaling)
+        values, counts = pack(coords, WIRE_DTYPES[opts.value_dtype])
+        return Upload(Payload(tensors={"values": values, "counts": counts}, scalars={"basis_round": basis_round}),
+                      len(examples), {"train_loss": stats.loss, "tokens": stats.tokens, "train_s": stats.seconds})

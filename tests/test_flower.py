@@ -1,0 +1,247 @@
+"""The Flower runtime: simulation and a real loopback deployment reproduce the local runtime bit for
+bit; failures cost a client's update, not the run; ReplicaClient survives fresh processes."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.clientapp import ClientApp
+
+from thinwire.errors import UsageError
+from thinwire.methods.base import RunContext, Upload, Workbench
+from thinwire.methods.history import HistoryServer, ReplicaClient, UpdateRule
+from thinwire.runtime import deploy, flower
+from thinwire.runtime.local import run_local, sample_clients
+from thinwire.wire import Payload, PayloadError
+
+FLOWER_ONLY_ROUND = {"time_s", "clients", "failures", "flower_downlink_bytes", "flower_uplink_bytes",
+                     "flower_control_bytes"}
+FLOWER_ONLY_SUMMARY = {"wall_s", "peak_rss_mb", "runtime", "flower_downlink_bytes_total",
+                       "flower_uplink_bytes_total", "flower_control_bytes_total", "failures_total"}
+REPO = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml's [tool.flwr.app]
+CLIENT_TIMING = {"train_s", "node", "flower_downlink_bytes", "flower_uplink_bytes", "clientapp_age_s",
+                 "import_s", "setup_s"}
+
+
+def _rounds(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(local, other):
+    """Same weights (bytes), same metrics and traffic; only timings and Flower's extras differ."""
+    assert (local / "final_state.safetensors").read_bytes() == (other / "final_state.safetensors").read_bytes()
+    assert (local / "config.toml").read_text() == (other / "config.toml").read_text()
+    a, b = _rounds(local), _rounds(other)
+    assert [{k: v for k, v in r.items() if k not in FLOWER_ONLY_ROUND} for r in a] == \
+           [{k: v for k, v in r.items() if k not in FLOWER_ONLY_ROUND} for r in b]
+    strip = lambda rs: [[{k: v for k, v in c.items() if k not in CLIENT_TIMING} for c in r["clients"]] for r in rs]  # noqa: E731
+    assert strip(a) == strip(b)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (local, other))
+    assert {k: v for k, v in sa.items() if k not in FLOWER_ONLY_SUMMARY} == \
+           {k: v for k, v in sb.items() if k not in FLOWER_ONLY_SUMMARY}
+    for r in b:
+        assert r["failures"] == []
+        # Flower's framing is visible and small next to the payload it carries
+        assert 0 < r["flower_downlink_bytes"] - r["downlink_bytes"] < 2000 * r["clients_ok"]
+        assert 0 < r["flower_uplink_bytes"] - r["uplink_bytes"] < 2000 * r["clients_ok"]
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedit"])
+def test_simulation_matches_local(tmp_path, smoke_config, method):
+    config = smoke_config(f"method.name='{method}'", "eval.generate=false")
+    local = run_local(config, tmp_path / "local", quiet=True)
+    sim = flower.run_flower_sim(config, tmp_path / "sim", quiet=True, num_cpus=1)
+    assert sim["runtime"] == "flower-sim" and sim["final_eval"] == local["final_eval"]
+    assert_same_run(tmp_path / "local", tmp_path / "sim")
+
+
+def _flaky_client_app(bad_client: int, bad_round: int) -> ClientApp:
+    """thinwire's ClientApp, except that one client raises in one round (defined in a function so
+    Ray ships it to its actors by value)."""
+    app = ClientApp()
+
+    @app.query("thinwire_hello")
+    def hello(message, context):
+        return flower._hello(message, context)
+
+    @app.train("thinwire_fit")
+    def fit(message, context):
+        meta = message.content["thinwire"]
+        if int(meta["client"]) == bad_client and int(meta["round"]) == bad_round:
+            raise RuntimeError(f"disk full on client {bad_client}")
+        return flower._fit(message, context)
+
+    return app
+
+
+def test_client_failure_costs_its_update_not_the_run(tmp_path, smoke_config):
+    config = smoke_config("eval.generate=false")
+    bad = sample_clients(config, 1)[-1]
+    summary = flower.run_flower_sim(config, tmp_path / "run", quiet=True, num_cpus=1,
+                                    client_app=_flaky_client_app(bad, 1))
+    first, second = _rounds(tmp_path / "run")
+    assert first["clients_sampled"] == 2 and first["clients_ok"] == 1
+    assert [c["client"] for c in first["clients"]] == [c for c in sample_clients(config, 1) if c != bad]
+    assert first["failures"] == [{"client": bad, "reason": first["failures"][0]["reason"]}]
+    assert f"RuntimeError: disk full on client {bad}" in first["failures"][0]["reason"]
+    assert first["uplink_bytes"] == first["clients"][0]["uplink_bytes"]
+    assert second["clients_ok"] == 2 and second["failures"] == []
+    assert summary["failures_total"] == 1 and summary["rounds"] == 2
+    assert (tmp_path / "run" / "final_state.safetensors").exists()
+
+
+def test_existing_output_is_refused_before_ray_starts(tmp_path, smoke_config):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(UsageError, match="already exists"):
+        flower.run_flower_sim(smoke_config(), tmp_path / "run", quiet=True)
+
+
+# --- a real deployment on loopback ------------------------------------------------------------
+
+@pytest.fixture
+def loopback_federation(tmp_path):
+    """A SuperLink and three SuperNodes on 127.0.0.1 (insecure), stopped by PID afterwards."""
+    home, logs = tmp_path / "flwr-home", tmp_path / "logs"
+    logs.mkdir()
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
+           "THINWIRE_REPLICAS": str(tmp_path / "replicas")}
+    port = deploy.free_port()
+    processes = []
+    try:
+        link = deploy.start_superlink(port=port, flwr_home=home, insecure=True, log=logs / "superlink.log",
+                                      cwd=tmp_path, env=env)
+        processes.append(link)
+        deploy.wait_for_port("127.0.0.1", port, timeout=60, process=link)
+        for i in range(3):
+            processes.append(deploy.start_supernode(
+                f"127.0.0.1:{port}", i, 3, port=deploy.free_port(), flwr_home=home, insecure=True,
+                log=logs / f"supernode{i}.log", cwd=tmp_path, env=env))
+        deploy.write_connection("loopback", f"127.0.0.1:{port}", flwr_home=home, insecure=True)
+        yield home, logs
+    finally:
+        for process in reversed(processes):
+            deploy.stop(process)
+
+
+def test_deployment_on_loopback_matches_local(tmp_path, smoke_config, loopback_federation):
+    home, logs = loopback_federation
+    overrides = ["eval.generate=false"]
+    result = deploy.submit(REPO, "loopback",
+                           {"config": "smoke.toml", "set": ";".join(overrides), "out": str(tmp_path / "deployed")},
+                           flwr_home=home, timeout=240)
+    if not (tmp_path / "deployed").is_dir():
+        tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.iterdir()))
+        pytest.fail(f"flwr run exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{tails}")
+    run_local(smoke_config(*overrides), tmp_path / "local", quiet=True)
+    assert_same_run(tmp_path / "local", tmp_path / "deployed")
+    summary = json.loads((tmp_path / "deployed" / "summary.json").read_text())
+    assert summary["runtime"] == "flower"
+    clients = [c for r in _rounds(tmp_path / "deployed") for c in r["clients"]]
+    assert len({c["node"] for c in clients}) == len({c["client"] for c in clients})  # one node per client
+
+
+# --- pieces -----------------------------------------------------------------------------------
+
+def test_run_config_names_the_experiment(tmp_path):
+    config, out = flower.config_from_run_config(
+        {"config": "smoke.toml", "set": "method.name='fedit'; federation.rounds=3\neval.generate=false",
+         "out": str(tmp_path / "x")})
+    assert (config.method.name, config.federation.rounds, config.eval.generate) == ("fedit", 3, False)
+    assert out == tmp_path / "x"
+    with pytest.raises(UsageError, match="does not exist"):
+        flower.config_from_run_config({"config": "nope.toml"})
+
+
+def test_payload_travels_untouched_in_an_array_record():
+    data = Payload(tensors={"w": torch.arange(6.0).view(2, 3)}, scalars={"n": 3}).encode()
+    record = flower.pack(data)
+    assert flower.unpack(record) == data
+    with pytest.raises(ValueError, match="thinwire payload"):
+        flower.unpack(type(record)())
+
+
+def test_deploy_commands():
+    link = deploy.superlink_command(port=9000, insecure=True)
+    assert "--insecure" in link and "--disable-runtime-dependency-installation" in link
+    with pytest.raises(UsageError, match="TLS"):
+        deploy.superlink_command()
+    with pytest.raises(UsageError, match="needs TLS"):
+        deploy.superlink_command(insecure=True, node_auth=True)
+    node = deploy.supernode_command("link.example:8000", 1, 4, root_certificates="ca.crt", auth_key="node")
+    assert node[node.index("--node-config") + 1] == "partition-id=1 num-partitions=4"
+    assert node[node.index("--root-certificates") + 1] == "ca.crt"
+    assert node[node.index("--auth-supernode-private-key") + 1] == "node"
+    with pytest.raises(UsageError, match="partition-id 4"):
+        deploy.node_config(4, 4)
+
+
+def test_certificates_and_node_keys(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    certs = deploy.make_certificates(tmp_path / "certs", hosts=["link.example", "10.0.0.5"])
+    cert = x509.load_pem_x509_certificate(certs.cert.read_bytes())
+    ca = x509.load_pem_x509_certificate(certs.ca.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"link.example", "localhost"} <= set(names.get_values_for_type(x509.DNSName))
+    assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} == {"10.0.0.5", "127.0.0.1"}
+    private, public = deploy.make_node_key(tmp_path / "keys", "hospital-a")
+    key = load_ssh_private_key(private.read_bytes(), None)
+    assert key.public_key().public_numbers() == load_ssh_public_key(public.read_bytes()).public_numbers()
+    text = deploy.write_connection("prod", "link.example:8000", flwr_home=tmp_path / "home",
+                                   root_certificates=str(certs.ca)).read_text()
+    assert '[superlink.prod]' in text and 'default = "prod"' in text and str(certs.ca) in text
+
+
+# --- ReplicaClient across fresh processes -----------------------------------------------------
+
+class _ScaleRule(UpdateRule):
+    """A deterministic toy update: every weight w <- w * (1 - s) + s * sin(version)."""
+
+    def apply_update(self, weights, update, version):
+        s = update.tensors["s"]
+        for w in weights.values():
+            w.mul_(1 - s).add_(s * torch.sin(torch.tensor(float(version))))
+
+
+class _ToyServer(_ScaleRule, HistoryServer):
+    def combine(self, rnd, replies):
+        return Payload(tensors={"s": torch.tensor(sum(float(r.payload.tensors["g"]) for r in replies) / 100)}), {}
+
+
+class _ToyClient(_ScaleRule, ReplicaClient):
+    def train_and_encode(self, model, params, rnd, client_id, examples):
+        self.seen = {n: p.detach().clone() for n, p in params.items()}
+        return Upload(Payload(tensors={"g": torch.tensor(float(rnd + client_id))}), 1)
+
+
+@pytest.mark.parametrize("layout", ["shared", "per-client"])
+def test_replica_survives_a_fresh_process_per_message(tmp_path, smoke_config, layout):
+    """Each fit runs in a 'fresh process' (new workbench, new client object); the disk replica lets
+    every client rebuild the server's exact model, including after rounds it missed."""
+    from thinwire.methods.base import ClientState, Reply
+
+    config = smoke_config()
+    server = _ToyServer(RunContext(config, Workbench(config)))
+    server.setup()
+    schedule = {1: [0, 1], 2: [0], 3: [1], 4: [0, 1], 5: [1]}  # client 0 misses round 3, client 1 round 2
+    states = {0: ClientState(), 1: ClientState()}
+    for rnd, clients in schedule.items():
+        replies = []
+        for cid in clients:
+            client = _ToyClient(RunContext(config, Workbench(config)))
+            client.replica_dir = tmp_path / ("shared" if layout == "shared" else f"client{cid}")
+            upload = client.fit(rnd, cid, Payload.decode(server.download(rnd, cid).encode()), [], states[cid])
+            for name, w in server.weights.items():
+                assert torch.equal(client.seen[name], w), (rnd, cid, name)
+            replies.append(Reply(cid, Payload.decode(upload.payload.encode()), 1))
+        server.aggregate(rnd, replies)
+    stored = sorted(p.name for p in tmp_path.rglob("v*.safetensors"))
+    assert stored == (["v4.safetensors"] if layout == "shared" else ["v3.safetensors", "v4.safetensors"])
+
+    # without the disk replica a fresh process cannot catch up from a partial download
+    lost = _ToyClient(RunContext(config, Workbench(config)))
+    with pytest.raises(PayloadError, match="replica is at version 0"):
+        lost.fit(6, 1, Payload.decode(server.download(6, 1).encode()), [], ClientState())
