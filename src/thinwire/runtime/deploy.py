@@ -5,7 +5,7 @@ one SuperNode per data owner; docs/flower.md walks through two machines with TLS
   the foreground with the right flags and return its exit status (the `thinwire superlink` and
   `thinwire supernode` subcommands).
 - `start_superlink(...)` / `start_supernode(...)` start them in the background in their own
-  process group and return the `Popen`; `stop(proc)` ends that group by the process's PID.
+  process group and return the `Popen`; `stop(*procs)` ends those groups by the processes' PIDs.
 - `make_certificates(...)` writes a private CA and a server certificate (TLS);
   `make_node_key(...)` writes a SuperNode's EC key pair (OpenSSH format) for node authentication;
   `register_supernode(...)` registers its public key with the SuperLink (`flwr supernode register`);
@@ -217,22 +217,26 @@ def start_supernode(superlink: str, partition_id: int, num_partitions: int, *, p
     return _start(command, flower_env(flwr_home, **(env or {})), log, cwd)
 
 
-def stop(process: subprocess.Popen, timeout: float = 10.0) -> None:
-    """End a process started here and everything it spawned (its process group), by its PID."""
-    if process.poll() is None:
+def stop(*processes: subprocess.Popen, timeout: float = 10.0) -> None:
+    """End processes started here (`start_superlink`/`start_supernode`) and everything they spawned
+    (each one's process group, addressed by its PID): SIGTERM to all, then SIGKILL what is left."""
+    for process in processes:
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout
+    for process in processes:
         try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            process.wait(timeout=timeout)
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
-    try:  # children (SuperExec, ServerApp/ClientApp processes) may outlive the leader
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    process.wait()
+        try:  # children (SuperExec, ServerApp/ClientApp processes) may outlive the leader
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        process.wait()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

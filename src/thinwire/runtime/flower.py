@@ -111,15 +111,20 @@ def config_digest(text: str) -> str:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_CLASS_PREFIX = re.compile(r"^<class '([\w.()]+)'>:<'")  # Flower's str(type(ex)) + ":<'" + str(ex) + "'>"
+_WRAPPER = re.compile(r"ClientAppException|RayTaskError|RayActorError")
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b[^\n]*")
 
 
 def short_reason(text: str) -> str:
     """The telling line of an error report (Flower wraps ClientApp tracebacks in Ray's and its
     own text): the last `SomeError: message` line, else the first line."""
-    lines = [line.strip() for line in _ANSI.sub("", str(text)).splitlines() if line.strip()]
+    text = _CLASS_PREFIX.sub(lambda m: f"{m.group(1).rsplit('.', 1)[-1]}: ", _ANSI.sub("", str(text)))
+    text = text[:-2] if text.endswith("'>") else text
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     found = [line for line in lines if _EXCEPTION_LINE.match(line)]
-    return (found[-1] if found else lines[0] if lines else "unknown error")[:500]
+    own = [line for line in found if not _WRAPPER.search(line)]  # the ClientApp's, not Flower's/Ray's
+    return ((own or found)[-1] if found else lines[0] if lines else "unknown error")[:500]
 
 
 def round_timeout(config: Config) -> float:
