@@ -111,12 +111,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        options = out["method"].pop("options")
-        out["method"].update(options)
-        return out
-
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 

@@ -65,9 +65,6 @@ class Payload:
             raise PayloadError(f"safetensors rejected the payload: {exc}") from exc
         return cls(tensors=tensors, scalars=scalars)
 
-    def nbytes(self) -> int:
-        return len(self.encode())
-
 
 def _check_header(data: bytes, max_bytes: int) -> tuple[dict, dict[str, Scalar]]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
