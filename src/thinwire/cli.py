@@ -17,16 +17,27 @@ def default_config() -> Path:
     return EXAMPLES / "quickstart.toml"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (exit status 2), like every other bad input."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"thinwire: error: {message}; see `{self.prog} --help`\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="thinwire", description=__doc__)
+    parser = _Parser(prog="thinwire", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one federated experiment")
     run.add_argument("config", nargs="?", help="TOML config (default: examples/quickstart.toml)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a config value (repeatable)")
     run.add_argument("--out", type=Path, help="run directory (default: runs/<method>-<time>)")
-    run.add_argument("--runtime", choices=["local"], default="local")
+    run.add_argument("--runtime", choices=["local", "flower-sim"], default="local",
+                     help="in-process simulation, or Flower's simulation engine")
     run.add_argument("--quiet", action="store_true", help="no progress bars or summary table")
+    run.add_argument("--resume", type=Path, metavar="DIR",
+                     help="continue an interrupted run from its last checkpoint (DIR: its --out or .partial "
+                          "directory; config and output come from there)")
     compare = sub.add_parser("compare", help="run one experiment per method and report them side by side")
     compare.add_argument("config", nargs="?", help="TOML config (default: examples/quickstart.toml)")
     compare.add_argument("--methods", default="", help="comma-separated methods (default: all available)")
@@ -36,6 +47,26 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="tables, plots and report.html from run directories")
     report.add_argument("dirs", nargs="+", type=Path, help="run directories, or directories of runs")
     report.add_argument("--out", type=Path, help="where to write the report (default: the only DIR)")
+    link = sub.add_parser("superlink", help="start a Flower SuperLink (the server side of a deployment)")
+    link.add_argument("--host", default="0.0.0.0")
+    link.add_argument("--port", type=int, default=8000)
+    link.add_argument("--ssl-ca-certfile", type=Path)
+    link.add_argument("--ssl-certfile", type=Path)
+    link.add_argument("--ssl-keyfile", type=Path)
+    link.add_argument("--insecure", action="store_true", help="no TLS (testing on a trusted network only)")
+    link.add_argument("--node-auth", action="store_true", help="admit only registered SuperNode keys")
+    link.add_argument("--database", type=Path)
+    link.add_argument("--flwr-home", type=Path)
+    node = sub.add_parser("supernode", help="start a Flower SuperNode for one data owner")
+    node.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    node.add_argument("--partition-id", type=int, required=True, help="which client of the federation this is")
+    node.add_argument("--num-partitions", type=int, required=True, help="federation.clients")
+    node.add_argument("--data-path", type=Path, help="this owner's local data file (default: the config's)")
+    node.add_argument("--root-certificates", type=Path)
+    node.add_argument("--insecure", action="store_true")
+    node.add_argument("--auth-key", type=Path, help="private key registered with the SuperLink")
+    node.add_argument("--port", type=int, default=9094, help="ClientAppIO port of this SuperNode")
+    node.add_argument("--flwr-home", type=Path)
     sub.add_parser("models", help="list built-in models")
     sub.add_parser("tasks", help="list the built-in task families")
     return parser
@@ -45,10 +76,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     from thinwire.config import load_config
     from thinwire.runtime.local import run_local
 
+    if args.resume is not None:
+        from thinwire.runtime.local import resume_local
+
+        if args.config or args.overrides or args.out:
+            raise UsageError("--resume takes the config and output directory from the interrupted run; "
+                             "drop CONFIG, --set and --out")
+        if getattr(args, "runtime", "local") != "local":
+            raise UsageError("--resume works with the local runtime only; drop --runtime")
+        resume_local(args.resume, quiet=args.quiet)
+        return 0
     config = load_config(args.config or default_config(), args.overrides)
     out = args.out or Path("runs") / f"{config.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_local(config, out, quiet=args.quiet)
+    if args.runtime == "flower-sim":
+        from thinwire.runtime.flower import run_flower_sim
+
+        run_flower_sim(config, out, quiet=args.quiet)
+    else:
+        run_local(config, out, quiet=args.quiet)
     return 0
+
+
+def cmd_superlink(args: argparse.Namespace) -> int:
+    from thinwire.runtime.deploy import serve_superlink
+
+    return serve_superlink(host=args.host, port=args.port, ssl_ca_certfile=args.ssl_ca_certfile,
+                           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, insecure=args.insecure,
+                           node_auth=args.node_auth, database=args.database, flwr_home=args.flwr_home)
+
+
+def cmd_supernode(args: argparse.Namespace) -> int:
+    from thinwire.runtime.deploy import serve_supernode
+
+    return serve_supernode(args.superlink, args.partition_id, args.num_partitions, data_path=args.data_path,
+                           root_certificates=args.root_certificates, insecure=args.insecure,
+                           auth_key=args.auth_key, port=args.port, flwr_home=args.flwr_home)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -106,8 +168,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "models": cmd_models,
-            "tasks": cmd_tasks}
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "superlink": cmd_superlink,
+            "supernode": cmd_supernode, "models": cmd_models, "tasks": cmd_tasks}
 
 
 def main(argv: list[str] | None = None) -> int:

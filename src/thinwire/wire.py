@@ -60,10 +60,10 @@ class Payload:
     def decode(cls, data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Payload:
         header, scalars = _check_header(data, max_bytes)
         try:
-            tensors = st_load(bytes(data)) if header else {}
+            loaded = st_load(bytes(data)) if header else {}
         except Exception as exc:  # safetensors raises its own types; normalise them
             raise PayloadError(f"safetensors rejected the payload: {exc}") from exc
-        return cls(tensors=tensors, scalars=scalars)
+        return cls(tensors={name: loaded[name] for name in sorted(loaded)}, scalars=scalars)
 
 
 def _check_header(data: bytes, max_bytes: int) -> tuple[dict, dict[str, Scalar]]:

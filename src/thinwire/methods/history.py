@@ -35,6 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from thinwire.methods import validate
 from thinwire.methods.base import ClientSide, ClientState, Reply, ServerSide, check_tensors, load_into, snapshot
 from thinwire.wire import Payload, PayloadError
 
@@ -96,6 +97,30 @@ class HistoryServer(UpdateRule, ServerSide):
     def combine(self, rnd: int, replies: list[Reply]) -> tuple[Payload, dict[str, float]]:
         """The round's compact global update from the clients' uploads."""
 
+    def check_update(self, reply: Reply) -> None:
+        """A client must have trained from the current version (what this round's download reached)."""
+        validate.int_scalar(reply.payload.scalars, "version", self.version)
+
+    # -- checkpointing: weights, every round's update, who synced when (subclasses add theirs) --
+
+    def state_dict(self) -> Payload | None:
+        if not hasattr(self, "weights"):
+            return None
+        state = nest(dict(enumerate(self.history, start=1)))
+        state.tensors.update({f"w/{k}": t for k, t in self.weights.items()})
+        state.scalars.update({f"synced/{cid}": v for cid, v in self.synced.items()})
+        state.scalars["history_len"] = len(self.history)
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Payload) -> None:
+        saved = {k[2:]: t for k, t in state.tensors.items() if k.startswith("w/")}
+        check_tensors(saved, self.weights)
+        for name, weight in self.weights.items():
+            weight.copy_(saved[name])
+        self.history = [unnest(state, v) for v in range(1, int(state.scalars["history_len"]) + 1)]
+        self.synced = {int(k.split("/", 1)[1]): int(v) for k, v in state.scalars.items() if k.startswith("synced/")}
+
     def eval_model(self) -> torch.nn.Module:
         model, params = self.ctx.workbench.trainable(self.lora)
         load_into(params, self.weights)
@@ -130,8 +155,15 @@ class ReplicaClient(UpdateRule, ClientSide):
         if since > self._replica_version or target < self._replica_version:
             raise PayloadError(f"download covers versions ({since}, {target}] but the replica is at "
                                f"version {self._replica_version}")
-        for version in range(self._replica_version + 1, target + 1):
-            self.apply_update(self._replica, unnest(download, version), version)
+        try:
+            for version in range(self._replica_version + 1, target + 1):
+                self.apply_update(self._replica, unnest(download, version), version)
+                self._replica_version = version
+        except BaseException:
+            # An update that failed half-way leaves the replica at no version at all: drop it
+            # rather than let a later client build on it (it is rebuilt from disk or refused).
+            self._replica, self._replica_version = None, 0
+            raise
         self._replica_version = target
         state.scalars["version"] = target
         self._keep_on_disk()
@@ -186,6 +218,22 @@ class ReplicaClient(UpdateRule, ClientSide):
                 os.unlink(tmp)
         for version in versions:
             (self.replica_dir / f"v{version}.safetensors").unlink(missing_ok=True)
+
+    def state_dict(self) -> Payload | None:
+        """The shared replica and its version (a checkpoint restores it exactly)."""
+        if self._replica is None:
+            return Payload(scalars={"version": 0})
+        return Payload(tensors=dict(self._replica), scalars={"version": self._replica_version})
+
+    def load_state_dict(self, state: Payload) -> None:
+        version = int(state.scalars.get("version", 0))
+        if version == 0 or not state.tensors:
+            self._replica, self._replica_version = None, 0
+            return
+        _, params = self.ctx.workbench.trainable(self.lora)
+        check_tensors(state.tensors, params)
+        self._replica = {name: state.tensors[name].to(p.device, p.dtype) for name, p in params.items()}
+        self._replica_version = version
 
     def fit(self, rnd: int, client_id: int, download: Payload, examples: list[dict], state: ClientState):
         model, params = self.sync(download, state)

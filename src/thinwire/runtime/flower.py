@@ -170,7 +170,12 @@ class _Link:
 
     def _adopt(self, reply: Message) -> None:
         self.flower_bytes += flower_bytes(reply)
-        node, cid = reply.metadata.src_node_id, int(reply.content[META][PARTITION_ID])
+        node = reply.metadata.src_node_id
+        try:
+            cid = int(reply.content[META][PARTITION_ID])
+        except (KeyError, TypeError, ValueError):
+            log(logging.WARNING, "node %s sent a malformed hello reply", node)
+            return
         if cid in self.nodes and self.nodes[cid] != node:
             log(logging.WARNING, "nodes %s and %s both claim partition %s; keeping the first",
                 self.nodes[cid], node, cid)
@@ -281,7 +286,7 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
             del messages
             accepted: list[tuple[int, Reply, dict[str, Any]]] = []
             for index, cid in enumerate(targets):
-                reply = replies.get(index)
+                reply = replies.pop(index, None)  # drop each reply's bytes once decoded
                 reason = None
                 if index in push_failed:
                     reason = "the SuperLink did not accept the message"
@@ -312,7 +317,7 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
                           "clientapp_age_s": float(meta.get("process-age-s", -1.0)),
                           "import_s": float(meta.get("import-s", 0.0)), "setup_s": float(meta.get("setup-s", 0.0))}
                 accepted.append((cid, Reply(cid, decoded, examples, metrics), record))
-            del replies
+                del reply, up
             accepted.sort(key=lambda item: item[0])  # aggregate in client order, as the local runtime does
             failures.sort(key=lambda f: f["client"])
             for failure in failures:
@@ -574,10 +579,12 @@ def run_flower_sim(config: Config, out: Path, quiet: bool = False, *, num_cpus: 
     """
     from flwr.simulation import run_simulation
 
+    from thinwire.methods import get_method
     from thinwire.runtime.display import console, summary_table
 
     out = Path(out)
-    if out.exists():  # fail before Ray starts
+    get_method(config.method.name)  # fail before Ray starts
+    if out.exists():
         raise UsageError(f"output directory {out} already exists; pass a new --out or remove it")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
