@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--auth-key", type=Path, help="private key registered with the SuperLink")
     node.add_argument("--port", type=int, default=9094, help="ClientAppIO port of this SuperNode")
     node.add_argument("--flwr-home", type=Path)
+    gen = sub.add_parser("generate", help="generate from a saved FedPT proxy-tuned model")
+    gen.add_argument("dir", type=Path, help="directory written by the FedPT server's save()")
+    gen.add_argument("prompts", nargs="+", help="instructions (rendered with the Alpaca template)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
     sub.add_parser("models", help="list built-in models")
     sub.add_parser("tasks", help="list the built-in task families")
     return parser
@@ -134,6 +138,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from thinwire.proxy import generate_from_saved
+
+    if not args.dir.is_dir():
+        raise UsageError(f"{args.dir} is not a saved proxy directory; pass the directory FedPT saved")
+    for prompt, text in zip(args.prompts, generate_from_saved(args.dir, args.prompts, args.max_new_tokens)):
+        print(f"### {prompt}\n{text}\n")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -169,7 +183,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "superlink": cmd_superlink,
-            "supernode": cmd_supernode, "models": cmd_models, "tasks": cmd_tasks}
+            "supernode": cmd_supernode, "generate": cmd_generate, "models": cmd_models, "tasks": cmd_tasks}
 
 
 def main(argv: list[str] | None = None) -> int:

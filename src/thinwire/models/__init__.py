@@ -13,7 +13,7 @@ from transformers.utils import logging as hf_logging
 from thinwire.config import ModelConfig
 from thinwire.errors import UsageError
 
-BUILTIN = ("tiny", "smollm2-135m")
+BUILTIN = ("tiny", "smollm2-135m", "tiny-small", "smollm2-small")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -54,6 +54,10 @@ def _load(name: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
         from thinwire.models.tiny import build_tiny
 
         return build_tiny(seed)
+    if name in ("tiny-small", "smollm2-small"):
+        from thinwire.models.small import load_small
+
+        return load_small(name, seed)
     if name == "smollm2-135m":
         from thinwire.models.smollm2 import prepare
 

@@ -1,0 +1,267 @@
+"""FedPT (ALGORITHMS.md §5): devices federate-tune a small model (FedIT, LoRA); the server
+proxy-tunes a large black-box model with it and distils the result back into the small adapter.
+
+Per round: broadcast the small model's LoRA adapter (FedIT downlink) → clients tune it locally
+(FedIT client, unchanged) → FedIT aggregation → the proxy-tuned large model scores every context as
+z_large + α (z_small_tuned − z_anti) → (distill = true) knowledge distillation from that proxy into
+the aggregated adapter, which is next round's broadcast. `distill = false` is the paper's
+FedAvg+PT baseline: plain FedIT, proxy-tuned at evaluation.
+
+The large model is reached only through a `LogitsProvider` (next-token logits, models/logits.py);
+the built-in one wraps a local HF model named by `large`. Replace `server.large_provider` after
+`setup()` to use a remote service. `eval_model()` is the proxy-tuned large model (proxy.py), with
+the aggregated (pre-distillation) adapter of the last round as expert; before round 1 the expert
+equals the pretrained small model, so the proxy is exactly the large model.
+
+Choices the paper leaves open, as implemented:
+- anti-expert: `anti = "pretrained"` (the paper's figure: the small model with its adapter
+  disabled) or `"broadcast"` (the adapter this round's clients started from, so after
+  distillation the large model's prior is not added twice).
+- distillation data (`kd_prompts = "suite"`): every round `kd_examples` fresh prompts from the
+  built-in task suite (the run's training families, held-out ones excluded, a seed of their own),
+  rendered with the Alpaca template. `kd_targets = "generated"` (default): the continuations are
+  the proxy model's own greedy outputs (≤ `kd_max_new_tokens`), so the server needs no labels;
+  `"reference"`: teacher-forced on the suite's reference outputs (the server holds labelled
+  public data).
+- loss: KL at temperature `kd_temperature` (× T²) on the response positions only, forward
+  KL(proxy ‖ student) (mode-covering, the classic KD) or reverse KL(student ‖ proxy)
+  (`kd_direction`). The teacher is fixed within a round (its log-probs are computed once);
+  `kd_steps` AdamW steps (`kd_lr`) over batches of `kd_batch_size`, on the LoRA adapter only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from thinwire.config import method_options, opt
+from thinwire.errors import UsageError
+from thinwire.methods.base import Reply, load_into, snapshot
+from thinwire.methods.fedavg import FedITClient, FedITServer
+from thinwire.models import load_model
+from thinwire.models.logits import LocalLogitsProvider, position_ids
+from thinwire.proxy import ProxyModel, check_vocab, save_proxy, small_providers
+from thinwire.seeding import derive_seed
+from thinwire.wire import Payload
+
+
+@dataclass
+class FedPTOptions:
+    """`[method.fedpt]`. `model.name` is the small (device) model; `large` is the black box."""
+
+    large: str = opt("smollm2-135m", "the large model the server proxy-tunes (queried for next-token logits only)")
+    alpha: float = opt(1.0, "proxy-tuning strength: z_large + alpha (z_tuned - z_anti)", low=0)
+    anti: str = opt("pretrained", "anti-expert: the pretrained small model, or the round's broadcast model",
+                    choices=("pretrained", "broadcast"))
+    distill: bool = opt(True, "distil the proxy-tuned large model into the small adapter each round "
+                        "(false: FedIT then proxy-tune, the FedAvg+PT baseline)")
+    kd_steps: int = opt(10, "distillation optimizer steps per round", low=0)
+    kd_lr: float = opt(5e-4, "distillation learning rate (AdamW on the adapter)", low=0)
+    kd_batch_size: int = opt(8, "distillation examples per step", low=1)
+    kd_temperature: float = opt(1.0, "distillation softmax temperature", low=1e-3)
+    kd_direction: str = opt("forward", "KL(proxy || student) (forward) or KL(student || proxy) (reverse)",
+                            choices=("forward", "reverse"))
+    kd_prompts: str = opt("suite", "server-side prompts: the built-in task suite, Alpaca template", choices=("suite",))
+    kd_targets: str = opt("generated", "continuations: the proxy's greedy generations, or the suite's references",
+                          choices=("generated", "reference"))
+    kd_examples: int = opt(32, "distillation prompts per round", low=1)
+    kd_max_new_tokens: int = opt(16, "length bound of generated distillation targets", low=1)
+
+
+def kd_loss(teacher_logp: torch.Tensor, student_logits: torch.Tensor, temperature: float, direction: str) -> torch.Tensor:
+    """Mean KL over rows between the teacher's log-probs (at T) and softmax(student / T), × T²."""
+    s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = teacher_logp
+    kl = (t.exp() * (t - s)).sum(-1) if direction == "forward" else (s.exp() * (s - t)).sum(-1)
+    return kl.mean() * temperature**2
+
+
+class FedPTServer(FedITServer):
+    def setup(self) -> None:
+        self.options = opts = method_options(self.config, "fedpt", FedPTOptions)
+        super().setup()
+        wb = self.ctx.workbench
+        self.lora_model, self.params = wb.trainable(True)
+        seed = self.config.federation.seed
+        large, large_tokenizer = load_model(dataclasses.replace(self.config.model, name=opts.large), seed)
+        check_vocab(wb.tokenizer, large_tokenizer)
+        for p in large.parameters():
+            p.requires_grad_(False)
+        self.vocab = int(large.get_output_embeddings().weight.shape[0])
+        small_vocab = int(self.lora_model.get_output_embeddings().weight.shape[0])
+        if small_vocab < self.vocab:
+            raise UsageError(f"small model {self.config.model.name!r} has {small_vocab} vocabulary rows, fewer than "
+                             f"the large model {opts.large!r} ({self.vocab})")
+        self.large = large
+        self.large_provider = LocalLogitsProvider(large, self.vocab)
+        self.expert = snapshot(self.weights)  # the adapter the proxy uses (aggregated, pre-distillation)
+        self.anti_weights: dict[str, torch.Tensor] | None = None if opts.anti == "pretrained" else snapshot(self.weights)
+        data = self.config.data
+        from thinwire.data.tasks import FAMILIES
+
+        families = [f for f in (data.tasks if data.source == "tasks" and data.tasks else FAMILIES)
+                    if f not in data.heldout_tasks]
+        self.kd_families = families or list(FAMILIES)
+
+    # -- the proxy ----------------------------------------------------------------------------
+
+    def proxy(self) -> ProxyModel:
+        expert, anti = small_providers(self.lora_model, self.params, self.expert, self.anti_weights, self.vocab)
+        return ProxyModel(self.large_provider, expert, anti, self.options.alpha, modules=[self.lora_model]).eval()
+
+    def eval_model(self) -> torch.nn.Module:
+        return self.proxy()
+
+    # -- rounds -------------------------------------------------------------------------------
+
+    def aggregate(self, rnd: int, replies: list[Reply]) -> dict[str, float]:
+        broadcast = snapshot(self.weights)  # what this round's clients downloaded
+        metrics = super().aggregate(rnd, replies)
+        self.expert = snapshot(self.weights)
+        if self.options.anti == "broadcast":
+            self.anti_weights = broadcast
+        if self.options.distill and self.options.kd_steps > 0:
+            metrics.update(self.distill(rnd))
+        return metrics
+
+    def kd_prompts(self, rnd: int) -> list[dict]:
+        from thinwire.data.tasks import generate_suite
+
+        opts, seed = self.options, derive_seed(self.config.federation.seed, "fedpt-kd", rnd)
+        per_family = -(-opts.kd_examples // len(self.kd_families))
+        pool = generate_suite(per_family, seed, self.kd_families)
+        order = np.random.default_rng(seed).permutation(len(pool))[: opts.kd_examples]
+        return [pool[i] for i in order]
+
+    def kd_batches(self, rnd: int, proxy: ProxyModel) -> list[dict[str, torch.Tensor]]:
+        """Distillation batches: input_ids, attention_mask and `target` (positions whose next token
+        is a response token), for generated or reference continuations."""
+        from thinwire.data.template import IGNORE_INDEX, collate, encode_example, render_prompt
+
+        tok, opts = self.ctx.workbench.tokenizer, self.options
+        examples = self.kd_prompts(rnd)
+        batches = []
+        for start in range(0, len(examples), opts.kd_batch_size):
+            chunk = examples[start : start + opts.kd_batch_size]
+            if opts.kd_targets == "reference":
+                b = collate([encode_example(tok, e, self.config.data.max_length) for e in chunk], tok.pad_token_id)
+                target = torch.zeros_like(b["attention_mask"], dtype=torch.bool)
+                target[:, :-1] = b["labels"][:, 1:] != IGNORE_INDEX
+                batches.append({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "target": target})
+                continue
+            side, tok.padding_side = tok.padding_side, "left"
+            try:
+                enc = tok([render_prompt(e) for e in chunk], return_tensors="pt", padding=True)
+            finally:
+                tok.padding_side = side
+            seq = proxy.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=opts.kd_max_new_tokens,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id).cpu()
+            width = enc["input_ids"].shape[1]
+            new = seq[:, width:]
+            ended = (new == tok.eos_token_id).long()
+            # generated tokens up to and including the first eos are real
+            real = (ended.cumsum(1) - ended) == 0
+            mask = torch.cat([enc["attention_mask"], real.long()], dim=1)
+            target = torch.zeros_like(mask, dtype=torch.bool)
+            target[:, width - 1 : -1] = real
+            batches.append({"input_ids": seq, "attention_mask": mask, "target": target})
+        return batches
+
+    def distill(self, rnd: int) -> dict[str, float]:
+        opts = self.options
+        started = time.perf_counter()
+        teacher = self.proxy()
+        batches = self.kd_batches(rnd, teacher)
+        with torch.no_grad():
+            for b in batches:
+                z = teacher.sequence_logits(b["input_ids"], b["attention_mask"])
+                b["teacher"] = torch.log_softmax(z[b["target"].to(z.device)] / opts.kd_temperature, dim=-1)
+        load_into(self.params, self.expert)
+        model, params = self.lora_model, list(self.params.values())
+        device = params[0].device
+        optimizer = torch.optim.AdamW(params, lr=opts.kd_lr, weight_decay=0.0)
+        model.train()
+        losses = []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.config.federation.seed, "fedpt-kd-train", rnd))
+            for step in range(opts.kd_steps):
+                b = batches[step % len(batches)]
+                ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+                logits = model(input_ids=ids, attention_mask=mask,
+                               position_ids=position_ids(mask, ids.shape[1]), use_cache=False).logits
+                student = logits[..., : self.vocab][b["target"].to(device)]
+                loss = kd_loss(b["teacher"].to(device), student, opts.kd_temperature, opts.kd_direction)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+        model.eval()
+        with torch.no_grad():
+            for name, p in self.params.items():
+                self.weights[name].copy_(p.detach())
+        return {"kd_loss_first": losses[0] if losses else math.nan, "kd_loss_last": losses[-1] if losses else math.nan,
+                "kd_positions": float(sum(int(b["target"].sum()) for b in batches)),
+                "kd_large_queries": float(teacher.queries), "kd_s": time.perf_counter() - started}
+
+    # -- validation and checkpoints: FedIT uploads; the proxy's adapters ride along -------------
+
+    def check_update(self, reply: Reply) -> None:
+        from thinwire.methods import validate
+
+        validate.check_like(reply.payload.tensors, self.weights)
+
+    def update_norm(self, reply: Reply) -> float:
+        from thinwire.methods import robust
+
+        return robust.l2_norm(reply.payload.tensors, self.weights)
+
+    def state_dict(self) -> Payload | None:
+        state = super().state_dict()
+        if state is None:
+            return None
+        state.tensors.update({f"expert/{k}": v for k, v in self.expert.items()})
+        if self.anti_weights is not None:
+            state.tensors.update({f"anti/{k}": v for k, v in self.anti_weights.items()})
+        return state
+
+    def load_state_dict(self, state: Payload) -> None:
+        own = ("expert/", "anti/")
+        super().load_state_dict(Payload(tensors={k: v for k, v in state.tensors.items() if not k.startswith(own)},
+                                        scalars=state.scalars))
+        device = next(iter(self.weights.values())).device
+        self.expert = {k[7:]: v.to(device) for k, v in state.tensors.items() if k.startswith("expert/")}
+        anti = {k[5:]: v.to(device) for k, v in state.tensors.items() if k.startswith("anti/")}
+        self.anti_weights = anti if self.options.anti == "broadcast" else None
+        if self.options.anti == "broadcast" and not anti:
+            self.anti_weights = snapshot(self.weights)
+
+    # -- outputs ------------------------------------------------------------------------------
+
+    def final_state(self) -> Payload:
+        tensors = {f"expert/{k}": v for k, v in self.expert.items()}
+        if self.options.distill:
+            tensors.update({f"distilled/{k}": v for k, v in self.weights.items()})
+        if self.anti_weights is not None:
+            tensors.update({f"anti/{k}": v for k, v in self.anti_weights.items()})
+        return Payload(tensors=tensors, scalars={"alpha": self.options.alpha, "large": self.options.large,
+                                                 "anti": self.options.anti})
+
+    def save(self, directory: Path) -> Path:
+        """The proxy-tuned large model as `proxy.save_proxy` writes it (adapter + JSON)."""
+        m = self.config.model
+        lora = {"lora_rank": m.lora_rank, "lora_alpha": m.lora_alpha, "lora_dropout": m.lora_dropout,
+                "lora_targets": list(m.lora_targets)}
+        return save_proxy(directory, self.expert, m.name, self.options.large, self.options.alpha, lora,
+                          seed=self.config.federation.seed, anti_adapter=self.anti_weights,
+                          extra={"distill": self.options.distill})
+
+
+class FedPTClient(FedITClient):
+    """Devices run plain FedIT local training on the small model; they never see the large one."""

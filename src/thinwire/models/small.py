@@ -1,0 +1,289 @@
+"""Small proxy models for FedPT: the first layers of a large model, sharing its tokenizer and vocabulary.
+
+- `tiny-small`: the first layer of the `tiny` model built from the same seed (embeddings, final norm
+  and LM head shared by value), with the same byte tokenizer. Deterministic in the seed, no healing:
+  the tiny pair is random anyway and only serves tests.
+- `smollm2-small`: the first `LAYERS` (10) of SmolLM2-135M-Instruct's 30 decoder layers plus its
+  embeddings, final norm and (tied) LM head, "healed" by a short distillation from the full model:
+  forward KL(p_large || p_small) at temperature 1 on every next-token position of built-in
+  task-suite examples (Alpaca prompt + reference output + eos). Only the kept decoder layers and the
+  final norm train (AdamW, cosine decay); the embedding matrix stays the large model's, so the two
+  share vocabulary rows exactly. Built on first use and cached as a plain Hugging Face directory
+  under `cache_root()/models/smollm2-small` (temp dir + atomic rename, like smollm2.py).
+
+Healing knobs come from the environment so a loaded machine can build a cheaper model:
+`THINWIRE_SMALL_HEAL_STEPS` (default 40: on a loaded 2-core CPU a step of 4 x 96 tokens takes
+~15 s, the teacher's forward and the 49k-row LM head dominate), `THINWIRE_SMALL_LAYERS` (default 10). The marker file
+records what was run (steps, KL before/after, seconds).
+
+Compute: per token, a decoder layer of SmolLM2-135M costs ~2 x 3.54M FLOPs and the LM head
+2 x 28.3M, so 10 of 30 layers is 1/3 of the decoder compute but ~0.47 of the whole forward pass
+including the LM head (`forward_flops_per_token` gives the estimate for any model).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+NAME = "smollm2-small"
+TINY_NAME = "tiny-small"
+LAYERS = 10
+TINY_LAYERS = 1
+HEAL_STEPS = 40
+HEAL_BATCH = 4
+HEAL_LR = 5e-4
+HEAL_MAX_LENGTH = 96
+HEAL_SEED = 1234
+MARKER = "thinwire-small.json"
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", MARKER)
+
+
+def truncate(model, layers: int):
+    """A copy of a decoder-only HF model keeping its first `layers` decoder layers (weights copied)."""
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers"):
+        raise ValueError(f"cannot truncate {type(model).__name__}: no model.layers")
+    total = len(inner.layers)
+    if not 1 <= layers <= total:
+        raise ValueError(f"cannot keep {layers} of {total} layers")
+    kept = inner.layers
+    inner.layers = torch.nn.ModuleList()  # do not deep-copy the layers we drop
+    try:
+        small = copy.deepcopy(model)
+    finally:
+        inner.layers = kept
+    small.model.layers = torch.nn.ModuleList(copy.deepcopy(kept[i]) for i in range(layers))
+    small.config.num_hidden_layers = layers
+    if isinstance(getattr(small.config, "layer_types", None), list):
+        small.config.layer_types = small.config.layer_types[:layers]
+    if getattr(small.config, "tie_word_embeddings", False):
+        small.tie_weights()
+    return small
+
+
+def build_tiny_small(seed: int):
+    """`tiny-small`: layer 1 of the `tiny` model built from `seed`, and the same byte tokenizer."""
+    from thinwire.models.tiny import build_tiny
+
+    large, tokenizer = build_tiny(seed)
+    return truncate(large, TINY_LAYERS), tokenizer
+
+
+def forward_flops_per_token(model) -> int:
+    """Estimated forward FLOPs per token: 2 x (weights used per token); embedding lookups are free,
+    a tied LM head counts once as a matmul. Ignores attention's context-length term."""
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    total = 0
+    for name, p in model.named_parameters():
+        if p is embed and p is not head:
+            continue
+        total += p.numel()  # a tied embedding appears once and counts as the LM head
+    return 2 * total
+
+
+# ------------------------------------------------------------------------------------------------
+# smollm2-small: build, heal, cache
+# ------------------------------------------------------------------------------------------------
+
+
+def prepared_dir(root: Path | None = None) -> Path:
+    from thinwire.models.smollm2 import cache_root
+
+    return Path(root if root is not None else cache_root()).expanduser() / "models" / NAME
+
+
+def is_ready(root: Path | None = None) -> bool:
+    target = prepared_dir(root)
+    return all((target / name).is_file() for name in REQUIRED_FILES)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    try:
+        return int(value) if value else default
+    except ValueError:
+        from thinwire.errors import UsageError
+
+        raise UsageError(f"{name} = {value!r} is not an integer") from None
+
+
+def heal_batches(tokenizer, batch: int, max_length: int, seed: int):
+    """Endless right-padded batches of suite examples (prompt + output), in a seeded order."""
+    import numpy as np
+
+    from thinwire.data.tasks import generate_suite
+    from thinwire.data.template import collate, encode_example
+
+    examples = generate_suite(8, seed)
+    encoded = [encode_example(tokenizer, e, max_length) for e in examples]
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(encoded))
+        for start in range(0, len(order) - batch + 1, batch):
+            yield collate([encoded[i] for i in order[start : start + batch]], tokenizer.pad_token_id)
+
+
+def kl_on_mask(teacher_logits, student_logits, mask, temperature: float = 1.0, direction: str = "forward"):
+    """Mean over masked positions of KL(teacher || student) ("forward") or KL(student || teacher)
+    ("reverse") between softmax(logits / T), times T^2 (Hinton's scaling)."""
+    t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    if direction == "forward":
+        kl = (t.exp() * (t - s)).sum(-1)
+    else:
+        kl = (s.exp() * (s - t)).sum(-1)
+    mask = mask.to(kl.dtype)
+    return (kl * mask).sum() / mask.sum().clamp_min(1) * temperature**2
+
+
+def heal(small, large, tokenizer, steps: int, batch: int = HEAL_BATCH, lr: float = HEAL_LR,
+         max_length: int = HEAL_MAX_LENGTH, seed: int = HEAL_SEED, on_step=None) -> dict[str, float]:
+    """Distil `large` into `small` (in place) on suite examples; returns KL before/after."""
+    embed = small.get_input_embeddings().weight
+    params = [p for p in small.parameters() if p is not embed]
+    for p in small.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / 5) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
+    batches = heal_batches(tokenizer, batch, max_length, seed)
+    probe = next(heal_batches(tokenizer, 8, max_length, seed + 1))
+
+    def probe_kl() -> float:
+        with torch.no_grad():
+            kw = {"input_ids": probe["input_ids"], "attention_mask": probe["attention_mask"]}
+            return kl_on_mask(large(**kw).logits, small(**kw).logits, probe["attention_mask"]).item()
+
+    large.eval()
+    before = probe_kl()
+    small.train()
+    losses = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            b = next(batches)
+            kw = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+            with torch.no_grad():
+                teacher = large(**kw).logits
+            loss = kl_on_mask(teacher, small(**kw).logits, b["attention_mask"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if on_step is not None:
+                on_step(loss.item())
+    small.eval()
+    for p in small.parameters():
+        p.requires_grad_(True)
+    return {"kl_before": before, "kl_after": probe_kl(), "train_kl_last": losses[-1] if losses else float("nan")}
+
+
+def prepare(root: Path | None = None, show_progress: bool = True, steps: int | None = None,
+            layers: int | None = None) -> Path:
+    """Directory of `smollm2-small`, building (truncate + heal) it on first use."""
+    target = prepared_dir(root)
+    if is_ready(root):
+        return target
+    from contextlib import nullcontext
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from thinwire.models.smollm2 import prepare as prepare_large
+
+    steps = _env_int("THINWIRE_SMALL_HEAL_STEPS", HEAL_STEPS) if steps is None else steps
+    layers = _env_int("THINWIRE_SMALL_LAYERS", LAYERS) if layers is None else layers
+    console = Console(stderr=True)
+    source = prepare_large(root, show_progress=show_progress)
+    started = time.perf_counter()
+    large = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    large.eval()
+    for p in large.parameters():
+        p.requires_grad_(False)
+    small = truncate(large, layers)
+
+    progress = Progress(TextColumn(f"{NAME}: healing {layers} layers"), BarColumn(), TextColumn("KL {task.fields[kl]}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+    with progress if show_progress else nullcontext():
+        task = progress.add_task("heal", total=steps, kl="?")
+
+        def on_step(loss: float) -> None:
+            progress.update(task, advance=1, kl=f"{loss:.3f}")
+
+        stats = heal(small, large, tokenizer, steps, on_step=on_step if show_progress else None)
+    heal_s = time.perf_counter() - started
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    try:
+        small.save_pretrained(str(tmp), safe_serialization=True)
+        for name in os.listdir(source):
+            if name.startswith("tokenizer") or name in ("special_tokens_map.json", "generation_config.json",
+                                                        "vocab.json", "merges.txt"):
+                if not (tmp / name).exists():
+                    shutil.copy2(source / name, tmp / name)
+        info: dict[str, Any] = {
+            "name": NAME, "source": str(source), "layers": layers, "source_layers": large.config.num_hidden_layers,
+            "heal_steps": steps, "heal_batch": HEAL_BATCH, "heal_lr": HEAL_LR, "heal_seed": HEAL_SEED,
+            "heal_s": round(heal_s, 1), **{k: round(v, 4) for k, v in stats.items()},
+            "parameters": sum(p.numel() for p in small.parameters()),
+            "flops_per_token": forward_flops_per_token(small),
+            "large_flops_per_token": forward_flops_per_token(large),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")  # last: marks the dir complete
+        if target.exists() and not is_ready(root):
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not is_ready(root):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if show_progress:
+        console.print(f"[green]prepared {NAME}[/green] ({layers} layers, {steps} healing steps, "
+                      f"KL {stats['kl_before']:.3f} -> {stats['kl_after']:.3f}) in {heal_s:.0f} s at {target}")
+    return target
+
+
+def load_small(name: str, seed: int):
+    """(model, tokenizer) for `tiny-small` or `smollm2-small`."""
+    if name == TINY_NAME:
+        return build_tiny_small(seed)
+    if name == NAME:
+        from thinwire.models import _from_pretrained
+
+        return _from_pretrained(str(prepare()), local_only=True)
+    raise ValueError(f"unknown small model {name!r}")
+
+
+def describe(root: Path | None = None) -> dict[str, Any]:
+    target = prepared_dir(root)
+    info: dict[str, Any] = {}
+    if is_ready(root):
+        try:
+            info = json.loads((target / MARKER).read_text())
+        except (OSError, ValueError):
+            info = {}
+    return {"name": NAME, "ready": is_ready(root), "path": str(target), **info}
