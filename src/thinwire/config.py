@@ -9,6 +9,7 @@ options dataclass, so a method adds knobs without touching this file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -66,7 +67,18 @@ class FederationConfig:
     clients: int = opt(4, "number of clients (data owners)", low=1)
     clients_per_round: int = opt(2, "clients sampled each round", low=1)
     rounds: int = opt(2, "federated rounds", low=1)
-    seed: int = opt(0, "run seed: every random choice derives from it", low=0)
+    seed: int = opt(0, "run seed: every random choice derives from it", low=0, high=2**63 - 1)
+    failure_rate: float = opt(0.0, "simulated faults: share of sampled clients that fail each round "
+                              "(local runtime; seeded per round)", low=0, high=1)
+    straggler_rate: float = opt(0.0, "simulated stragglers: share of sampled clients that miss the round "
+                                "deadline (local runtime)", low=0, high=1)
+    round_timeout_s: float = opt(600.0, "round deadline: a client that has not replied by then costs its "
+                                 "update for the round", low=1e-3)
+    min_replies: int = opt(1, "fewest accepted replies a round needs to aggregate", low=1)
+    on_too_few: str = opt("skip", "a round with fewer than min_replies replies: skip it, or retry it "
+                          "with a fresh sample of clients", choices=("skip", "retry"))
+    max_retries: int = opt(2, "most retries of one round with on_too_few = 'retry'", low=0)
+    checkpoint: bool = opt(True, "write a resumable checkpoint after every round (thinwire run --resume)")
 
 
 @dataclass
@@ -79,6 +91,16 @@ class MethodConfig:
     server_momentum: float = opt(0.9, "FedAvgM momentum / FedAdam beta1", low=0, high=0.999999)
     server_beta2: float = opt(0.99, "FedAdam beta2", low=0, high=0.999999)
     server_tau: float = opt(1e-3, "FedAdam adaptivity (epsilon)", low=0)
+    aggregation: str = opt("mean", "how client updates are combined: weighted mean, or coordinate-wise "
+                           "median / trimmed mean (unweighted; robust to a few hostile clients)",
+                           choices=("mean", "median", "trimmed-mean"))
+    trim_fraction: float = opt(0.2, "trimmed-mean: share of clients cut from each end per coordinate "
+                               "(ceil(fraction * n), at most (n - 1) // 2)", low=0, high=0.49)
+    clip_update_norm: float = opt(0.0, "scale each client's update down to this L2 norm before "
+                                  "aggregating (0: off)", low=0)
+    max_update_norm: float = opt(0.0, "reject a client update whose L2 norm exceeds this (0: off)", low=0)
+    max_upload_bytes: int = opt(0, "reject uploads larger than this many bytes (0: the method's own bound)",
+                                low=0)
     options: dict[str, Any] = field(default_factory=dict, metadata={"doc": "[method.<name>] tables"})
 
 
@@ -126,6 +148,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             table = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise UsageError(f"config file {path} is not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise UsageError(f"cannot read config file {path}: {exc.strerror}; pass a readable TOML file") from exc
     for item in overrides:
         _apply_override(table, item)
     return from_dict(table)
@@ -188,6 +212,8 @@ def _check_value(key: str, value: Any, hint: Any, meta: Any) -> Any:
         raise UsageError(f"config key {key} must be {hint.__name__}, got {value!r}")
     if hint is float:
         value = float(value)
+        if not math.isfinite(value):
+            raise UsageError(f"config key {key} = {value!r} is not a finite number")
     choices, low, high = meta.get("choices"), meta.get("low"), meta.get("high")
     if choices and value not in choices:
         raise UsageError(f"config key {key} = {value!r} is not one of: {', '.join(map(str, choices))}")
@@ -232,6 +258,9 @@ def _check_cross_fields(config: Config) -> None:
     if fed.clients_per_round > fed.clients:
         raise UsageError(f"config key federation.clients_per_round = {fed.clients_per_round} exceeds "
                          f"federation.clients = {fed.clients}; lower it or add clients")
+    if fed.min_replies > fed.clients_per_round:
+        raise UsageError(f"config key federation.min_replies = {fed.min_replies} exceeds "
+                         f"federation.clients_per_round = {fed.clients_per_round}; lower it or sample more clients")
 
 
 def _apply_override(table: dict[str, Any], item: str) -> None:

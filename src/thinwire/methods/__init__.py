@@ -15,6 +15,8 @@ _REGISTRY = {
     "fedkseed": ("thinwire.methods.fedkseed", "FedKSeedServer", "FedKSeedClient", "FedKSeedOptions"),
     "fedkseed-pro": ("thinwire.methods.fedkseed", "FedKSeedProServer", "FedKSeedProClient", None),
     "ferret": ("thinwire.methods.ferret", "FerretServer", "FerretClient", "FerretOptions"),
+    "fedpt": ("thinwire.methods.fedpt", "FedPTServer", "FedPTClient", "FedPTOptions"),
+    "cgfedllm": ("thinwire.methods.cgfedllm", "CGFedLLMServer", "CGFedLLMClient", "CGFedLLMOptions"),
 }
 
 

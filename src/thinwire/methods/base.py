@@ -25,6 +25,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from thinwire.config import Config
+from thinwire.methods import robust
+from thinwire.methods import validate as checks
 from thinwire.models import load_model, trainable_named_parameters
 from thinwire.seeding import derive_seed
 from thinwire.train.first_order import TrainStats, batch_stream, train_local
@@ -134,6 +136,55 @@ class ServerSide(ABC):
     def trainable_parameters(self) -> int:
         """How many values the method trains (the size of its update space)."""
 
+    # -- validation (methods/validate.py): the runtime calls `validate` on every upload ----------
+
+    def validate(self, reply: Reply) -> None:
+        """Raise `PayloadError` (with a reason) unless `reply` is safe to aggregate. Never changes state.
+
+        Every method gets: example count, finite metrics, size cap, method checks (`check_update`),
+        finite values, and `[method] max_update_norm` on `update_norm`.
+        """
+        checks.check_reply(reply, self.max_upload_bytes())
+        self.check_update(reply)
+        checks.check_finite(reply.payload.tensors)
+        bound = self.config.method.max_update_norm
+        if bound > 0:
+            norm = self.update_norm(reply)
+            if not norm <= bound:
+                raise PayloadError(f"update norm {norm:.4g} exceeds method.max_update_norm = {bound:g}")
+
+    def check_update(self, reply: Reply) -> None:
+        """Method-specific checks of an upload (names, shapes, dtypes, indices); default: none."""
+
+    def update_norm(self, reply: Reply) -> float:
+        """L2 norm of an upload in the method's update space; default: over all floating tensors."""
+        return robust.l2_norm(reply.payload.tensors)
+
+    def max_upload_bytes(self) -> int:
+        """Most tensor bytes one upload may carry: `[method] max_upload_bytes`, else a generous
+        bound from the size of the update space (8 bytes per trained value, plus 1 MiB)."""
+        if self.config.method.max_upload_bytes > 0:
+            return self.config.method.max_upload_bytes
+        return 8 * self.trainable_parameters() + (1 << 20)
+
+    def clip_factor(self, reply: Reply) -> float:
+        """What `[method] clip_update_norm` multiplies this upload by (1 when off or within)."""
+        bound = self.config.method.clip_update_norm
+        return robust.clip_factor(self.update_norm(reply), bound) if bound > 0 else 1.0
+
+    # -- checkpointing (runtime/checkpoint.py) --------------------------------------------------
+
+    def state_dict(self) -> Payload | None:
+        """Everything `load_state_dict` needs to continue the run exactly; None: not resumable.
+
+        The tensors may be the live ones (no copy of the model is made): encode the payload before
+        the server changes again."""
+        return None
+
+    def load_state_dict(self, state: Payload) -> None:
+        """Restore what `state_dict` returned, after `setup()`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot resume from a checkpoint")
+
 
 class ClientSide(ABC):
     def __init__(self, ctx: RunContext):
@@ -148,6 +199,14 @@ class ClientSide(ABC):
     def fit(self, rnd: int, client_id: int, download: Payload, examples: list[dict],
             state: ClientState) -> Upload:
         """One round of local work."""
+
+    def state_dict(self) -> Payload | None:
+        """State this object keeps across clients and rounds (a shared replica), for checkpoints;
+        None: nothing (per-client state belongs in `ClientState`, which the runtime keeps)."""
+        return None
+
+    def load_state_dict(self, state: Payload) -> None:
+        """Restore what `state_dict` returned."""
 
     def local_train(self, model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
                     examples: list[dict], rnd: int, client_id: int) -> TrainStats:

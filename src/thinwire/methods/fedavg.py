@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from thinwire.methods.aggregate import weighted_mean
+from thinwire.methods import robust, validate
 from thinwire.methods.base import (
     ClientSide,
     ClientState,
@@ -39,10 +39,47 @@ class DeltaServer(ServerSide):
     def aggregate(self, rnd: int, replies: list[Reply]) -> dict[str, float]:
         for reply in replies:
             check_tensors(reply.payload.tensors, self.weights)
-        weights = client_weights(replies, self.config.method.weighting)
-        mean = weighted_mean([r.payload.tensors for r in replies], weights)
+        cfg = self.config.method
+        weights = client_weights(replies, cfg.weighting)
+        factors = [self.clip_factor(r) for r in replies]
+        updates = [robust.scale(r.payload.tensors, f) for r, f in zip(replies, factors)]
+        mean = robust.combine_tensors(updates, weights, cfg.aggregation, cfg.trim_fraction)
         self.optimizer.step(self.weights, mean)
-        return {"update_norm": float(torch.sqrt(sum((d.float() ** 2).sum() for d in mean.values())))}
+        metrics = {"update_norm": robust.l2_norm(mean, self.weights)}
+        if cfg.clip_update_norm > 0:
+            metrics["clipped"] = float(sum(f < 1.0 for f in factors))
+        return metrics
+
+    def check_update(self, reply: Reply) -> None:
+        # A subclass with its own upload format (its own `aggregate`) checks it in its own override.
+        if type(self).aggregate is DeltaServer.aggregate:
+            validate.check_like(reply.payload.tensors, self.weights)
+
+    def update_norm(self, reply: Reply) -> float:
+        if type(self).aggregate is not DeltaServer.aggregate:
+            return super().update_norm(reply)
+        return robust.l2_norm(reply.payload.tensors, self.weights)
+
+    def state_dict(self) -> Payload | None:
+        if not hasattr(self, "weights"):
+            return None
+        if type(self).aggregate is not DeltaServer.aggregate and type(self).state_dict is DeltaServer.state_dict:
+            return None  # a subclass with its own aggregate may keep state we do not know: not resumable
+        tensors = {f"w/{k}": t for k, t in self.weights.items()}
+        tensors.update({f"m/{k}": t for k, t in self.optimizer.m.items()})
+        tensors.update({f"v/{k}": t for k, t in self.optimizer.v.items()})
+        return Payload(tensors=tensors)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Payload) -> None:
+        part = lambda prefix: {k[len(prefix):]: t for k, t in state.tensors.items() if k.startswith(prefix)}  # noqa: E731
+        saved = part("w/")
+        check_tensors(saved, self.weights)
+        for name, weight in self.weights.items():
+            weight.copy_(saved[name])
+        device = next(iter(self.weights.values())).device if self.weights else "cpu"
+        self.optimizer.m = {k: t.to(device) for k, t in sorted(part("m/").items())}
+        self.optimizer.v = {k: t.to(device) for k, t in sorted(part("v/").items())}
 
     def eval_model(self) -> torch.nn.Module:
         model, params = self.ctx.workbench.trainable(self.lora)

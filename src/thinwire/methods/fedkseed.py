@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from thinwire.config import method_options, opt
+from thinwire.methods import robust, validate
 from thinwire.methods.base import Reply, Upload, client_weights
 from thinwire.methods.history import HistoryServer, ReplicaClient
 from thinwire.seeding import derive_seed, torch_generator
@@ -68,19 +69,62 @@ class FedKSeedServer(_FedKSeedRule, HistoryServer):
             payload.tensors["probabilities"] = self.seed_history.probabilities().to(torch.float16)
         return payload
 
+    def check_update(self, reply: Reply) -> None:
+        super().check_update(reply)
+        tensors, steps = reply.payload.tensors, self.options.local_steps
+        validate.check_names(tensors, ("seeds", "values", "step_seeds", "step_g") if self.pro else ("seeds", "values"))
+        seeds = validate.check_tensor(tensors, "seeds", torch.int32, ndim=1)
+        validate.check_tensor(tensors, "values", torch.float32, shape=tuple(seeds.shape))
+        if seeds.numel() > steps:
+            raise PayloadError(f"{seeds.numel()} seeds from {steps} local steps")
+        validate.check_indices(seeds, "seeds", self.pool.size, unique=True)
+        if self.pro:
+            step_seeds = validate.check_tensor(tensors, "step_seeds", torch.int32, ndim=1)
+            validate.check_tensor(tensors, "step_g", torch.float32, shape=tuple(step_seeds.shape))
+            if step_seeds.numel() > steps:
+                raise PayloadError(f"{step_seeds.numel()} step records from {steps} local steps")
+            validate.check_indices(step_seeds, "step_seeds", self.pool.size)
+
+    def update_norm(self, reply: Reply) -> float:
+        return robust.l2_norm(reply.payload.tensors, ["values"])
+
     def combine(self, rnd: int, replies: list[Reply]) -> tuple[Payload, dict[str, float]]:
+        cfg = self.config.method
         total = torch.zeros(self.pool.size, dtype=torch.float64)
-        for reply, w in zip(replies, client_weights(replies, self.config.method.weighting)):
+        dense, factors = [], []
+        for reply, w in zip(replies, client_weights(replies, cfg.weighting)):
             seeds, values = reply.payload.tensors["seeds"].long(), reply.payload.tensors["values"]
             if seeds.numel() and (int(seeds.min()) < 0 or int(seeds.max()) >= self.pool.size):
                 raise PayloadError(f"client {reply.client_id} sent a seed index outside the pool")
-            total.index_add_(0, seeds, values.double() * w)
+            factors.append(self.clip_factor(reply))
+            values = values.double() * factors[-1] if factors[-1] < 1.0 else values.double()
+            if cfg.aggregation == "mean":
+                total.index_add_(0, seeds, values * w)
+            else:
+                dense.append(torch.zeros(self.pool.size, dtype=torch.float64).index_add_(0, seeds, values))
             if self.pro:
                 steps = reply.payload.tensors["step_seeds"].tolist()
                 self.seed_history.record(zip(steps, reply.payload.tensors["step_g"].tolist()))
+        if dense:
+            total = robust.reduce_stack(torch.stack(dense), cfg.aggregation, cfg.trim_fraction)
         seeds = torch.nonzero(total).view(-1)
         update = Payload(tensors={"seeds": seeds.to(torch.int32), "values": total[seeds].float()})
-        return update, {"seeds_touched": float(seeds.numel())}
+        metrics = {"seeds_touched": float(seeds.numel())}
+        if cfg.clip_update_norm > 0:
+            metrics["clipped"] = float(sum(f < 1.0 for f in factors))
+        return update, metrics
+
+    def state_dict(self) -> Payload | None:
+        state = super().state_dict()
+        if state is not None:
+            state.tensors["seed_history/abs_sum"] = self.seed_history.abs_sum
+            state.tensors["seed_history/count"] = self.seed_history.count
+        return state
+
+    def load_state_dict(self, state: Payload) -> None:
+        super().load_state_dict(state)
+        self.seed_history.abs_sum = state.tensors["seed_history/abs_sum"].clone()
+        self.seed_history.count = state.tensors["seed_history/count"].clone()
 
 
 class FedKSeedClient(_FedKSeedRule, ReplicaClient):

@@ -20,6 +20,7 @@ import torch
 from thinwire.compress.projection import ProjectionCodec, aggregate, allocate, block_norms, pack, partition_blocks, unpack
 from thinwire.config import method_options, opt
 from thinwire.errors import UsageError
+from thinwire.methods import robust, validate
 from thinwire.methods.base import Reply, Upload, client_weights, snapshot
 from thinwire.methods.history import HistoryServer, ReplicaClient
 from thinwire.wire import Payload, PayloadError
@@ -103,24 +104,59 @@ class FerretServer(_FerretRule, HistoryServer):
             return base * (1 - progress)
         return base
 
+    def check_update(self, reply: Reply) -> None:
+        super().check_update(reply)
+        tensors = reply.payload.tensors
+        validate.check_names(tensors, ("values", "counts"))
+        values = validate.check_tensor(tensors, "values", WIRE_DTYPES[self.options.value_dtype], ndim=1)
+        counts = validate.check_tensor(tensors, "counts", torch.int32, shape=(len(self.blocks),))
+        if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > self.options.k_max):
+            raise PayloadError(f"a block count lies outside [0, k_max = {self.options.k_max}]")
+        if int(counts.long().sum()) != values.numel():
+            raise PayloadError(f"block counts add up to {int(counts.long().sum())}, not the {values.numel()} values sent")
+        validate.int_scalar(reply.payload.scalars, "basis_round", self.basis_round(self.version + 1))
+
+    def update_norm(self, reply: Reply) -> float:
+        return robust.l2_norm(reply.payload.tensors, ["values"])
+
     def combine(self, rnd: int, replies: list[Reply]) -> tuple[Payload, dict[str, float]]:
-        client_coords = []
+        client_coords, factors = [], []
         for reply in replies:
             if int(reply.payload.scalars.get("basis_round", -1)) != self.basis_round(self.version + 1):
                 raise PayloadError(f"client {reply.client_id} projected on the wrong round's bases")
             coords = unpack(reply.payload.tensors["values"], reply.payload.tensors["counts"])
             if len(coords) != len(self.blocks) or any(c.numel() > self.options.k_max for c in coords):
                 raise PayloadError(f"client {reply.client_id} sent coordinates for the wrong blocks")
-            client_coords.append(coords)
-        mean = aggregate(client_coords, client_weights(replies, self.config.method.weighting)) if replies else [
-            torch.zeros(0) for _ in self.blocks]
+            factors.append(self.clip_factor(reply))
+            client_coords.append([c * factors[-1] for c in coords] if factors[-1] < 1.0 else coords)
+        cfg = self.config.method
+        if not replies:
+            mean = [torch.zeros(0) for _ in self.blocks]
+        elif cfg.aggregation == "mean":
+            mean = aggregate(client_coords, client_weights(replies, cfg.weighting))
+        else:
+            mean = robust.combine_ragged(client_coords, cfg.aggregation, cfg.trim_fraction)
         if self.options.momentum:
             self.momentum = _momentum(self.momentum, mean, self.options.momentum)
             mean = self.momentum
         values, counts = pack(mean, WIRE_DTYPES[self.options.value_dtype])
         lr = self.server_lr(rnd)
-        return Payload(tensors={"values": values, "counts": counts}, scalars={"lr": lr}), {
-            "coordinates": float(values.numel()), "server_lr": lr}
+        metrics = {"coordinates": float(values.numel()), "server_lr": lr}
+        if cfg.clip_update_norm > 0:
+            metrics["clipped"] = float(sum(f < 1.0 for f in factors))
+        return Payload(tensors={"values": values, "counts": counts}, scalars={"lr": lr}), metrics
+
+    def state_dict(self) -> Payload | None:
+        state = super().state_dict()
+        if state is not None and self.momentum is not None:
+            state.tensors.update({f"momentum/{i}": m for i, m in enumerate(self.momentum)})
+            state.scalars["momentum_blocks"] = len(self.momentum)
+        return state
+
+    def load_state_dict(self, state: Payload) -> None:
+        super().load_state_dict(state)
+        blocks = state.scalars.get("momentum_blocks")
+        self.momentum = None if blocks is None else [state.tensors[f"momentum/{i}"] for i in range(int(blocks))]
 
 
 def _momentum(buffer: list[torch.Tensor] | None, coords: list[torch.Tensor], beta: float) -> list[torch.Tensor]:

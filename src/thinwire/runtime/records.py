@@ -14,15 +14,24 @@ from thinwire.runtime.rundir import peak_rss_mb
 
 def round_record(rnd: int, method: str, sampled: list[int], clients: list[dict[str, Any]],
                  aggregate: dict[str, float], evaluation: dict[str, float] | None,
-                 time_s: dict[str, float], **extra: Any) -> dict[str, Any]:
-    """One line of metrics.jsonl; `clients` holds one dict per client that replied."""
+                 time_s: dict[str, float], *, failures: list[dict[str, Any]] | None = None,
+                 rejected: list[dict[str, Any]] | None = None, retries: int = 0, skipped: bool = False,
+                 **extra: Any) -> dict[str, Any]:
+    """One line of metrics.jsonl; `clients` holds one dict per client whose update was aggregated.
+
+    `failures`: clients that did not reply in time or whose local work raised ({client, reason});
+    `rejected`: replies that failed validation ({client, reason}); `retries`: how often the round
+    was resampled for want of replies; `skipped`: the round aggregated nothing.
+    """
     losses = [c["train_loss"] for c in clients if "train_loss" in c]
     return {
         "round": rnd, "method": method, "clients_sampled": len(sampled), "clients_ok": len(clients),
         "uplink_bytes": sum(c["uplink_bytes"] for c in clients),
         "downlink_bytes": sum(c["downlink_bytes"] for c in clients),
         "train_loss": sum(losses) / len(losses) if losses else None,
-        "eval": evaluation, "aggregate": aggregate, "clients": clients, "time_s": time_s, **extra,
+        "eval": evaluation, "aggregate": aggregate, "clients": clients, "time_s": time_s,
+        "failures": list(failures or []), "rejected": list(rejected or []), "retries": retries,
+        "skipped": skipped, **extra,
     }
 
 
@@ -42,5 +51,9 @@ def summary(config: Config, method: str, rounds: list[dict[str, Any]], base_eval
         "downlink_bytes_per_client_round": down / client_rounds,
         "trainable_parameters": trainable_parameters,
         "fedavg_bytes_per_client_round": 4 * base_parameters,
-        "wall_s": wall_s, "peak_rss_mb": peak_rss_mb(), **extra,
+        "wall_s": wall_s, "peak_rss_mb": peak_rss_mb(),
+        "failures_total": sum(len(r.get("failures", [])) for r in rounds),
+        "rejected_total": sum(len(r.get("rejected", [])) for r in rounds),
+        "retries_total": sum(r.get("retries", 0) for r in rounds),
+        "skipped_rounds": sum(bool(r.get("skipped")) for r in rounds), **extra,
     }

@@ -1,0 +1,483 @@
+"""CG-FedLLM (ALGORITHMS.md §4): FedIT whose uploads pass through a learned autoencoder.
+
+Phases, as rounds of one run (the `phase` entry of every round's aggregate metrics says which):
+
+* ``tgap`` (rounds 1..``tgap_rounds``): TGAP is run as real federated rounds, because only the
+  clients hold the data: plain FedIT on each client's TGAP share (``tgap_share`` of its examples,
+  a seeded per-client split; paper: 30%). Each client uploads its object *uncompressed* at
+  ``tgap_snapshots`` evenly spaced points of its local trajectory (the "temporal ensemble"); the
+  last one is the round's update, aggregated as in FedIT. All of it is ordinary uplink and is
+  counted. At the end of the last TGAP round the server trains the AE on the pooled snapshots
+  (masked MSE, Adam; the paper's lr is 2e-4, the default ``ae_lr`` 1e-3 fits better in few
+  steps) and, with ``ae_save``, writes it as a safetensors artifact; ``ae_path`` loads such a
+  file instead and skips TGAP (clients then use all their examples in every round).
+* ``faf`` (the other rounds): clients train on the rest of their examples, encode the object and
+  upload the latent (plus one float32 scale per tensor when ``normalize``/``refit_scales``); the
+  server decodes and aggregates (``[method] aggregation``: the example-weighted mean by default,
+  or a robust rule; ``paper_sum`` sums the decoded objects as the paper writes).
+* ``calibrate`` (every ``refine_every``-th FAF round, off by default as in the paper): clients
+  upload their object uncompressed (the server never sees ground truth otherwise: decoded
+  objects cannot teach the AE anything), the server aggregates the exact objects, fine-tunes the
+  AE on them plus the TGAP pool, and the new AE is re-sent (and counted) in later downloads.
+* ``passthrough`` (``codec = "none"``): FedIT, bit for bit, same bytes on the wire.
+
+The AE is a public artifact distributed once: a client's first FAF download carries the whole AE
+(encoder and decoder: the client needs the decoder for error feedback and to measure the
+reconstruction it reports) and it is counted as downlink; later downloads carry it again only
+after a calibration round changed it. The client keeps it in its ClientState.
+
+What is encoded (``target``): ``state`` the adapter after local training (Algorithm 1, the paper's
+literal recipe), ``delta`` the round's change start − end, or ``grad`` the mean step
+(start − end)/(lr·steps) (for SGD without clipping this is the mean gradient; with Adam it is the
+mean normalised step). The server turns the aggregate back into an update: w − X for a state,
+X for a delta, X·lr·steps for a grad, then applies it through the configured server optimizer.
+
+Every FAF upload carries the client's reconstruction quality of what it encoded (it knows x and,
+holding the decoder, x̂): rel_err ‖x − x̂‖/‖x‖, cos, snr_db 10·log10(‖x‖²/‖x − x̂‖²), the same
+three for the update the server will apply (``update_*``: for a state that is start − x̂ against
+start − x, which is what matters and is far worse than the state's own figures, since the state
+is dominated by its initialisation; for a delta or grad they equal the plain ones), and
+``ef_gain`` = ‖x + e‖/‖x‖ (how much the error-feedback residual adds); the server reports their
+means per round. The paper's literal recipe is ``target = "state"``, ``normalize = false``,
+``refit_scales = false``, ``error_feedback = false``; the defaults are the variant that works.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from thinwire.compress.autoencoder import (
+    LATENT_DTYPES,
+    AutoencoderCodec,
+    CodecSpec,
+    load_artifact,
+    quality,
+)
+from thinwire.config import method_options, opt
+from thinwire.errors import UsageError
+from thinwire.methods import robust, validate
+from thinwire.methods.aggregate import weighted_mean
+from thinwire.methods.base import ClientState, Reply, Upload, client_weights, load_into, snapshot
+from thinwire.methods.fedavg import FedITClient, FedITServer
+from thinwire.seeding import derive_seed
+from thinwire.wire import Payload, PayloadError
+
+AE_PREFIX = "ae/"   # AE weights inside a download and inside a ClientState
+EF_PREFIX = "ef/"   # error-feedback residual inside a ClientState
+QUALITY = ("rel_err", "cos", "snr_db", "ef_gain", "update_rel_err", "update_cos", "update_snr_db")
+
+
+@dataclass
+class CGFedLLMOptions:
+    """`[method.cgfedllm]`. Defaults: the working variant (delta + scales + error feedback)."""
+
+    codec: str = opt("conv2d", "conv2d: the paper's 2-D residual conv AE; conv1d: 1-D AE over chunks; "
+                     "none: uncompressed pass-through (FedIT bit for bit); zeros: send nothing (control)",
+                     choices=("conv2d", "conv1d", "none", "zeros"))
+    target: str = opt("delta", "what is encoded: the adapter state (paper), the round's delta, or delta/(lr·steps)",
+                      choices=("state", "delta", "grad"))
+    normalize: bool = opt(True, "divide each tensor by its max |value| before encoding; scales sent (fp32 each)")
+    refit_scales: bool = opt(True, "client sends least-squares per-tensor gains against the decoded output")
+    error_feedback: bool = opt(True, "client adds what the codec lost last time to its next input")
+    paper_sum: bool = opt(False, "sum the decoded objects as the paper writes, instead of [method] aggregation "
+                          "(the weighted mean by default)")
+    compression: int = opt(0, "input cells per latent value (0: paper default, 64 for conv2d, 32 for conv1d)", low=0)
+    depth: int = opt(6, "stride-2 conv layers of the encoder (and transposed convs of the decoder)", low=1, high=12)
+    width: int = opt(8, "channels of the first conv, doubling per layer up to 64", low=1)
+    res_blocks: int = opt(2, "residual blocks at the deepest intermediate stage (each side)", low=0)
+    chunk: int = opt(4096, "conv1d: values per chunk (a multiple of 2^depth)", low=2)
+    latent_dtype: str = opt("float32", "precision of the latent on the wire", choices=tuple(LATENT_DTYPES))
+    tgap_rounds: int = opt(1, "first rounds that run TGAP (uncompressed FedIT on the TGAP share)", low=0)
+    tgap_share: float = opt(0.3, "share of each client's examples used in TGAP; FAF uses the rest", low=0, high=1)
+    tgap_snapshots: int = opt(4, "objects each client records (and uploads) per TGAP round, evenly spaced "
+                              "over its local steps", low=1)
+    ae_steps: int = opt(300, "Adam steps training the AE after TGAP", low=0)
+    ae_lr: float = opt(1e-3, "AE learning rate (paper: 2e-4, which underfits in a few hundred steps)", low=0)
+    ae_batch: int = opt(8, "AE training samples per step", low=1)
+    ae_path: str = opt("", "load this trained AE (a file written by ae_save) and skip TGAP")
+    ae_save: str = opt("", "write the trained AE here (safetensors), after TGAP and after each refinement")
+    refine_every: int = opt(0, "every N-th FAF round is a calibration round (exact uploads, AE fine-tuned "
+                            "and re-sent); 0: AE frozen during FAF (paper)", low=0)
+    refine_steps: int = opt(100, "Adam steps of each AE refinement", low=0)
+
+
+def _validate(o: CGFedLLMOptions, rounds: int) -> None:
+    learned = o.codec in ("conv2d", "conv1d")
+    if o.codec == "none":
+        return
+    if o.error_feedback and o.target == "state":
+        raise UsageError("method.cgfedllm.error_feedback needs target = 'delta' or 'grad': a state is not "
+                         "additive across rounds, so a residual cannot be carried into the next one")
+    if o.codec == "zeros" and o.target == "state":
+        raise UsageError("method.cgfedllm.codec = 'zeros' with target = 'state' would zero the adapter; "
+                         "use target = 'delta' for the send-nothing control")
+    tgap = o.tgap_rounds > 0 and not o.ae_path
+    if learned and not tgap and not o.ae_path:
+        raise UsageError("method.cgfedllm.codec = '%s' needs a trained autoencoder: set tgap_rounds >= 1 "
+                         "or ae_path to a saved one" % o.codec)
+    if tgap and o.tgap_rounds >= rounds:
+        raise UsageError(f"method.cgfedllm.tgap_rounds = {o.tgap_rounds} leaves no FAF round out of "
+                         f"federation.rounds = {rounds}; lower it or add rounds")
+    if tgap and not 0 < o.tgap_share < 1:
+        raise UsageError(f"method.cgfedllm.tgap_share = {o.tgap_share} must lie strictly between 0 and 1 "
+                         "while TGAP runs (its share and the FAF share both need examples)")
+    if learned:
+        try:
+            CodecSpec(o.codec, o.depth, o.compression, o.width, o.res_blocks, o.chunk).latent_channels()
+        except ValueError as exc:
+            raise UsageError(f"method.cgfedllm: {exc}") from exc
+    if o.refine_every and not learned:
+        raise UsageError("method.cgfedllm.refine_every needs a learned codec (conv2d or conv1d)")
+
+
+class _Rule:
+    """What both sides share: options, phases, the codec and the data split."""
+
+    def _setup_rule(self) -> None:
+        self.options = o = method_options(self.config, "cgfedllm", CGFedLLMOptions)
+        _validate(o, self.config.federation.rounds)
+        self.learned = o.codec in ("conv2d", "conv1d")
+        self.tgap = o.codec != "none" and o.tgap_rounds > 0 and not o.ae_path
+        self._codec: AutoencoderCodec | None = None
+
+    def phase(self, rnd: int) -> str:
+        o = self.options
+        if o.codec == "none":
+            return "passthrough"
+        if self.tgap and rnd <= o.tgap_rounds:
+            return "tgap"
+        faf_round = rnd - (o.tgap_rounds if self.tgap else 0)
+        if o.refine_every and faf_round % o.refine_every == 0:
+            return "calibrate"
+        return "faf"
+
+    @property
+    def codec(self) -> AutoencoderCodec:
+        if self._codec is None:
+            o = self.options
+            _, params = self.ctx.workbench.trainable(True)
+            spec = CodecSpec(o.codec, o.depth, o.compression, o.width, o.res_blocks, o.chunk)
+            self._codec = AutoencoderCodec(spec, [(n, tuple(p.shape)) for n, p in params.items()],
+                                           normalize=o.normalize, refit=o.refit_scales, latent_dtype=o.latent_dtype,
+                                           seed=derive_seed(self.config.federation.seed, "cgfedllm-ae-init"))
+        return self._codec
+
+    def to_update(self, aggregate: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The aggregated object as an update Δ (the server subtracts it)."""
+        target = self.options.target
+        if target == "state":
+            return {n: weights[n] - aggregate[n].to(weights[n].device) for n in weights}
+        if target == "grad":
+            steps = self.config.train.lr * self.config.train.local_steps
+            return {n: t * steps for n, t in aggregate.items()}
+        return aggregate
+
+
+class CGFedLLMServer(_Rule, FedITServer):
+    def setup(self) -> None:
+        self._setup_rule()
+        if self.options.paper_sum and self.config.method.aggregation != "mean":
+            raise UsageError("method.cgfedllm.paper_sum replaces the mean; it cannot be combined with "
+                             f"method.aggregation = {self.config.method.aggregation!r}")
+        super().setup()
+        o = self.options
+        self.ae_version = 0
+        self.client_ae: dict[int, int] = {}
+        self.pool: list[torch.Tensor] = []
+        self._current: str | None = None            # the phase of the round being served
+        self._objects: dict[int, dict[str, torch.Tensor]] = {}  # decoded uploads of this round
+        self._pending: dict[str, float] = {}        # metrics of an AE training run outside aggregate
+        if o.ae_path:
+            try:
+                spec, tensors = load_artifact(o.ae_path)
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"method.cgfedllm.ae_path: cannot read {o.ae_path}: {exc}") from exc
+            if spec != self.codec.spec:
+                raise UsageError(f"method.cgfedllm.ae_path holds an AE of architecture {spec}, but the options "
+                                 f"describe {self.codec.spec}; set codec/depth/compression/width/res_blocks/chunk to match")
+            try:
+                self.codec.load_tensors(tensors)
+            except ValueError as exc:
+                raise UsageError(f"method.cgfedllm.ae_path: {exc}") from exc
+            self.ae_version = 1
+
+    # -- the wire ------------------------------------------------------------------------------
+    def download(self, rnd: int, client_id: int) -> Payload:
+        phase = self._current = self.phase(rnd)
+        if phase == "passthrough":
+            return super().download(rnd, client_id)
+        if phase == "faf" and self.learned and self.ae_version == 0:
+            # the last TGAP round was skipped (too few replies): train on what was pooled so far
+            self._pending.update(self._train_ae(rnd, "tgap"))
+        tensors = dict(self.weights)
+        if phase == "faf" and self.learned and self.client_ae.get(client_id, 0) < self.ae_version:
+            tensors.update({AE_PREFIX + k: v for k, v in self.codec.state_tensors().items()})
+        return Payload(tensors=tensors, scalars={"phase": phase, "ae_version": self.ae_version})
+
+    def max_upload_bytes(self) -> int:
+        if self.config.method.max_upload_bytes > 0:
+            return self.config.method.max_upload_bytes
+        snapshots = self.options.tgap_snapshots if self.tgap else 1
+        return 8 * snapshots * self.trainable_parameters() + (1 << 20)
+
+    def check_update(self, reply: Reply) -> None:
+        phase = self._current or self.phase(1)
+        tensors, scalars = reply.payload.tensors, reply.payload.scalars
+        if phase == "passthrough":
+            validate.check_like(tensors, self.weights)
+            return
+        if str(scalars.get("phase")) != phase:
+            raise PayloadError(f"a {phase} round got a {str(scalars.get('phase'))[:20]!r} upload")
+        if phase in ("tgap", "calibrate"):
+            snaps = _snapshots(tensors)
+            expected = self.options.tgap_snapshots if phase == "tgap" else 1
+            if not 1 <= len(snaps) <= expected:
+                raise PayloadError(f"{len(snaps)} snapshots in a {phase} upload, expected 1 to {expected}")
+            for snap in snaps:
+                validate.check_like(snap, self.weights)
+            return
+        validate.int_scalar(scalars, "ae_version", self.ae_version)
+        for key in QUALITY:
+            value = scalars.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise PayloadError(f"scalar {key!r} is missing or not a number")
+        if not self.learned:  # codec "zeros": nothing may be sent
+            validate.check_names(tensors, [])
+            return
+        validate.check_names(tensors, ["latent", "scales"] if self.codec.sends_scales else ["latent"])
+        validate.check_tensor(tensors, "latent", self.codec.latent_dtype, shape=self.codec.latent_shape)
+        if self.codec.sends_scales:
+            validate.check_tensor(tensors, "scales", torch.float32, shape=(len(self.codec.names),))
+
+    def update_norm(self, reply: Reply) -> float:
+        if self.options.codec == "none":
+            return robust.l2_norm(reply.payload.tensors, self.weights)
+        return robust.l2_norm(self._update_of(reply), self.weights)
+
+    # -- aggregation ---------------------------------------------------------------------------
+    def _object(self, reply: Reply) -> dict[str, torch.Tensor]:
+        """The client's object: exact (last snapshot) or decoded; decoded once per round."""
+        key = id(reply.payload)
+        if key not in self._objects:
+            if (self._current or "faf") in ("tgap", "calibrate"):
+                self._objects[key] = _snapshots(reply.payload.tensors)[-1]
+            elif not self.learned:
+                self._objects[key] = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in self.weights.items()}
+            else:
+                device = next(iter(self.weights.values())).device
+                self._objects[key] = self.codec.decode(reply.payload.tensors["latent"],
+                                                       reply.payload.tensors.get("scales"), device)
+        return self._objects[key]
+
+    def _update_of(self, reply: Reply) -> dict[str, torch.Tensor]:
+        return self.to_update(self._object(reply), self.weights)
+
+    def aggregate(self, rnd: int, replies: list[Reply]) -> dict[str, float]:
+        phase = self._current = self.phase(rnd)
+        if phase == "passthrough":
+            return {**super().aggregate(rnd, replies), "phase": "passthrough"}
+        for reply in replies:
+            self.check_update(reply)
+        metrics: dict[str, float] = {"phase": phase, **self._pending}
+        self._pending = {}
+        if phase in ("tgap", "calibrate") and self.learned:
+            self.pool.extend(self.codec.prepare(snap)[0] for r in replies for snap in _snapshots(r.payload.tensors))
+        if phase == "faf":
+            for key in QUALITY:
+                metrics[key] = sum(float(r.payload.scalars[key]) for r in replies) / len(replies)
+            metrics["rel_err_max"] = max(float(r.payload.scalars["rel_err"]) for r in replies)
+            if self.learned:
+                metrics.update({k: float(v) for k, v in self.codec.ratio().items()})
+        for reply in replies:
+            self.client_ae[reply.client_id] = int(reply.payload.scalars.get("ae_version", 0))
+        cfg = self.config.method
+        if self.options.paper_sum:
+            update = self.to_update(weighted_mean([self._object(r) for r in replies], [1.0] * len(replies)),
+                                    self.weights)
+        else:
+            factors = [self.clip_factor(r) for r in replies]
+            updates = [robust.scale(self._update_of(r), f) for r, f in zip(replies, factors)]
+            update = robust.combine_tensors(updates, client_weights(replies, cfg.weighting), cfg.aggregation,
+                                            cfg.trim_fraction)
+            if cfg.clip_update_norm > 0:
+                metrics["clipped"] = float(sum(f < 1.0 for f in factors))
+        self.optimizer.step(self.weights, update)
+        self._objects.clear()
+        metrics["update_norm"] = robust.l2_norm(update, self.weights)
+        if self.learned and ((phase == "tgap" and rnd == self.options.tgap_rounds) or phase == "calibrate"):
+            metrics.update(self._train_ae(rnd, phase))
+        metrics["ae_version"] = self.ae_version
+        return metrics
+
+    def _train_ae(self, rnd: int, phase: str) -> dict[str, float]:
+        o = self.options
+        if not self.pool:
+            raise RuntimeError("no TGAP snapshot reached the server: the autoencoder cannot be trained")
+        steps = o.ae_steps if phase == "tgap" else o.refine_steps
+        stats = self.codec.fit(torch.cat(self.pool), steps, o.ae_lr, o.ae_batch,
+                               derive_seed(self.config.federation.seed, "cgfedllm-ae-train", rnd))
+        self.ae_version += 1
+        if not o.refine_every:
+            self.pool = []  # a frozen AE never trains again: free the snapshots (and keep checkpoints small)
+        if o.ae_save:
+            self.codec.save(o.ae_save)
+        return stats
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> Payload | None:
+        base = super().state_dict()
+        if base is None:
+            return None
+        tensors = dict(base.tensors)
+        if self.learned:
+            tensors.update({AE_PREFIX + k: v for k, v in self.codec.state_tensors().items()})
+            tensors.update({f"pool/{i}": t for i, t in enumerate(self.pool)})
+        return Payload(tensors=tensors, scalars={"ae_version": self.ae_version,
+                                                 "client_ae": json.dumps(sorted(self.client_ae.items()))})
+
+    def load_state_dict(self, state: Payload) -> None:
+        super().load_state_dict(state)
+        self.ae_version = int(state.scalars.get("ae_version", 0))
+        self.client_ae = {int(c): int(v) for c, v in json.loads(str(state.scalars.get("client_ae", "[]")))}
+        if self.learned:
+            self.codec.load_tensors({k[len(AE_PREFIX):]: t for k, t in state.tensors.items() if k.startswith(AE_PREFIX)})
+            pool = {int(k[5:]): t for k, t in state.tensors.items() if k.startswith("pool/")}
+            self.pool = [pool[i] for i in sorted(pool)]
+
+
+def _snapshots(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """An uncompressed upload's snapshots 's<k>/<name>', in order (the last is the round's object)."""
+    snaps: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        head, _, name = key.partition("/")
+        if not (head.startswith("s") and head[1:].isdigit() and name):
+            raise PayloadError(f"unexpected tensor {key[:60]!r} in an uncompressed upload")
+        snaps.setdefault(int(head[1:]), {})[name] = t
+    if not snaps or sorted(snaps) != list(range(len(snaps))):
+        raise PayloadError("an uncompressed upload with no snapshots or a gap in their numbering")
+    return [snaps[i] for i in range(len(snaps))]
+
+
+class CGFedLLMClient(_Rule, FedITClient):
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self._setup_rule()
+        self._codec_version: int | None = None
+
+    def split(self, examples: list[dict], client_id: int, phase: str) -> list[dict]:
+        """The client's TGAP share (a seeded subset) in TGAP rounds, the rest otherwise."""
+        if not self.tgap or len(examples) < 2:
+            return examples
+        n = len(examples)
+        k = min(n - 1, max(1, round(self.options.tgap_share * n)))
+        order = np.random.default_rng(derive_seed(self.config.federation.seed, "cgfedllm-split", client_id)).permutation(n)
+        chosen = sorted(order[:k].tolist()) if phase == "tgap" else sorted(order[k:].tolist())
+        return [examples[i] for i in chosen]
+
+    def fit(self, rnd: int, client_id: int, download: Payload, examples: list[dict],
+            state: ClientState) -> Upload:
+        phase = self.phase(rnd)
+        if phase == "passthrough":
+            return super().fit(rnd, client_id, download, examples, state)
+        if str(download.scalars.get("phase")) != phase:
+            raise PayloadError(f"download is for phase {download.scalars.get('phase')!r}, this is a {phase} round")
+        self._keep_ae(download, state)
+        model, params = self.ctx.workbench.trainable(True)
+        load_into(params, {k: v for k, v in download.tensors.items() if not k.startswith(AE_PREFIX)})
+        start = snapshot(params)
+        data = self.split(examples, client_id, phase)
+        steps = self.config.train.local_steps
+        count = self.options.tgap_snapshots if phase == "tgap" else 1
+        marks = sorted({max(1, round(steps * (k + 1) / count)) for k in range(count)})
+        snaps: list[tuple[int, dict[str, torch.Tensor]]] = []
+        outer, done = self.ctx.on_step, [0]
+
+        def on_step() -> None:
+            done[0] += 1
+            if done[0] in marks[:-1]:
+                snaps.append((done[0], snapshot(params)))
+            if outer is not None:
+                outer()
+
+        self.ctx.on_step = on_step
+        try:
+            stats = self.local_train(model, params, data, rnd, client_id)
+        finally:
+            self.ctx.on_step = outer
+        snaps.append((steps, snapshot(params)))
+        objects = [self._object(start, end, k) for k, end in snaps]
+        metrics = {"train_loss": stats.loss, "tokens": stats.tokens, "train_s": stats.seconds,
+                   "examples_used": len(data)}
+        scalars = {"phase": phase, "ae_version": int(state.scalars.get("ae_version", 0))}
+        if phase == "tgap":
+            tensors = {f"s{i}/{n}": t for i, obj in enumerate(objects) for n, t in obj.items()}
+            return Upload(Payload(tensors=tensors, scalars=scalars), len(data), metrics)
+        x = objects[-1]
+        residual = {n[len(EF_PREFIX):]: t for n, t in state.tensors.items() if n.startswith(EF_PREFIX)}
+        x_in = {n: t + residual[n].to(t.device) if n in residual else t for n, t in x.items()}
+        if phase == "calibrate":
+            self._set_residual(state, None)
+            return Upload(Payload(tensors={f"s0/{n}": t for n, t in x_in.items()}, scalars=scalars), len(data), metrics)
+        if self.learned:
+            codec = self._client_codec(state)
+            latent, scales, xhat = codec.encode(x_in)
+            tensors = {"latent": latent} if scales is None else {"latent": latent, "scales": scales}
+        else:  # zeros: nothing crosses the wire, and no residual is kept (it would only grow)
+            tensors, xhat = {}, {n: torch.zeros_like(t) for n, t in x_in.items()}
+        if self.options.error_feedback and self.learned:
+            self._set_residual(state, {n: x_in[n] - xhat[n] for n in x_in})
+        q = quality(x_in, xhat)
+        q["ef_gain"] = _norm(x_in) / max(_norm(x), 1e-30)
+        if self.options.target == "state":  # what the server will apply: start − x̂ instead of start − x
+            u = quality({n: start[n] - x_in[n] for n in x_in}, {n: start[n] - xhat[n] for n in x_in})
+        else:  # a delta or a grad is the update itself, up to a constant factor
+            u = {k: q[k] for k in ("rel_err", "cos", "snr_db")}
+        q.update({f"update_{k}": v for k, v in u.items()})
+        scalars.update(q)
+        metrics.update({f"codec_{k}": v for k, v in q.items()})
+        return Upload(Payload(tensors=tensors, scalars=scalars), len(data), metrics)
+
+    def _object(self, start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], steps_done: int):
+        target = self.options.target
+        if target == "state":
+            return {n: t.clone() for n, t in end.items()}
+        delta = {n: start[n] - end[n] for n in start}
+        if target == "grad":
+            scale = 1.0 / (self.config.train.lr * steps_done) if self.config.train.lr > 0 else 0.0
+            return {n: t * scale for n, t in delta.items()}
+        return delta
+
+    @staticmethod
+    def _keep_ae(download: Payload, state: ClientState) -> None:
+        ae = {k: v for k, v in download.tensors.items() if k.startswith(AE_PREFIX)}
+        if ae:
+            state.tensors = {k: v for k, v in state.tensors.items() if not k.startswith(AE_PREFIX)}
+            state.tensors.update({k: v.clone() for k, v in ae.items()})
+            state.scalars["ae_version"] = int(download.scalars["ae_version"])
+
+    def _client_codec(self, state: ClientState) -> AutoencoderCodec:
+        version = int(state.scalars.get("ae_version", 0))
+        if version < 1:
+            raise PayloadError("this client holds no autoencoder: its FAF download should have carried one")
+        if self._codec_version != version:
+            try:
+                self.codec.load_tensors({k[len(AE_PREFIX):]: v for k, v in state.tensors.items()
+                                         if k.startswith(AE_PREFIX)})
+            except ValueError as exc:
+                raise PayloadError(f"the downloaded autoencoder does not fit: {exc}") from exc
+            self._codec_version = version
+        return self.codec
+
+    @staticmethod
+    def _set_residual(state: ClientState, residual: dict[str, torch.Tensor] | None) -> None:
+        state.tensors = {k: v for k, v in state.tensors.items() if not k.startswith(EF_PREFIX)}
+        if residual:
+            state.tensors.update({EF_PREFIX + n: t.detach().float().contiguous() for n, t in residual.items()})
+
+
+def _norm(tensors: dict[str, torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors.values())))

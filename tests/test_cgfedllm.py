@@ -1,0 +1,224 @@
+"""CG-FedLLM: the autoencoder codec, the pass-through control, TGAP/FAF phases and their traffic."""
+
+import json
+
+import pytest
+import torch
+
+from thinwire.compress.autoencoder import AutoencoderCodec, CodecSpec, load_artifact, quality
+from thinwire.errors import UsageError
+from thinwire.methods.cgfedllm import QUALITY
+from thinwire.runtime.local import run_local
+from thinwire.wire import Payload
+
+# the tiny model's LoRA factors (rank 8, hidden 64, 2 layers, GQA: k/v project to 32)
+TINY = [(f"{layer}.{m}.lora_{f}", (8, 64) if f == "A" else (rows, 8))
+        for layer in range(2) for m, rows in (("q", 64), ("k", 32), ("v", 32), ("o", 64)) for f in "AB"]
+# a small AE and short phases keep each run within seconds
+FAST_AE = ["method.cgfedllm.tgap_rounds=2", "method.cgfedllm.width=4", "method.cgfedllm.res_blocks=1", "method.cgfedllm.ae_steps=40",
+           "method.cgfedllm.ae_batch=4", "method.cgfedllm.tgap_snapshots=2"]
+BASE = ["eval.generate=false", "train.lr=5e-2", "eval.max_examples=8", "data.examples_per_client=16"]
+
+
+def _rounds(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_shapes_and_compression_ratio_by_hand():
+    conv2d = AutoencoderCodec(CodecSpec("conv2d"), TINY, normalize=True, refit=True)
+    # side by side: rows = the long side (64, k/v B padded from 32), columns = 16 factors × rank 8
+    assert (conv2d.layout.height, conv2d.layout.width) == (64, 128)
+    assert conv2d.layout.values == 2 * (4 * 8 * 64 + 8 * (64 + 32 + 32 + 64)) == 7168
+    # six stride-2 convs: 64×128 → 1×2 positions, 4^6 = 4096 cells each; 64 latent channels → 1/64
+    assert conv2d.model.channels == [1, 8, 16, 32, 64, 64, 64]
+    assert conv2d.latent_shape == (1, 64, 1, 2)
+    assert conv2d.ratio()["ratio_cells"] == 128 / 8192 == 1 / 64
+    assert conv2d.ratio()["ratio_values"] == 128 / 7168
+    conv1d = AutoencoderCodec(CodecSpec("conv1d", chunk=1024), TINY, normalize=True, refit=True)
+    # 7168 values → 7 chunks of 1024; 2^6 = 64 values per latent position, 2 channels → 1/32
+    assert conv1d.latent_shape == (7, 2, 16) and conv1d.ratio()["ratio_values"] == 1 / 32
+    assert AutoencoderCodec(CodecSpec("conv2d", compression=16), TINY, normalize=False,
+                            refit=False).latent_shape == (1, 256, 1, 2)
+    with pytest.raises(ValueError, match="does not divide"):
+        CodecSpec("conv2d", depth=2, compression=64).latent_channels()
+    # layouts are exact inverses, and the decoder mirrors the encoder
+    tensors = {n: torch.randn(s) for n, s in TINY}
+    for codec in (conv2d, conv1d):
+        back = codec.layout.unpack(codec.layout.pack(tensors))
+        assert all(torch.equal(back[n], tensors[n]) for n in tensors)
+        latent, scales, recon = codec.encode(tensors)
+        assert tuple(latent.shape) == codec.latent_shape and scales.shape == (16,)
+        decoded = codec.decode(latent, scales)
+        assert all(torch.equal(decoded[n], recon[n]) for n in tensors)
+        assert codec.model(codec.prepare(tensors)[0]).abs().max() <= 1  # tanh output
+
+
+def test_trained_autoencoder_beats_zeros_on_structured_input(tmp_path):
+    """Inputs from a low-dimensional family of smooth patterns on the grid: after training the AE
+    reconstructs held-out ones far better than sending zeros (rel. error 1)."""
+    gen = torch.Generator().manual_seed(0)
+    codec = AutoencoderCodec(CodecSpec("conv2d", width=8, res_blocks=1, compression=16), TINY,
+                             normalize=False, refit=False, seed=1)
+    rows = torch.arange(64.0)[:, None] / 64
+    cols = torch.arange(128.0)[None, :] / 128
+    patterns = [torch.cos(2 * torch.pi * (f * rows + g * cols)) for f, g in ((1, 0), (0, 1), (1, 1), (0, 2))]
+
+    def sample():
+        c = torch.rand(len(patterns), generator=gen) - 0.5
+        return codec.layout.unpack(sum(ci * p for ci, p in zip(c, patterns))[None, None])
+
+    train = torch.cat([codec.prepare(sample())[0] for _ in range(64)])
+    held_out = [sample() for _ in range(4)]
+    before = sum(quality(x, codec.encode(x)[2])["rel_err"] for x in held_out) / 4
+    stats = codec.fit(train, steps=200, lr=3e-3, batch=8, seed=0)
+    after = [quality(x, codec.encode(x)[2]) for x in held_out]
+    assert stats["ae_rel_err"] < stats["ae_rel_err_before"]
+    assert sum(q["rel_err"] for q in after) / 4 < min(0.6, before)
+    assert all(q["cos"] > 0.8 and q["snr_db"] > 3 for q in after)
+    # the artifact round-trips
+    codec.save(tmp_path / "ae.safetensors")
+    spec, weights = load_artifact(tmp_path / "ae.safetensors")
+    again = AutoencoderCodec(spec, TINY, normalize=False, refit=False, seed=7)
+    again.load_tensors(weights)
+    assert torch.equal(again.encode(held_out[0])[0], codec.encode(held_out[0])[0])
+
+
+def test_passthrough_is_fedit_bit_for_bit(tmp_path, smoke_config):
+    fedit = run_local(smoke_config("method.name='fedit'", *BASE), tmp_path / "fedit", quiet=True)
+    cg = run_local(smoke_config("method.name='cgfedllm'", "method.cgfedllm.codec='none'", *BASE),
+                   tmp_path / "cg", quiet=True)
+    a, b = (tmp_path / "fedit/final_state.safetensors").read_bytes(), (tmp_path / "cg/final_state.safetensors").read_bytes()
+    assert a == b
+    assert fedit["final_eval"] == cg["final_eval"]
+    assert (fedit["uplink_bytes_total"], fedit["downlink_bytes_total"]) == (cg["uplink_bytes_total"],
+                                                                          cg["downlink_bytes_total"])
+    assert all(r["aggregate"]["phase"] == "passthrough" for r in _rounds(tmp_path / "cg"))
+
+
+def test_working_variant_learns_and_traffic_is_the_encoded_payloads(tmp_path, smoke_config):
+    config = smoke_config("method.name='cgfedllm'", "federation.rounds=4", *BASE, *FAST_AE,
+                          f"method.cgfedllm.ae_save='{tmp_path / 'ae.safetensors'}'")
+    summary = run_local(config, tmp_path / "r", quiet=True)
+    assert summary["final_eval"]["loss"] < summary["base_eval"]["loss"] - 0.05
+    rounds = _rounds(tmp_path / "r")
+    assert [r["aggregate"]["phase"] for r in rounds] == ["tgap", "tgap", "faf", "faf"]
+    assert rounds[1]["aggregate"]["ae_version"] == 1 and rounds[1]["aggregate"]["ae_samples"] == 2 * 2 * 2
+
+    codec = AutoencoderCodec(CodecSpec("conv2d", width=4, res_blocks=1), TINY, normalize=True, refit=True)
+    ae_bytes = Payload(tensors={f"ae/{k}": v for k, v in codec.state_tensors().items()}).encode().__len__()
+    adapter = Payload(tensors={n: torch.zeros(s) for n, s in TINY}).encode().__len__()
+    seen = set()
+    for r in rounds:
+        agg = r["aggregate"]
+        for c in r["clients"]:
+            if agg["phase"] == "tgap":  # two uncompressed snapshots of the adapter per client-round
+                assert c["uplink_bytes"] > 2 * 7168 * 4
+                continue
+            # FAF: exactly a latent of 128 float32 values, 16 float32 scales and the quality scalars
+            # (the client also reports those scalars as metrics, so the bytes can be rebuilt exactly)
+            scalars = {"phase": "faf", "ae_version": 1, **{k: c[f"codec_{k}"] for k in QUALITY}}
+            expected = Payload(tensors={"latent": torch.zeros(1, 64, 1, 2), "scales": torch.zeros(16)},
+                               scalars=scalars).encode()
+            assert c["uplink_bytes"] == len(expected)
+            assert c["uplink_bytes"] < adapter / 10
+            # the AE is downloaded once per client: its first FAF download carries it
+            first = c["client"] not in seen
+            seen.add(c["client"])
+            assert (c["downlink_bytes"] > ae_bytes) == first
+        if agg["phase"] == "faf":
+            for key in ("rel_err", "cos", "snr_db"):
+                assert agg[key] == pytest.approx(sum(c[f"codec_{key}"] for c in r["clients"]) / len(r["clients"]))
+            assert 0 < agg["rel_err"] <= 1 + 1e-9  # refitted scales: never worse than zeros
+    assert summary["uplink_bytes_total"] == sum(c["uplink_bytes"] for r in rounds for c in r["clients"])
+    # the saved AE skips TGAP in a later run; error feedback keeps tensors in the client state
+    spec, _ = load_artifact(tmp_path / "ae.safetensors")
+    assert spec == CodecSpec("conv2d", width=4, res_blocks=1)
+    reuse = smoke_config("method.name='cgfedllm'", "federation.rounds=1", *BASE, *FAST_AE,
+                         f"method.cgfedllm.ae_path='{tmp_path / 'ae.safetensors'}'")
+    run_local(reuse, tmp_path / "reuse", quiet=True)
+    assert [r["aggregate"]["phase"] for r in _rounds(tmp_path / "reuse")] == ["faf"]
+
+
+def test_faithful_variant_and_calibration_run(tmp_path, smoke_config):
+    config = smoke_config("method.name='cgfedllm'", "federation.rounds=4", *BASE, *FAST_AE,
+                          "method.cgfedllm.target='state'", "method.cgfedllm.normalize=false",
+                          "method.cgfedllm.refit_scales=false", "method.cgfedllm.error_feedback=false",
+                          "method.cgfedllm.paper_sum=true", "method.cgfedllm.tgap_rounds=1",
+                          "method.cgfedllm.refine_every=2", "method.cgfedllm.refine_steps=5")
+    summary = run_local(config, tmp_path / "r", quiet=True)
+    rounds = _rounds(tmp_path / "r")
+    assert [r["aggregate"]["phase"] for r in rounds] == ["tgap", "faf", "calibrate", "faf"]
+    assert [r["aggregate"]["ae_version"] for r in rounds] == [1, 1, 2, 2]
+    faf = [r for r in rounds if r["aggregate"]["phase"] == "faf"]
+    # no scales sent: the upload is the latent alone
+    assert all(c["uplink_bytes"] < 1000 for r in faf for c in r["clients"])
+    assert all(r["aggregate"]["rel_err"] > 0 for r in faf)
+    # the state's own figures flatter it: the update it implies (start − x̂) is reconstructed worse
+    assert all(r["aggregate"]["update_rel_err"] > r["aggregate"]["rel_err"] for r in faf)
+    # the refined AE is sent again after the calibration round
+    assert all(c["downlink_bytes"] > 100_000 for c in rounds[3]["clients"])
+    assert summary["final_eval"]["loss"] == summary["final_eval"]["loss"]  # finite, it ran
+
+
+def test_conv1d_grad_and_zeros_control(tmp_path, smoke_config):
+    run_local(smoke_config("method.name='cgfedllm'", "federation.rounds=2", *BASE, *FAST_AE,
+                           "method.cgfedllm.codec='conv1d'", "method.cgfedllm.target='grad'",
+                           "method.cgfedllm.chunk=1024", "method.cgfedllm.tgap_rounds=1"), tmp_path / "c1", quiet=True)
+    faf = _rounds(tmp_path / "c1")[1]
+    assert faf["aggregate"]["phase"] == "faf" and faf["aggregate"]["latent_values"] == 7 * 2 * 16
+    zeros = run_local(smoke_config("method.name='cgfedllm'", "federation.rounds=2", *BASE,
+                                   "method.cgfedllm.codec='zeros'", "method.cgfedllm.tgap_rounds=0"),
+                      tmp_path / "z", quiet=True)
+    assert zeros["final_eval"]["loss"] == zeros["base_eval"]["loss"]  # nothing sent, nothing learned
+    assert all(r["aggregate"]["rel_err"] == pytest.approx(1.0) and r["aggregate"]["update_norm"] == 0.0
+               for r in _rounds(tmp_path / "z"))
+
+
+@pytest.mark.parametrize("options, message", [
+    (["method.cgfedllm.target='state'"], "error_feedback needs target"),
+    (["method.cgfedllm.tgap_rounds=0"], "needs a trained autoencoder"),
+    (["method.cgfedllm.tgap_rounds=3"], "leaves no FAF round"),
+    (["method.cgfedllm.paper_sum=true", "method.aggregation='median'"], "cannot be combined"),
+    (["method.cgfedllm.tgap_share=1.0"], "strictly between 0 and 1"),
+    (["method.cgfedllm.compression=3"], "does not divide"),
+    (["method.cgfedllm.codec='zeros'", "method.cgfedllm.target='state'", "method.cgfedllm.error_feedback=false"],
+     "would zero the adapter"),
+    (["method.cgfedllm.codec='conv1d'", "method.cgfedllm.chunk=1000"], "multiple of 2\\^depth"),
+    (["method.cgfedllm.ae_path='/nonexistent/ae.safetensors'"], "cannot read"),
+    (["method.cgfedllm.codec='gzip'"], "is not one of"),
+    (["method.cgfedllm.bogus=1"], "unknown config key"),
+])
+def test_bad_options_are_usage_errors(tmp_path, smoke_config, options, message):
+    with pytest.raises(UsageError, match=message):
+        run_local(smoke_config("method.name='cgfedllm'", "federation.rounds=3", *options), tmp_path / "r", quiet=True)
+
+
+def test_resume_after_a_crash_is_bit_identical(tmp_path, smoke_config, monkeypatch):
+    """The checkpoint carries the AE, the snapshot pool (refinement on) and who holds which AE;
+    the clients' AE copies and error-feedback residuals live in their ClientStates."""
+    from thinwire.methods.cgfedllm import CGFedLLMServer
+    from thinwire.runtime.local import resume_local
+
+    config = smoke_config("method.name='cgfedllm'", "federation.rounds=5", *BASE, *FAST_AE,
+                          "method.cgfedllm.refine_every=2", "method.cgfedllm.refine_steps=5")
+    run_local(config, tmp_path / "whole", quiet=True)
+    original = CGFedLLMServer.aggregate
+
+    def aggregate(self, rnd, replies):
+        if rnd == 4:
+            raise KeyboardInterrupt
+        return original(self, rnd, replies)
+
+    monkeypatch.setattr(CGFedLLMServer, "aggregate", aggregate)
+    with pytest.raises(KeyboardInterrupt):
+        run_local(config, tmp_path / "cut", quiet=True)
+    monkeypatch.setattr(CGFedLLMServer, "aggregate", original)
+    resume_local(tmp_path / "cut.partial", quiet=True)
+    assert (tmp_path / "whole/final_state.safetensors").read_bytes() == \
+        (tmp_path / "cut/final_state.safetensors").read_bytes()
+    whole, cut = _rounds(tmp_path / "whole"), _rounds(tmp_path / "cut")
+    assert [r["aggregate"]["phase"] for r in cut] == ["tgap", "tgap", "faf", "calibrate", "faf"]
+    for a, b in zip(whole, cut):
+        assert [c["uplink_bytes"] for c in a["clients"]] == [c["uplink_bytes"] for c in b["clients"]]
+        assert [c["downlink_bytes"] for c in a["clients"]] == [c["downlink_bytes"] for c in b["clients"]]
+        assert a["eval"] == b["eval"]
