@@ -71,8 +71,14 @@ def executable(name: str) -> str:
 
 
 def flower_env(flwr_home: Path | str | None = None, **extra: str) -> dict[str, str]:
-    """This process's environment plus telemetry/update checks off (and FLWR_HOME when given)."""
+    """This process's environment plus telemetry/update checks off (and FLWR_HOME when given).
+
+    Flower's processes start helpers (flower-superexec) by name, so this interpreter's bin
+    directory goes first on PATH: a venv that was never activated still finds its own tools.
+    """
     env = {**os.environ, **QUIET_ENV, **extra}
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
     if flwr_home is not None:
         env["FLWR_HOME"] = str(Path(flwr_home).expanduser().resolve())
     return env
