@@ -39,7 +39,20 @@ start − x, which is what matters and is far worse than the state's own figures
 is dominated by its initialisation; for a delta or grad they equal the plain ones), and
 ``ef_gain`` = ‖x + e‖/‖x‖ (how much the error-feedback residual adds); the server reports their
 means per round. The paper's literal recipe is ``target = "state"``, ``normalize = false``,
-``refit_scales = false``, ``error_feedback = false``; the defaults are the variant that works.
+``refit_scales = false``, ``error_feedback = false``; the defaults are the repaired pipeline
+(delta, refitted per-tensor scales, error feedback) at the paper's 1/64.
+
+Measured (benchmarks/cgfedllm.py): the literal recipe is worse than sending nothing (the update
+it implies has rel. error > 1; on SmolLM2-135M it put the adapter back to the base model's loss).
+The repaired pipeline never hurts (refitted scales keep every tensor's error ≤ that of zeros), but
+at 1/64 the AE reconstructs fresh updates barely better than zeros (cos ≈ 0.02–0.06), so its FAF
+rounds add nothing measurable over stopping after TGAP; at milder ratios (1/4) the same pipeline
+matched FedIT's loss on the tiny model. A conv AE is translation-equivariant and cannot learn the
+position-specific directions that updates share (PCA of TGAP deltas does, on the same data), and
+what it learns on the TGAP share does not transfer to the FAF share's updates.
+
+The server's checkpoint carries the AE, its version, who holds which version and (with
+refinement) the snapshot pool; a frozen AE drops the pool once trained.
 """
 
 from __future__ import annotations
