@@ -186,6 +186,24 @@ class ServerSide(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot resume from a checkpoint")
 
 
+class WeightsServer(ServerSide):
+    """A server whose global state is `self.weights`, the trainable tensors by name."""
+
+    lora = False
+    weights: dict[str, torch.Tensor]
+
+    def eval_model(self) -> torch.nn.Module:
+        model, params = self.ctx.workbench.trainable(self.lora)
+        load_into(params, self.weights)
+        return model
+
+    def final_state(self) -> Payload:
+        return Payload(tensors=self.weights)
+
+    def trainable_parameters(self) -> int:
+        return sum(t.numel() for t in self.weights.values())
+
+
 class ClientSide(ABC):
     def __init__(self, ctx: RunContext):
         self.ctx = ctx

@@ -14,7 +14,7 @@ from thinwire.methods.base import (
     ClientSide,
     ClientState,
     Reply,
-    ServerSide,
+    WeightsServer,
     Upload,
     check_tensors,
     client_weights,
@@ -25,7 +25,7 @@ from thinwire.methods.server_opt import ServerOptimizer
 from thinwire.wire import Payload
 
 
-class DeltaServer(ServerSide):
+class DeltaServer(WeightsServer):
     lora = False
 
     def setup(self) -> None:
@@ -80,17 +80,6 @@ class DeltaServer(ServerSide):
         device = next(iter(self.weights.values())).device if self.weights else "cpu"
         self.optimizer.m = {k: t.to(device) for k, t in sorted(part("m/").items())}
         self.optimizer.v = {k: t.to(device) for k, t in sorted(part("v/").items())}
-
-    def eval_model(self) -> torch.nn.Module:
-        model, params = self.ctx.workbench.trainable(self.lora)
-        load_into(params, self.weights)
-        return model
-
-    def final_state(self) -> Payload:
-        return Payload(tensors=self.weights)
-
-    def trainable_parameters(self) -> int:
-        return sum(t.numel() for t in self.weights.values())
 
 
 class DeltaClient(ClientSide):

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from thinwire.methods import validate
-from thinwire.methods.base import ClientSide, ClientState, Reply, ServerSide, check_tensors, load_into, snapshot
+from thinwire.methods.base import ClientSide, ClientState, Reply, WeightsServer, check_tensors, load_into, snapshot
 from thinwire.wire import Payload, PayloadError
 
 _SEP = "/"
@@ -67,7 +67,7 @@ class UpdateRule:
         """Apply round `version`'s update to `weights` in place, deterministically."""
 
 
-class HistoryServer(UpdateRule, ServerSide):
+class HistoryServer(UpdateRule, WeightsServer):
     def setup(self) -> None:
         _, params = self.ctx.workbench.trainable(self.lora)
         self.weights = snapshot(params)
@@ -120,17 +120,6 @@ class HistoryServer(UpdateRule, ServerSide):
             weight.copy_(saved[name])
         self.history = [unnest(state, v) for v in range(1, int(state.scalars["history_len"]) + 1)]
         self.synced = {int(k.split("/", 1)[1]): int(v) for k, v in state.scalars.items() if k.startswith("synced/")}
-
-    def eval_model(self) -> torch.nn.Module:
-        model, params = self.ctx.workbench.trainable(self.lora)
-        load_into(params, self.weights)
-        return model
-
-    def final_state(self) -> Payload:
-        return Payload(tensors=self.weights)
-
-    def trainable_parameters(self) -> int:
-        return sum(t.numel() for t in self.weights.values())
 
 
 class ReplicaClient(UpdateRule, ClientSide):
