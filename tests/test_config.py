@@ -24,6 +24,33 @@ def test_resolved_toml_round_trips(tmp_path):
     assert load_config(path) == config
 
 
+def test_compare_tables_apply_to_their_method_only(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[train]\nlr = 1e-4\nlocal_steps = 7\n'
+                    '[compare.fedit.train]\nlr = 2e-3\n'
+                    '[compare.fedpt.model]\nname = "tiny"\n[compare.fedpt.method.fedpt]\nalpha = 0.5\n')
+    assert load_config(path).train.lr == 1e-4  # `thinwire run` ignores [compare]
+    assert load_config(path, variant="fedavg").train.lr == 1e-4
+    fedit = load_config(path, ["method.name=fedit"], variant="fedit")
+    assert fedit.train.lr == 2e-3 and fedit.train.local_steps == 7
+    assert load_config(path, ["train.lr=0.5"], variant="fedit").train.lr == 0.5  # the command line wins
+    fedpt = load_config(path, ["method.name=fedpt"], variant="fedpt")
+    assert fedpt.model.name == "tiny" and fedpt.method.options["fedpt"]["alpha"] == 0.5
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[compare.fedsgd.train]\nlr = 1.0\n", r"unknown method in config table \[compare.fedsgd\]"),
+    ("[compare.fedit]\nlr = 1.0\n", r"\[compare.fedit\] may only hold section tables"),
+    ("[compare.fedit.trian]\nlr = 1.0\n", r"\[compare.fedit\] may only hold section tables"),
+    ("compare = 3\n", r"\[compare\] must hold one table per method"),
+])
+def test_bad_compare_tables_are_named(tmp_path, text, words):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=words):
+        load_config(path, variant="fedit")
+
+
 @pytest.mark.parametrize("override, words", [
     ("train.lrr=1", "unknown config key train.lrr"),
     ("trian.lr=1", "unknown config section"),

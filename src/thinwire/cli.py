@@ -71,9 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("dir", type=Path, help="directory written by the FedPT server's save()")
     gen.add_argument("prompts", nargs="+", help="instructions (rendered with the Alpaca template)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    sub.add_parser("models", help="list built-in models")
+    models = sub.add_parser("models", help="list built-in models (and build one with --prepare)")
+    models.add_argument("--prepare", choices=PREPARABLE, metavar="NAME",
+                        help=f"prepare a built-in model now: {', '.join(PREPARABLE)}")
     sub.add_parser("tasks", help="list the built-in task families")
     return parser
+
+
+PREPARABLE = ("smollm2-135m", "smollm2-small")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -151,19 +156,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from thinwire.models.smollm2 import describe
+    from thinwire.models import small, smollm2
     from thinwire.runtime.display import console
 
+    if args.prepare:
+        (smollm2 if args.prepare == smollm2.NAME else small).prepare()
     table = Table(title="built-in models")
     for column in ("name", "parameters", "size on disk", "ready", "source"):
         table.add_column(column)
     table.add_row("tiny", "~91 K", "-", "yes (built in a second)", "random 2-layer Llama, byte tokenizer")
-    info = describe()
-    table.add_row(info["name"], f"{info['parameters'] / 1e6:.1f} M" if info.get("parameters") else "135 M",
-                  f"{info['size_bytes'] / 1e6:.0f} MB" if info.get("size_bytes") else "-",
-                  "yes" if info["ready"] else "no (prepared on first use)", info["hub_id"])
+    large = smollm2.describe()
+    table.add_row(large["name"], f"{large['parameters'] / 1e6:.1f} M", _megabytes(large["size_bytes"]),
+                  "yes" if large["ready"] else "no (prepared on first use)", large["hub_id"])
+    table.add_row("tiny-small", "~50 K", "-", "yes (built in a second)", "first layer of tiny (FedPT tests)")
+    proxy = small.describe()
+    compute = f", {proxy['compute_ratio']:.3f}x the compute per token" if proxy["compute_ratio"] else ""
+    table.add_row(proxy["name"], f"{proxy['parameters'] / 1e6:.1f} M" if proxy["parameters"] else "-",
+                  _megabytes(proxy["size_bytes"]),
+                  "yes" if proxy["ready"] else "no (built on first use, or --prepare smollm2-small)",
+                  f"first {proxy['layers']} layers of smollm2-135m, healed by distillation{compute}")
     console.print(table)
     return 0
+
+
+def _megabytes(size: int | None) -> str:
+    return f"{size / 1e6:.0f} MB" if size else "-"
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:

@@ -98,7 +98,8 @@ def run_compare(config_path: str | Path | None, methods: list[str], overrides: l
     from thinwire.runtime.local import run_local
 
     names = check_methods(list(methods))
-    base = load_config(config_path, list(overrides))  # a bad config fails once, up front
+    configs = {name: load_config(config_path, [*overrides, f"method.name={name}"], variant=name)
+               for name in names}  # a bad config fails once, up front
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a directory")
@@ -116,19 +117,18 @@ def run_compare(config_path: str | Path | None, methods: list[str], overrides: l
         progress.start()
     try:
         methods_bar = progress.add_task("methods", total=len(names))
-        rounds_bar = progress.add_task("rounds", total=base.federation.rounds)
+        rounds_bar = progress.add_task("rounds", total=configs[names[0]].federation.rounds)
         with _RoundWatcher(progress, rounds_bar) as watcher:
             for name in names:
                 progress.update(methods_bar, description=name)
-                progress.reset(rounds_bar)
+                progress.reset(rounds_bar, total=configs[name].federation.rounds)
                 run_dir = out / name
                 watcher.paths = (run_dir.with_name(name + ".partial") / "metrics.jsonl", run_dir / "metrics.jsonl")
                 row: dict[str, Any] = {"method": name, "status": "ok", "reason": None, "run_dir": None}
                 started = time.perf_counter()
                 _reset_peak_rss()
                 try:
-                    config = load_config(config_path, [*overrides, f"method.name={name}"])
-                    row["summary"] = run_local(config, run_dir, quiet=True)
+                    row["summary"] = run_local(configs[name], run_dir, quiet=True)
                     row["run_dir"] = str(run_dir)
                 except Exception as exc:  # noqa: BLE001 -- one method failing must not stop the others
                     row.update(status="failed", reason=failure_reason(exc))

@@ -8,6 +8,7 @@ options dataclass, so a method adds knobs without touching this file.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import tomllib
@@ -137,8 +138,13 @@ class Config:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a TOML file (or start from defaults), apply `section.key=value` overrides, validate."""
+def load_config(path: str | Path | None, overrides: list[str] = (), variant: str | None = None) -> Config:
+    """Read a TOML file (or start from defaults), apply `section.key=value` overrides, validate.
+
+    A file may hold per-method settings for `thinwire compare` in `[compare.<method>.<section>]`
+    tables (e.g. a higher lr for LoRA methods); `variant` names the method whose table is merged
+    in, before the overrides. Other commands ignore `[compare]`.
+    """
     table: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -150,9 +156,34 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise UsageError(f"config file {path} is not valid TOML: {exc}") from exc
         except OSError as exc:
             raise UsageError(f"cannot read config file {path}: {exc.strerror}; pass a readable TOML file") from exc
+    per_method = _compare_tables(table.pop("compare", {}))
+    if variant in per_method:
+        _merge_tables(table, per_method[variant])
     for item in overrides:
         _apply_override(table, item)
     return from_dict(table)
+
+
+def _compare_tables(raw: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise UsageError("config [compare] must hold one table per method, like [compare.fedit.train]")
+    unknown = sorted(set(raw) - set(METHOD_NAMES))
+    if unknown:
+        raise UsageError(f"unknown method in config table [compare.{unknown[0]}]; methods: {', '.join(METHOD_NAMES)}")
+    for method, sections in raw.items():
+        bad = sorted(k for k, v in sections.items() if k not in SECTIONS or not isinstance(v, dict))
+        if bad:
+            raise UsageError(f"config table [compare.{method}] may only hold section tables "
+                             f"([compare.{method}.train] etc.), not {bad[0]!r}")
+    return raw
+
+
+def _merge_tables(into: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge_tables(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
 
 
 def from_dict(table: dict[str, Any]) -> Config:

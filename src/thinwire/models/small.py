@@ -3,7 +3,7 @@
 - `tiny-small`: the first layer of the `tiny` model built from the same seed (embeddings, final norm
   and LM head shared by value), with the same byte tokenizer. Deterministic in the seed, no healing:
   the tiny pair is random anyway and only serves tests.
-- `smollm2-small`: the first `LAYERS` (10) of SmolLM2-135M-Instruct's 30 decoder layers plus its
+- `smollm2-small`: the first `LAYERS` (4) of SmolLM2-135M-Instruct's 30 decoder layers plus its
   embeddings, final norm and (tied) LM head, "healed" by a short distillation from the full model:
   forward KL(p_large || p_small) at temperature 1 on every next-token position of built-in
   task-suite examples (Alpaca prompt + reference output + eos). Only the kept decoder layers and the
@@ -12,13 +12,14 @@
   under `cache_root()/models/smollm2-small` (temp dir + atomic rename, like smollm2.py).
 
 Healing knobs come from the environment so a loaded machine can build a cheaper model:
-`THINWIRE_SMALL_HEAL_STEPS` (default 40: on a loaded 2-core CPU a step of 4 x 96 tokens takes
-~15 s, the teacher's forward and the 49k-row LM head dominate), `THINWIRE_SMALL_LAYERS` (default 10). The marker file
-records what was run (steps, KL before/after, seconds).
+`THINWIRE_SMALL_HEAL_STEPS` (default 40: the teacher's forward and the 49k-row LM heads dominate
+a step), `THINWIRE_SMALL_LAYERS` (default 4). The marker file records what was run (layers, steps,
+KL before/after, seconds); a cached model with another layer count is rebuilt.
 
 Compute: per token, a decoder layer of SmolLM2-135M costs ~2 x 3.54M FLOPs and the LM head
-2 x 28.3M, so 10 of 30 layers is 1/3 of the decoder compute but ~0.47 of the whole forward pass
-including the LM head (`forward_flops_per_token` gives the estimate for any model).
+2 x 28.3M (`forward_flops_per_token` gives the estimate for any model). The LM head is a fixed
+cost the small model cannot shed (it shares the vocabulary), so 4 layers is what keeps the whole
+forward pass under a third of the large model's: 0.316, where 10 layers would cost 0.474.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 
 NAME = "smollm2-small"
 TINY_NAME = "tiny-small"
-LAYERS = 10
+LAYERS = 4
 TINY_LAYERS = 1
 HEAL_STEPS = 40
 HEAL_BATCH = 4
@@ -103,9 +104,35 @@ def prepared_dir(root: Path | None = None) -> Path:
     return Path(root if root is not None else cache_root()).expanduser() / "models" / NAME
 
 
-def is_ready(root: Path | None = None) -> bool:
+def is_ready(root: Path | None = None, layers: int | None = None) -> bool:
+    """Built, complete, and with `layers` decoder layers (default: `THINWIRE_SMALL_LAYERS` or 4)."""
+    info = _marker(prepared_dir(root))
+    return info is not None and info.get("layers") == _layers(layers)
+
+
+def _layers(layers: int | None) -> int:
+    return _env_int("THINWIRE_SMALL_LAYERS", LAYERS) if layers is None else layers
+
+
+def _marker(target: Path) -> dict[str, Any] | None:
+    if not all((target / name).is_file() for name in REQUIRED_FILES):
+        return None
+    try:
+        return json.loads((target / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def describe(root: Path | None = None) -> dict[str, Any]:
+    """Facts for `thinwire models`; cheap (never loads or builds the model)."""
     target = prepared_dir(root)
-    return all((target / name).is_file() for name in REQUIRED_FILES)
+    info = _marker(target) if is_ready(root) else None
+    ratio = info["flops_per_token"] / info["large_flops_per_token"] if info else None
+    return {"name": NAME, "ready": info is not None, "path": str(target),
+            "layers": info["layers"] if info else _layers(None),
+            "parameters": info["parameters"] if info else None,
+            "size_bytes": sum(f.stat().st_size for f in target.iterdir() if f.is_file()) if info else None,
+            "compute_ratio": ratio}
 
 
 def _env_int(name: str, default: int) -> int:
@@ -197,7 +224,8 @@ def prepare(root: Path | None = None, show_progress: bool = True, steps: int | N
             layers: int | None = None) -> Path:
     """Directory of `smollm2-small`, building (truncate + heal) it on first use."""
     target = prepared_dir(root)
-    if is_ready(root):
+    layers = _layers(layers)
+    if is_ready(root, layers):
         return target
     from contextlib import nullcontext
 
@@ -208,7 +236,6 @@ def prepare(root: Path | None = None, show_progress: bool = True, steps: int | N
     from thinwire.models.smollm2 import prepare as prepare_large
 
     steps = _env_int("THINWIRE_SMALL_HEAL_STEPS", HEAL_STEPS) if steps is None else steps
-    layers = _env_int("THINWIRE_SMALL_LAYERS", LAYERS) if layers is None else layers
     console = Console(stderr=True)
     source = prepare_large(root, show_progress=show_progress)
     started = time.perf_counter()
@@ -252,12 +279,12 @@ def prepare(root: Path | None = None, show_progress: bool = True, steps: int | N
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")  # last: marks the dir complete
-        if target.exists() and not is_ready(root):
+        if target.exists() and not is_ready(root, layers):
             shutil.rmtree(target)
         try:
             os.replace(tmp, target)
         except OSError:
-            if not is_ready(root):
+            if not is_ready(root, layers):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -276,14 +303,3 @@ def load_small(name: str, seed: int):
 
         return _from_pretrained(str(prepare()), local_only=True)
     raise ValueError(f"unknown small model {name!r}")
-
-
-def describe(root: Path | None = None) -> dict[str, Any]:
-    target = prepared_dir(root)
-    info: dict[str, Any] = {}
-    if is_ready(root):
-        try:
-            info = json.loads((target / MARKER).read_text())
-        except (OSError, ValueError):
-            info = {}
-    return {"name": NAME, "ready": is_ready(root), "path": str(target), **info}
