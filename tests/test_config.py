@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from thinwire.cli import main
-from thinwire.config import Config, from_dict, load_config, to_toml
+from thinwire.config import Config, compare_variants, from_dict, load_config, to_toml
 from thinwire.errors import UsageError
 
 
@@ -38,11 +38,21 @@ def test_compare_tables_apply_to_their_method_only(tmp_path):
     assert fedpt.model.name == "tiny" and fedpt.method.options["fedpt"]["alpha"] == 0.5
 
 
+def test_named_variants_set_their_method(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[compare.fedit.train]\nlr = 2e-3\n'
+                    '[compare.fedit-slow.method]\nname = "fedit"\n[compare.fedit-slow.train]\nlr = 1e-5\n')
+    assert compare_variants(path) == ["fedit-slow"]
+    slow = load_config(path, variant="fedit-slow")
+    assert slow.method.name == "fedit" and slow.train.lr == 1e-5  # its own table, not [compare.fedit]
+
+
 @pytest.mark.parametrize("text, words", [
-    ("[compare.fedsgd.train]\nlr = 1.0\n", r"unknown method in config table \[compare.fedsgd\]"),
+    ("[compare.fedsgd.train]\nlr = 1.0\n", r"\[compare.fedsgd\] is neither a method nor a variant"),
+    ("[compare.'a/b'.method]\nname = 'fedit'\n", r"variant name 'a/b' in \[compare\] must use only letters"),
     ("[compare.fedit]\nlr = 1.0\n", r"\[compare.fedit\] may only hold section tables"),
     ("[compare.fedit.trian]\nlr = 1.0\n", r"\[compare.fedit\] may only hold section tables"),
-    ("compare = 3\n", r"\[compare\] must hold one table per method"),
+    ("compare = 3\n", r"\[compare\] must hold one table per method or variant"),
 ])
 def test_bad_compare_tables_are_named(tmp_path, text, words):
     path = tmp_path / "c.toml"

@@ -126,6 +126,26 @@ def test_compare_checks_method_names_and_output(compared, tmp_path):
         run_compare(EXAMPLES / "smoke.toml", ["fedavg"], ["train.lrr=1"], tmp_path / "b", quiet=True)
 
 
+def test_compare_runs_per_method_settings_and_named_variants(tmp_path):
+    config = tmp_path / "variants.toml"
+    config.write_text((EXAMPLES / "smoke.toml").read_text()
+                      + '\n[compare.fedit.train]\nlr = 0.002\n'
+                        '[compare.fedit-frozen.method]\nname = "fedit"\n[compare.fedit-frozen.train]\nlr = 0.0\n')
+    with pytest.raises(UsageError, match="variants in the config: fedit-frozen"):
+        run_compare(config, ["fedit-fast"], FAST, tmp_path / "bad", quiet=True)
+    out = tmp_path / "out"
+    rows = run_compare(config, ["fedit", "fedit-frozen"], [*FAST, "federation.rounds=1"], out, quiet=True)
+    assert [(r["method"], r["status"]) for r in rows] == [("fedit", "ok"), ("fedit-frozen", "ok")]
+    assert 'lr = 0.002' in (out / "fedit" / "config.toml").read_text()
+    frozen = json.loads((out / "fedit-frozen" / "summary.json").read_text())
+    assert frozen["method"] == "fedit" and frozen["final_eval"]["loss"] == frozen["base_eval"]["loss"]
+    tuned = json.loads((out / "fedit" / "summary.json").read_text())
+    assert tuned["final_eval"]["loss"] < tuned["base_eval"]["loss"]
+    table = _csv_rows(out / "comparison.csv")
+    assert set(table) == {"fedit (fedit)", "fedit (fedit-frozen)"}
+    assert "train.lr" in (out / "comparison.md").read_text()
+
+
 def test_report_skips_incomplete_directories(compared, tmp_path):
     out, _ = compared
     runs = tmp_path / "runs"

@@ -21,17 +21,18 @@ from thinwire.report import COMPARE_FILE, render_report
 from thinwire.runtime.rundir import atomic_write
 
 
-def check_methods(methods: list[str]) -> list[str]:
-    """Cleaned, de-duplicated method names (empty: every implemented method); unknown ones are a
-    UsageError naming the valid names."""
+def check_methods(methods: list[str], variants: list[str] = ()) -> list[str]:
+    """Cleaned, de-duplicated run names (empty: every implemented method). A name is a method or
+    one of the config's named `variants`; anything else is a UsageError naming the valid ones."""
     from thinwire.config import METHOD_NAMES
     from thinwire.methods import available
 
     names = list(dict.fromkeys(m.strip() for item in methods for m in item.split(",") if m.strip()))
-    unknown = [m for m in names if m not in METHOD_NAMES]
+    unknown = [m for m in names if m not in METHOD_NAMES and m not in variants]
     if unknown:
+        defined = f"; variants in the config: {', '.join(variants)}" if variants else ""
         raise UsageError(f"unknown method {unknown[0]!r} in --methods; valid names: {', '.join(METHOD_NAMES)} "
-                         f"(implemented now: {', '.join(available())})")
+                         f"(implemented now: {', '.join(available())}){defined}")
     return names or available()
 
 
@@ -93,12 +94,13 @@ def run_compare(config_path: str | Path | None, methods: list[str], overrides: l
     """
     from rich.markup import escape
 
-    from thinwire.config import load_config
+    from thinwire.config import METHOD_NAMES, compare_variants, load_config
     from thinwire.runtime.display import console, make_progress
     from thinwire.runtime.local import run_local
 
-    names = check_methods(list(methods))
-    configs = {name: load_config(config_path, [*overrides, f"method.name={name}"], variant=name)
+    names = check_methods(list(methods), compare_variants(config_path))
+    configs = {name: load_config(config_path, [*overrides, *([f"method.name={name}"] if name in METHOD_NAMES else [])],
+                                 variant=name)
                for name in names}  # a bad config fails once, up front
     out = Path(out)
     if out.exists() and not out.is_dir():

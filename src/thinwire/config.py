@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -136,45 +137,62 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), variant: str | None = None) -> Config:
     """Read a TOML file (or start from defaults), apply `section.key=value` overrides, validate.
 
-    A file may hold per-method settings for `thinwire compare` in `[compare.<method>.<section>]`
-    tables (e.g. a higher lr for LoRA methods); `variant` names the method whose table is merged
-    in, before the overrides. Other commands ignore `[compare]`.
+    A file may hold settings for `thinwire compare` in `[compare.<name>.<section>]` tables:
+    per-method settings when <name> is a method (e.g. a higher lr for LoRA methods), or a named
+    variant when the table sets `method.name` (e.g. [compare.fedpt-a0.5] running fedpt with
+    another alpha). `variant` names the table merged in, before the overrides; without it,
+    `[compare]` is only checked.
     """
-    table: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UsageError(f"config file {path} does not exist; pass an existing TOML file")
-        try:
-            table = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"config file {path} is not valid TOML: {exc}") from exc
-        except OSError as exc:
-            raise UsageError(f"cannot read config file {path}: {exc.strerror}; pass a readable TOML file") from exc
-    per_method = _compare_tables(table.pop("compare", {}))
-    if variant in per_method:
-        _merge_tables(table, per_method[variant])
+    table = _read_table(path)
+    per_run = _compare_tables(table.pop("compare", {}))
+    if variant in per_run:
+        _merge_tables(table, per_run[variant])
     for item in overrides:
         _apply_override(table, item)
     return from_dict(table)
 
 
+def compare_variants(path: str | Path | None) -> list[str]:
+    """The named variants a config file defines (its `[compare.<name>]` tables that are not methods)."""
+    per_run = _compare_tables(_read_table(path).get("compare", {}))
+    return [name for name in per_run if name not in METHOD_NAMES]
+
+
+def _read_table(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist; pass an existing TOML file")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror}; pass a readable TOML file") from exc
+
+
 def _compare_tables(raw: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
-        raise UsageError("config [compare] must hold one table per method, like [compare.fedit.train]")
-    unknown = sorted(set(raw) - set(METHOD_NAMES))
-    if unknown:
-        raise UsageError(f"unknown method in config table [compare.{unknown[0]}]; methods: {', '.join(METHOD_NAMES)}")
-    for method, sections in raw.items():
+        raise UsageError("config [compare] must hold one table per method or variant, like [compare.fedit.train]")
+    for name, sections in raw.items():
         bad = sorted(k for k, v in sections.items() if k not in SECTIONS or not isinstance(v, dict))
         if bad:
-            raise UsageError(f"config table [compare.{method}] may only hold section tables "
-                             f"([compare.{method}.train] etc.), not {bad[0]!r}")
+            raise UsageError(f"config table [compare.{name}] may only hold section tables "
+                             f"([compare.{name}.train] etc.), not {bad[0]!r}")
+        if name in METHOD_NAMES:
+            continue
+        if not VARIANT_NAME.fullmatch(name):
+            raise UsageError(f"variant name {name!r} in [compare] must use only letters, digits and . _ + -")
+        if "name" not in sections.get("method", {}):
+            raise UsageError(f"config table [compare.{name}] is neither a method nor a variant: "
+                             f"set [compare.{name}.method] name = \"<method>\" to make it a variant")
     return raw
 
 
