@@ -130,11 +130,15 @@ def test_working_variant_learns_and_traffic_is_the_encoded_payloads(tmp_path, sm
                 assert agg[key] == pytest.approx(sum(c[f"codec_{key}"] for c in r["clients"]) / len(r["clients"]))
             assert 0 < agg["rel_err"] <= 1 + 1e-9  # refitted scales: never worse than zeros
     assert summary["uplink_bytes_total"] == sum(c["uplink_bytes"] for r in rounds for c in r["clients"])
-    # the saved AE skips TGAP in a later run; error feedback keeps tensors in the client state
-    spec, _ = load_artifact(tmp_path / "ae.safetensors")
+    # the run directory carries the trained AE (the same bytes ae_save wrote), and it skips TGAP
+    # in a later run
+    assert summary["artifacts"] == ["autoencoder.safetensors"]
+    artifact = tmp_path / "r" / "autoencoder.safetensors"
+    assert artifact.read_bytes() == (tmp_path / "ae.safetensors").read_bytes()
+    spec, _ = load_artifact(artifact)
     assert spec == CodecSpec("conv2d", width=4, res_blocks=1)
     reuse = smoke_config("method.name='cgfedllm'", "federation.rounds=1", *BASE, *FAST_AE,
-                         f"method.cgfedllm.ae_path='{tmp_path / 'ae.safetensors'}'")
+                         f"method.cgfedllm.ae_path='{artifact}'")
     run_local(reuse, tmp_path / "reuse", quiet=True)
     assert [r["aggregate"]["phase"] for r in _rounds(tmp_path / "reuse")] == ["faf"]
 

@@ -168,6 +168,12 @@ def test_end_to_end_fedpt_run(tmp_path, smoke_config):
             assert c["downlink_bytes"] == adapter_bytes
     assert summary["uplink_bytes_total"] == sum(c["uplink_bytes"] for r in rounds for c in r["clients"])
     assert {"kd_loss_first", "kd_loss_last", "kd_large_queries"} <= set(rounds[0]["aggregate"])
+    # the run directory carries the proxy, ready for `thinwire generate RUN_DIR/proxy`
+    assert summary["artifacts"] == ["proxy"]
+    final = Payload.decode((tmp_path / "r/final_state.safetensors").read_bytes())
+    in_run_dir = load_file(str(tmp_path / "r/proxy/adapter.safetensors"))
+    assert in_run_dir and all(torch.equal(v, final.tensors[f"expert/{k}"]) for k, v in in_run_dir.items())
+    assert json.loads((tmp_path / "r/proxy/fedpt.json").read_text())["anti"] == "adapter"
 
     # the distillation changes the adapter: the broadcast of round 2 differs from round 1's aggregate
     server = get_method("fedpt").server(ctx)

@@ -9,6 +9,7 @@ import torch
 from flwr.clientapp import ClientApp
 
 from thinwire.errors import UsageError
+from thinwire.methods import get_method
 from thinwire.methods.base import RunContext, Upload, Workbench
 from thinwire.methods.history import HistoryServer, ReplicaClient, UpdateRule
 from thinwire.runtime import deploy, flower
@@ -76,9 +77,9 @@ def test_simulation_with_replica_clients_on_two_actors(tmp_path, smoke_config):
     assert_same_run(tmp_path / "local", tmp_path / "sim")
 
 
-def _flaky_client_app(bad_client: int, bad_round: int) -> ClientApp:
-    """thinwire's ClientApp, except that one client raises in one round (defined in a function so
-    Ray ships it to its actors by value)."""
+def _faulty_client_app(bad_client: int, bad_round: int, fault: str) -> ClientApp:
+    """thinwire's ClientApp, except that one client in one round raises (fault "raise") or uploads
+    a NaN (fault "nan"); defined in a function so Ray ships it to its actors by value."""
     app = ClientApp()
 
     @app.query("thinwire_hello")
@@ -88,9 +89,16 @@ def _flaky_client_app(bad_client: int, bad_round: int) -> ClientApp:
     @app.train("thinwire_fit")
     def fit(message, context):
         meta = message.content["thinwire"]
-        if int(meta["client"]) == bad_client and int(meta["round"]) == bad_round:
+        bad = int(meta["client"]) == bad_client and int(meta["round"]) == bad_round
+        if bad and fault == "raise":
             raise RuntimeError(f"disk full on client {bad_client}")
-        return flower._fit(message, context)
+        reply = flower._fit(message, context)
+        if bad and fault == "nan":
+            payload = Payload.decode(flower.unpack(reply.content[flower.PAYLOAD]))
+            tensors = {k: v.clone() for k, v in payload.tensors.items()}
+            tensors[sorted(tensors)[0]].view(-1)[0] = float("nan")
+            reply.content[flower.PAYLOAD] = flower.pack(Payload(tensors=tensors, scalars=payload.scalars).encode())
+        return reply
 
     return app
 
@@ -99,7 +107,7 @@ def test_client_failure_costs_its_update_not_the_run(tmp_path, smoke_config):
     config = smoke_config("eval.generate=false")
     bad = sample_clients(config, 1)[-1]
     summary = flower.run_flower_sim(config, tmp_path / "run", quiet=True, num_cpus=1,
-                                    client_app=_flaky_client_app(bad, 1))
+                                    client_app=_faulty_client_app(bad, 1, "raise"))
     first, second = _rounds(tmp_path / "run")
     assert first["clients_sampled"] == 2 and first["clients_ok"] == 1
     assert [c["client"] for c in first["clients"]] == [c for c in sample_clients(config, 1) if c != bad]
@@ -109,6 +117,31 @@ def test_client_failure_costs_its_update_not_the_run(tmp_path, smoke_config):
     assert second["clients_ok"] == 2 and second["failures"] == []
     assert summary["failures_total"] == 1 and summary["rounds"] == 2
     assert (tmp_path / "run" / "final_state.safetensors").exists()
+
+
+def test_a_poisoned_update_is_rejected_as_if_it_never_came(tmp_path, smoke_config, monkeypatch):
+    """The Flower server screens uploads as the local runtime does: a NaN update is rejected, and
+    the run ends bit-identical to a local run in which that client was down for that round."""
+    config = smoke_config("eval.generate=false")
+    bad = sample_clients(config, 1)[-1]
+    flower.run_flower_sim(config, tmp_path / "sim", quiet=True, num_cpus=1,
+                          client_app=_faulty_client_app(bad, 1, "nan"))
+    first = _rounds(tmp_path / "sim")[0]
+    assert [r["client"] for r in first["rejected"]] == [bad] and "non-finite" in first["rejected"][0]["reason"]
+    assert first["clients_ok"] == 1 and first["failures"] == [] and first["skipped"] is False
+
+    client = get_method(config.method.name).client
+    fit = client.fit
+
+    def down_in_round_1(self, rnd, cid, *args):
+        if rnd == 1 and cid == bad:
+            raise RuntimeError("down")
+        return fit(self, rnd, cid, *args)
+
+    monkeypatch.setattr(client, "fit", down_in_round_1)
+    run_local(config, tmp_path / "local", quiet=True)
+    assert (tmp_path / "sim/final_state.safetensors").read_bytes() == \
+        (tmp_path / "local/final_state.safetensors").read_bytes()
 
 
 def test_existing_output_is_refused_before_ray_starts(tmp_path, smoke_config):

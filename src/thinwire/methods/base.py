@@ -19,6 +19,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -135,6 +136,11 @@ class ServerSide(ABC):
     @abstractmethod
     def trainable_parameters(self) -> int:
         """How many values the method trains (the size of its update space)."""
+
+    def save_artifacts(self, directory: Path) -> list[str]:
+        """Write what a user needs from the run besides `final_state` (a FedPT proxy to generate
+        from, a CG-FedLLM autoencoder to reuse) into `directory`; returns the names written."""
+        return []
 
     # -- validation (methods/validate.py): the runtime calls `validate` on every upload ----------
 

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -82,6 +83,9 @@ from thinwire.wire import Payload, PayloadError
 AE_PREFIX = "ae/"   # AE weights inside a download and inside a ClientState
 EF_PREFIX = "ef/"   # error-feedback residual inside a ClientState
 QUALITY = ("rel_err", "cos", "snr_db", "ef_gain", "update_rel_err", "update_cos", "update_snr_db")
+
+
+AE_ARTIFACT = "autoencoder.safetensors"
 
 
 @dataclass
@@ -339,6 +343,13 @@ class CGFedLLMServer(_Rule, FedITServer):
         if o.ae_save:
             self.codec.save(o.ae_save)
         return stats
+
+    def save_artifacts(self, directory: Path) -> list[str]:
+        """`autoencoder.safetensors`: the trained AE, reusable through `ae_path` (skips TGAP)."""
+        if not self.learned:
+            return []
+        self.codec.save(directory / AE_ARTIFACT)
+        return [AE_ARTIFACT]
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> Payload | None:

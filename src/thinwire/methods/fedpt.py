@@ -253,6 +253,10 @@ class FedPTServer(FedITServer):
         return Payload(tensors=tensors, scalars={"alpha": self.options.alpha, "large": self.options.large,
                                                  "anti": self.options.anti})
 
+    def save_artifacts(self, directory: Path) -> list[str]:
+        """`proxy/`: what `thinwire generate RUN_DIR/proxy` decodes from."""
+        return [self.save(directory / "proxy").name]
+
     def save(self, directory: Path) -> Path:
         """The proxy-tuned large model as `proxy.save_proxy` writes it (adapter + JSON)."""
         m = self.config.model

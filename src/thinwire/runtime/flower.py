@@ -219,11 +219,11 @@ def serve(grid: Grid, config: Config, out: Path, quiet: bool = True, runtime: st
     run_dir = RunDir(out)
     run_dir.open(config)
     try:
-        summary, final_state = _federate(grid, config, spec, federation, run_dir, quiet, runtime)
+        summary, server = _federate(grid, config, spec, federation, run_dir, quiet, runtime)
     except BaseException:
         run_dir.abandon()
         raise
-    run_dir.finish(summary, final_state)
+    run_dir.finish(summary, server)
     return summary
 
 
@@ -232,8 +232,9 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
     from thinwire.methods.base import Reply, RunContext, Workbench
     from thinwire.runtime import records
     from thinwire.runtime.display import make_progress
+    from thinwire.methods.validate import reason as rejection_reason
     from thinwire.runtime.local import sample_clients
-    from thinwire.wire import Payload
+    from thinwire.wire import Payload, PayloadError
 
     fed = config.federation
     started = time.perf_counter()
@@ -266,6 +267,7 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
             if not set(sampled) <= link.nodes.keys():
                 link.discover(set(sampled), wait=False)
             failures: list[dict[str, Any]] = []
+            rejected: list[dict[str, Any]] = []
             messages, targets, sent = [], [], {}
             for cid in sampled:
                 if cid not in link.nodes:
@@ -302,15 +304,21 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
                         if int(meta["client"]) != cid:
                             raise ValueError(f"reply is for client {meta['client']}")
                         metrics = dict(reply.content[METRICS]) if METRICS in reply.content else {}
-                        decoded = Payload.decode(up)
+                        examples = int(meta["num-examples"])
                     except Exception as exc:  # a malformed reply costs that client, not the run
                         reason = f"malformed reply: {exc}"
                 if reason is not None:
                     failures.append({"client": cid, "reason": reason[:1000]})
                     link.forget(cid)  # ask its node again when next sampled (it may have restarted)
                     continue
-                examples = int(meta["num-examples"])
                 down_len, flower_down = sent[cid]
+                try:  # the same checks as the local runtime: size cap, then the method's validation
+                    decoded = Payload.decode(up, max_bytes=server.max_upload_bytes() + (1 << 20))
+                    server.validate(Reply(cid, decoded, examples, metrics))
+                except PayloadError as exc:
+                    rejected.append({"client": cid, "reason": rejection_reason(exc), "downlink_bytes": down_len,
+                                     "uplink_bytes": len(up)})
+                    continue
                 record = {"client": cid, "downlink_bytes": down_len, "uplink_bytes": len(up),
                           "examples": examples, **metrics, "node": reply.metadata.src_node_id,
                           "flower_downlink_bytes": flower_down, "flower_uplink_bytes": flower_bytes(reply),
@@ -323,8 +331,14 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
             for failure in failures:
                 log(logging.WARNING, "thinwire: round %d: client %d failed: %s", rnd, failure["client"],
                     failure["reason"])
+            skipped = len(accepted) < max(fed.min_replies, 1)
+            if skipped and accepted:  # their bytes crossed the wire; their updates are not used
+                failures.extend({"client": cid, "reason": f"reply discarded: {len(accepted)} of the "
+                                 f"{fed.min_replies} replies the round needs (federation.min_replies)"}
+                                for cid, _, _ in accepted)
+                accepted = []
             t0 = time.perf_counter()
-            aggregate = server.aggregate(rnd, [r for _, r, _ in accepted]) if accepted else {}
+            aggregate = {} if skipped else server.aggregate(rnd, [r for _, r, _ in accepted])
             aggregate_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             evaluated = rnd == fed.rounds or (config.eval.every and rnd % config.eval.every == 0)
@@ -335,7 +349,7 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
             clients = [record for _, _, record in accepted]
             rounds.append(records.round_record(
                 rnd, spec.name, sampled, clients, aggregate, evaluation if evaluated else None, times,
-                failures=failures,
+                failures=failures, rejected=rejected, skipped=skipped,
                 flower_downlink_bytes=sum(sent[c["client"]][1] for c in clients),
                 flower_uplink_bytes=sum(c["flower_uplink_bytes"] for c in clients),
                 flower_control_bytes=link.flower_bytes - hello_bytes))
@@ -351,7 +365,7 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
         flower_uplink_bytes_total=sum(r["flower_uplink_bytes"] for r in rounds),
         flower_control_bytes_total=link.flower_bytes,
         failures_total=sum(len(r["failures"]) for r in rounds))
-    return summary, server.final_state()
+    return summary, server
 
 
 # --- client side ----------------------------------------------------------------------------

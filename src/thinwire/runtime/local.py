@@ -38,7 +38,7 @@ from thinwire.data import Federation, build_federation
 from thinwire.errors import UsageError
 from thinwire.evaluate import evaluate_splits
 from thinwire.methods import MethodSpec, get_method
-from thinwire.methods.base import ClientState, Reply, RunContext, Workbench
+from thinwire.methods.base import ClientState, Reply, RunContext, ServerSide, Workbench
 from thinwire.methods.validate import reason as short_reason
 from thinwire.runtime import records
 from thinwire.runtime.checkpoint import Checkpoint, ResumableRunDir, resume_paths
@@ -85,7 +85,7 @@ def run_local(config: Config, out: Path, quiet: bool = False, *, resume: bool = 
     if not resume:
         run_dir.open(config)
     try:
-        summary, final_state = _federate(config, spec, federation, run_dir, quiet, resume)
+        summary, server = _federate(config, spec, federation, run_dir, quiet, resume)
     except UsageError:
         # bad input found late (model, method options): leave nothing behind unless rounds ran
         if not resume and run_dir.logged == 0:
@@ -97,7 +97,7 @@ def run_local(config: Config, out: Path, quiet: bool = False, *, resume: bool = 
         run_dir.abandon()
         raise
     Checkpoint(run_dir.partial).remove()
-    run_dir.finish(summary, final_state)
+    run_dir.finish(summary, server)
     if not quiet:
         console.print(summary_table(summary))
         console.print(f"run directory: {out}")
@@ -118,7 +118,7 @@ def _copy_state(state: ClientState) -> ClientState:
 
 
 def _federate(config: Config, spec: MethodSpec, federation: Federation, run_dir: ResumableRunDir,
-              quiet: bool, resume: bool) -> tuple[dict[str, Any], Payload]:
+              quiet: bool, resume: bool) -> tuple[dict[str, Any], ServerSide]:
     fed = config.federation
     started = time.perf_counter()
     workbench = Workbench(config)
@@ -242,4 +242,4 @@ def _federate(config: Config, spec: MethodSpec, federation: Federation, run_dir:
             progress.advance(rounds_bar)
     summary = records.summary(config, spec.name, rounds, base_eval, evaluation, server.trainable_parameters(),
                               workbench.base_parameters(), elapsed_before + time.perf_counter() - started)
-    return summary, server.final_state()
+    return summary, server

@@ -1,4 +1,5 @@
-"""The run directory: `config.toml`, `metrics.jsonl`, `summary.json`, `final_state.safetensors`.
+"""The run directory: `config.toml`, `metrics.jsonl`, `summary.json`, `final_state.safetensors`,
+and whatever artifacts the method writes (a FedPT proxy to generate from, a CG-FedLLM autoencoder).
 
 A run writes into `<out>.partial` and renames it to `<out>` only when it finishes, so a
 directory named `<out>` is always complete.
@@ -11,11 +12,13 @@ import os
 import resource
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from thinwire.config import Config, to_toml
 from thinwire.errors import UsageError
-from thinwire.wire import Payload
+
+if TYPE_CHECKING:
+    from thinwire.methods.base import ServerSide
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -57,9 +60,11 @@ class RunDir:
         self._metrics.write(json.dumps(record, sort_keys=True) + "\n")
         self._metrics.flush()
 
-    def finish(self, summary: dict[str, Any], final_state: Payload) -> Path:
+    def finish(self, summary: dict[str, Any], server: ServerSide) -> Path:
+        """Write the server's final state, its artifacts and the summary; then publish `<out>`."""
         self._metrics.close()
-        atomic_write(self.partial / "final_state.safetensors", final_state.encode())
+        summary["artifacts"] = server.save_artifacts(self.partial)
+        atomic_write(self.partial / "final_state.safetensors", server.final_state().encode())
         atomic_write(self.partial / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
         os.replace(self.partial, self.out)
         return self.out
