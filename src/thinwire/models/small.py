@@ -29,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -233,6 +232,7 @@ def prepare(root: Path | None = None, show_progress: bool = True, steps: int | N
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from thinwire.models.smollm2 import building_dir
     from thinwire.models.smollm2 import prepare as prepare_large
 
     steps = _env_int("THINWIRE_SMALL_HEAL_STEPS", HEAL_STEPS) if steps is None else steps
@@ -257,12 +257,7 @@ def prepare(root: Path | None = None, show_progress: bool = True, steps: int | N
         stats = heal(small, large, tokenizer, steps, on_step=on_step if show_progress else None)
     heal_s = time.perf_counter() - started
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
-    try:
+    with building_dir(target, lambda: is_ready(root, layers)) as tmp:
         small.save_pretrained(str(tmp), safe_serialization=True)
         for name in os.listdir(source):
             if name.startswith("tokenizer") or name in ("special_tokens_map.json", "generation_config.json",
@@ -279,15 +274,6 @@ def prepare(root: Path | None = None, show_progress: bool = True, steps: int | N
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")  # last: marks the dir complete
-        if target.exists() and not is_ready(root, layers):
-            shutil.rmtree(target)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not is_ready(root, layers):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if show_progress:
         console.print(f"[green]prepared {NAME}[/green] ({layers} layers, {steps} healing steps, "
                       f"KL {stats['kl_before']:.3f} -> {stats['kl_after']:.3f}) in {heal_s:.0f} s at {target}")

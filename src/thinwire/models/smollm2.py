@@ -20,6 +20,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +194,32 @@ def _save(model, tokenizer, gguf: Path, tmp: Path, step) -> dict[str, Any]:
     return info
 
 
+@contextmanager
+def building_dir(target: Path, ready: Callable[[], bool]) -> Iterator[Path]:
+    """A temporary directory next to `target` to build a cached model in; when the block ends
+    without error it becomes `target` by one rename, so `target` is never half-written.
+
+    A `target` left incomplete (not `ready()`) is replaced; if another process finished first,
+    its copy is kept.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the final dir should be a normal one
+    try:
+        yield tmp
+        if target.exists() and not ready():
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not ready():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def prepare(root: Path | None = None, show_progress: bool = True) -> Path:
     """Directory of the dequantized model, building it from the GGUF file on first use.
 
@@ -216,26 +244,12 @@ def prepare(root: Path | None = None, show_progress: bool = True) -> Path:
                 status.update(f"{NAME}: {text}")
 
         gguf = find_gguf()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}.tmp-", dir=target.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the final dir should be a normal one
-        try:
+        with building_dir(target, lambda: is_ready(root)) as tmp:
             step(f"dequantizing {gguf.name} to float32 (~20 s, once)")
             with _quiet_transformers():
                 model, tokenizer = load_gguf(gguf)
                 _save(model, tokenizer, gguf, tmp, step)
             del model, tokenizer
-            if target.exists() and not is_ready(root):
-                shutil.rmtree(target)  # an incomplete leftover from an older layout: replace it
-            try:
-                os.replace(tmp, target)
-            except OSError:
-                if not is_ready(root):  # another process finished first: keep its copy
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     if show_progress:
         console.print(f"[green]prepared {NAME}[/green] in {time.perf_counter() - start:.1f} s "

@@ -337,18 +337,13 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
                                  f"{fed.min_replies} replies the round needs (federation.min_replies)"}
                                 for cid, _, _ in accepted)
                 accepted = []
-            t0 = time.perf_counter()
-            aggregate = {} if skipped else server.aggregate(rnd, [r for _, r, _ in accepted])
-            aggregate_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            evaluated = rnd == fed.rounds or (config.eval.every and rnd % config.eval.every == 0)
-            if evaluated:
-                evaluation = evaluate_global()
-            times = {"local": local_s, "aggregate": aggregate_s, "eval": time.perf_counter() - t0,
-                     "total": time.perf_counter() - round_start}
+            aggregate, round_eval, times = records.close_round(
+                config, server, rnd, [r for _, r, _ in accepted], skipped, evaluate_global, local_s, round_start)
+            if round_eval is not None:
+                evaluation = round_eval
             clients = [record for _, _, record in accepted]
             rounds.append(records.round_record(
-                rnd, spec.name, sampled, clients, aggregate, evaluation if evaluated else None, times,
+                rnd, spec.name, sampled, clients, aggregate, round_eval, times,
                 failures=failures, rejected=rejected, skipped=skipped,
                 flower_downlink_bytes=sum(sent[c["client"]][1] for c in clients),
                 flower_uplink_bytes=sum(c["flower_uplink_bytes"] for c in clients),
@@ -356,7 +351,7 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
             run_dir.log_round(rounds[-1])
             log(logging.INFO, "thinwire: round %d/%d: %d/%d clients ok, %d B down, %d B up%s", rnd, fed.rounds,
                 len(clients), len(sampled), rounds[-1]["downlink_bytes"], rounds[-1]["uplink_bytes"],
-                f", loss {evaluation.get('loss'):.4f}" if evaluated and "loss" in evaluation else "")
+                f", loss {round_eval['loss']:.4f}" if round_eval and "loss" in round_eval else "")
             progress.advance(rounds_bar)
     summary = records.summary(
         config, spec.name, rounds, base_eval, evaluation, server.trainable_parameters(),

@@ -221,17 +221,12 @@ def _federate(config: Config, spec: MethodSpec, federation: Federation, run_dir:
                     continue
                 skipped = True
                 break
-            t0 = time.perf_counter()
-            aggregate = {} if skipped else server.aggregate(rnd, replies)
-            aggregate_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            evaluated = rnd == fed.rounds or (config.eval.every and rnd % config.eval.every == 0)
-            if evaluated:
-                evaluation = evaluate_global()
-            times = {"local": local_s, "aggregate": aggregate_s, "eval": time.perf_counter() - t0,
-                     "total": time.perf_counter() - round_start}
+            aggregate, round_eval, times = records.close_round(config, server, rnd, replies, skipped,
+                                                               evaluate_global, local_s, round_start)
+            if round_eval is not None:
+                evaluation = round_eval
             rounds.append(records.round_record(rnd, spec.name, sampled, [] if skipped else clients, aggregate,
-                                               evaluation if evaluated else None, times, failures=failures,
+                                               round_eval, times, failures=failures,
                                                rejected=rejected, retries=retries, skipped=skipped))
             run_dir.log_round(rounds[-1])
             if fed.checkpoint and rnd < fed.rounds:

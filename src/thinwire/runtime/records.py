@@ -1,15 +1,36 @@
 """What every runtime writes: the per-round record of metrics.jsonl and the run's summary.json.
 
-Pure functions of what the runtime observed, so the local and Flower runtimes report the
-same fields computed the same way.
+Functions of what the runtime observed (and the round's closing step, shared so that both
+runtimes aggregate, evaluate and time a round the same way), so the local and Flower runtimes
+report the same fields computed the same way.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from thinwire.config import Config
 from thinwire.runtime.rundir import peak_rss_mb
+
+
+def close_round(config: Config, server: Any, rnd: int, replies: list[Any], skipped: bool,
+                evaluate: Callable[[], dict[str, float]], local_s: float,
+                round_start: float) -> tuple[dict[str, float], dict[str, float] | None, dict[str, float]]:
+    """Aggregate the round's accepted replies and evaluate if this round is due.
+
+    Returns (aggregate metrics, the evaluation or None, the round's times in seconds).
+    """
+    t0 = time.perf_counter()
+    aggregate = {} if skipped else server.aggregate(rnd, replies)
+    aggregate_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    due = rnd == config.federation.rounds or (config.eval.every and rnd % config.eval.every == 0)
+    evaluation = evaluate() if due else None
+    times = {"local": local_s, "aggregate": aggregate_s, "eval": time.perf_counter() - t0,
+             "total": time.perf_counter() - round_start}
+    return aggregate, evaluation, times
 
 
 def round_record(rnd: int, method: str, sampled: list[int], clients: list[dict[str, Any]],
