@@ -333,8 +333,7 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
                     failure["reason"])
             skipped = len(accepted) < max(fed.min_replies, 1)
             if skipped and accepted:  # their bytes crossed the wire; their updates are not used
-                failures.extend({"client": cid, "reason": f"reply discarded: {len(accepted)} of the "
-                                 f"{fed.min_replies} replies the round needs (federation.min_replies)"}
+                failures.extend({"client": cid, "reason": records.too_few_reason(len(accepted), fed.min_replies)}
                                 for cid, _, _ in accepted)
                 accepted = []
             aggregate, round_eval, times = records.close_round(

@@ -213,9 +213,8 @@ def _federate(config: Config, spec: MethodSpec, federation: Federation, run_dir:
                     raise first_error  # every client that ran crashed: a bug, not a client fault
                 for record in clients:  # their bytes crossed the wire; their updates are not used
                     failures.append({"client": record["client"], "downlink_bytes": record["downlink_bytes"],
-                                     "uplink_bytes": record["uplink_bytes"], "reason":
-                                     f"reply discarded: {len(replies)} of the {fed.min_replies} replies the "
-                                     "round needs (federation.min_replies)"})
+                                     "uplink_bytes": record["uplink_bytes"],
+                                     "reason": records.too_few_reason(len(replies), fed.min_replies)})
                 if fed.on_too_few == "retry" and retries < fed.max_retries:
                     retries += 1
                     continue

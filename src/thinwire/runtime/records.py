@@ -15,6 +15,11 @@ from thinwire.config import Config
 from thinwire.runtime.rundir import peak_rss_mb
 
 
+def too_few_reason(accepted: int, needed: int) -> str:
+    """Why a reply that arrived was not used: its round fell short of `federation.min_replies`."""
+    return f"reply discarded: {accepted} of the {needed} replies the round needs (federation.min_replies)"
+
+
 def close_round(config: Config, server: Any, rnd: int, replies: list[Any], skipped: bool,
                 evaluate: Callable[[], dict[str, float]], local_s: float,
                 round_start: float) -> tuple[dict[str, float], dict[str, float] | None, dict[str, float]]:
