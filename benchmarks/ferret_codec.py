@@ -9,7 +9,9 @@ per-block maximum of 200 (the released rule). One client, one round:
   block, one dot per basis, `d/K` scaling; the server regenerates all 200 × L bases, including
   those whose coordinate is zero, and clips every (seed, block) piece to norm 10.
 - ours: `thinwire.compress.projection` with the same K_l, the same `d/K` scaling and clip, so the
-  errors compare like for like.
+  errors compare like for like; also with the paper's unbiased scaling, and the structured option
+  (`thinwire.compress.sketch`, hashed signed buckets: O(d) per block instead of O(K·d)), whose
+  error is compared with the unbiased dense row (it has no d/K scaling).
 
 The reference takes minutes at full size on 2 cores, so both sides run on the same subset of
 blocks (the embedding and the first `--ref-layers` layers, ≥ 10% of the weights); ours also runs
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 
 from thinwire.compress.projection import ProjectionCodec, allocate, block_norms, partition_blocks
+from thinwire.compress.sketch import SketchCodec
 
 K_MAX, K_MIN, CLIP = 200, 2, 10.0
 
@@ -88,6 +91,21 @@ def expected_error(blocks, norms, ks, rho, kurt, scaling="code") -> tuple[float,
             e = norms[b.index] ** 2 * (s * s * k * ((d - 2 + kurt) * r * r + k * r * r) - 2 * s * k * r + 1)
             var += 2.0 / k * e * e
         tot += e
+    ref = math.sqrt(sum(norms[b.index] ** 2 for b in blocks))
+    return math.sqrt(tot) / ref, 0.5 * math.sqrt(var) / (math.sqrt(tot) * ref)
+
+
+def sketch_expected_error(blocks, norms, ks) -> tuple[float, float]:
+    """E‖Δ̃−Δ‖/‖Δ‖ of the sketch basis: ((d−1)/K + k_max/K − 1)·‖Δ_l‖² per block, exactly, and its s.d.
+
+    The s.d. is taken as a χ² with K degrees of freedom, as for the dense bases (an estimate).
+    """
+    tot = var = 0.0
+    for b in blocks:
+        k = ks[b.index]
+        e = norms[b.index] ** 2 * (((b.size - 1) + K_MAX) / k - 1 if k else 1.0)
+        tot += e
+        var += 2.0 / k * e * e if k else 0.0
     ref = math.sqrt(sum(norms[b.index] ** 2 for b in blocks))
     return math.sqrt(tot) / ref, 0.5 * math.sqrt(var) / (math.sqrt(tot) * ref)
 
@@ -173,7 +191,10 @@ def run_ours(
     t0 = clock()
     rec = {blk.index: flat for blk, flat in codec.iter_reconstruct(coords, round_idx, clip=CLIP) if blk.index in wanted}
     t_server = since(t0)
-    drawn = 2 * sum(ks_sub[b.index] * b.size for b in blocks)
+    if isinstance(codec, SketchCodec):  # one 32-bit draw per entry, each side
+        drawn = 2 * sum(b.size for b in blocks if ks_sub[b.index])
+    else:
+        drawn = 2 * sum(ks_sub[b.index] * b.size for b in blocks)
     return t_client, t_server, rec, drawn
 
 
@@ -280,6 +301,11 @@ def main() -> None:
     record("ours (uniform), unbiased scaling", "subset", "uniform", t_c, t_s, drawn, rel_error(subset, delta, rec),
            theory(subset, "uniform", "unbiased"))
     del rec
+    sketch = SketchCodec(blocks, run_seed=args.seed, k_max=K_MAX, threads=our_threads)
+    t_c, t_s, rec, drawn = run_ours(sketch, subset, delta, ks, round_idx=0, scaling="unbiased")
+    record("ours (sketch basis), unbiased scaling", "subset", "sketch", t_c, t_s, drawn,
+           rel_error(subset, delta, rec), sketch_expected_error(subset, norms, ks))
+    del rec
     our_errors = [ours["err"]]
     if args.error_rounds > 0:
         runs = []
@@ -297,6 +323,10 @@ def main() -> None:
         t_c, t_s, rec, drawn = run_ours(codec("uniform"), blocks, delta, ks, round_idx=0)
         record("ours (uniform)", "full model", "uniform", t_c, t_s, drawn, rel_error(blocks, delta, rec),
                theory(blocks, "uniform"))
+        del rec
+        t_c, t_s, rec, drawn = run_ours(sketch, blocks, delta, ks, round_idx=0, scaling="unbiased")
+        record("ours (sketch basis), unbiased scaling", "full model", "sketch", t_c, t_s, drawn,
+               rel_error(blocks, delta, rec), sketch_expected_error(blocks, norms, ks))
         del rec
 
     n_coord = sum(ks)

@@ -16,6 +16,7 @@ from thinwire.wire import Payload
     ["method.ferret.fixed_bases=true", "method.ferret.momentum=0.5", "method.server_lr=0.2"],
     ["method.ferret.allocation='proportional'", "method.ferret.budget=300", "method.ferret.lr_schedule='cosine'",
      "method.server_lr=0.05"],
+    ["method.ferret.basis='sketch'", "method.ferret.clip=10.0", "method.server_lr=0.3"],
 ])
 def test_variants_learn_and_upload_what_they_allocate(tmp_path, smoke_config, options):
     config = smoke_config("method.name='ferret'", "federation.rounds=3", *options)
@@ -33,6 +34,10 @@ def test_variants_learn_and_upload_what_they_allocate(tmp_path, smoke_config, op
         assert all(r["aggregate"]["coordinates"] <= 300 * 2 for r in rounds)
 
 
-def test_momentum_needs_fixed_bases(tmp_path, smoke_config):
-    with pytest.raises(UsageError, match="fixed_bases"):
-        run_local(smoke_config("method.name='ferret'", "method.ferret.momentum=0.9"), tmp_path / "r", quiet=True)
+@pytest.mark.parametrize(("options", "message"), [
+    (["method.ferret.momentum=0.9"], "fixed_bases"),
+    (["method.ferret.basis='sketch'", "method.ferret.scaling='code'"], "unbiased"),
+])
+def test_incompatible_options_are_usage_errors(tmp_path, smoke_config, options, message):
+    with pytest.raises(UsageError, match=message):
+        run_local(smoke_config("method.name='ferret'", *options), tmp_path / "r", quiet=True)

@@ -8,9 +8,14 @@ from thinwire.methods import get_method
 from thinwire.methods.base import ClientState, Reply, RunContext, Workbench
 from thinwire.wire import Payload
 
-HISTORY_METHODS = ["fedkseed", "fedkseed-pro", "ferret"]
-# per method: settings under which the tiny model learns in a few rounds
-SETTINGS = {"fedkseed": [], "fedkseed-pro": [], "ferret": ["method.server_lr=0.3"]}
+# label → settings under which the tiny model learns in a few rounds (the method is the label's first word)
+SETTINGS = {"fedkseed": [], "fedkseed-pro": [], "ferret": ["method.server_lr=0.3"],
+            "ferret sketch": ["method.server_lr=0.3", "method.ferret.basis='sketch'"]}
+HISTORY_METHODS = list(SETTINGS)
+
+
+def _settings(label):
+    return [f"method.name='{label.split()[0]}'", *SETTINGS[label]]
 
 
 def _fresh(config, spec):
@@ -19,9 +24,8 @@ def _fresh(config, spec):
 
 @pytest.mark.parametrize("method", HISTORY_METHODS)
 def test_catch_up_is_bit_identical_to_the_server(smoke_config, method):
-    config = smoke_config(f"method.name='{method}'", "method.fedkseed.local_steps=6",
-                          "data.examples_per_client=8")
-    spec = get_method(method)
+    config = smoke_config(*_settings(method), "method.fedkseed.local_steps=6", "data.examples_per_client=8")
+    spec = get_method(method.split()[0])
     federation = build_federation(config)
     ctx = RunContext(config, Workbench(config))
     server, shared = spec.server(ctx), spec.client(ctx)
@@ -59,7 +63,7 @@ def test_end_to_end_reduces_loss_and_counts_bytes(tmp_path, smoke_config, method
 
     from thinwire.runtime.local import run_local
 
-    config = smoke_config(f"method.name='{method}'", "federation.rounds=3", *SETTINGS[method])
+    config = smoke_config(*_settings(method), "federation.rounds=3")
     summary = run_local(config, tmp_path / "r", quiet=True)
     assert summary["final_eval"]["loss"] < summary["base_eval"]["loss"] - 0.1
     rounds = [json.loads(line) for line in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]

@@ -21,6 +21,7 @@ from thinwire.compress.projection import (
     partition_blocks,
     unpack,
 )
+from thinwire.compress.sketch import SketchCodec, make_codec
 
 
 def fake_llama(layers=3, vocab=100, hidden=16, kv=4, inter=40, tied=False):
@@ -138,9 +139,10 @@ def test_allocate_proportional_by_hand():
 BASIS_SCRIPT = textwrap.dedent(
     """
     import hashlib, sys, torch
-    from thinwire.compress.projection import ProjectionCodec, partition_blocks
+    from thinwire.compress.projection import partition_blocks
+    from thinwire.compress.sketch import make_codec
     shapes = [("a", (3, GRID)), ("b", (7, 5)), ("c", (300,))]
-    codec = ProjectionCodec(partition_blocks(shapes, "tensor"), run_seed=1234, k_max=16, dist=sys.argv[1], threads=2)
+    codec = make_codec(partition_blocks(shapes, "tensor"), 1234, sys.argv[1], k_max=16, threads=2)
     h = hashlib.sha256()
     for l in range(3):
         h.update(codec.basis(5, l, 0, 16).numpy().tobytes())
@@ -152,7 +154,7 @@ BASIS_SCRIPT = textwrap.dedent(
 ).replace("GRID", str(GRID))
 
 
-@pytest.mark.parametrize("dist", ["uniform", "sign", "trunc_normal"])
+@pytest.mark.parametrize("dist", ["uniform", "sign", "trunc_normal", "sketch"])
 def test_bases_and_reconstruction_identical_in_fresh_process(dist):
     here = subprocess.run([sys.executable, "-c", BASIS_SCRIPT, dist], capture_output=True, text=True, check=True)
     again = subprocess.run(
@@ -163,7 +165,7 @@ def test_bases_and_reconstruction_identical_in_fresh_process(dist):
     )
     exec_hash = hashlib.sha256()
     codec_shapes = [("a", (3, GRID)), ("b", (7, 5)), ("c", (300,))]
-    codec = ProjectionCodec(partition_blocks(codec_shapes, "tensor"), run_seed=1234, k_max=16, dist=dist, threads=3)
+    codec = make_codec(partition_blocks(codec_shapes, "tensor"), 1234, dist, k_max=16, threads=3)
     for l in range(3):
         exec_hash.update(codec.basis(5, l, 0, 16).numpy().tobytes())
     coords = [torch.linspace(-1, 1, 16) for _ in range(3)]
@@ -251,14 +253,14 @@ def test_k_equal_d_sanity():
     assert float(torch.nn.functional.cosine_similarity(rec, x, dim=0)) > 0.98
 
 
-@pytest.mark.parametrize("dist", ["uniform", "uniform8", "sign"])
+@pytest.mark.parametrize("dist", ["uniform", "uniform8", "sign", "sketch"])
 def test_reconstruction_is_unbiased(dist):
     shapes = [("a", (8, 8)), ("b", (64,))]
     blocks = partition_blocks(shapes, "tensor")
     delta = random_delta(shapes, seed=4, scales=[1.0, 3.0])
     x = flat(delta, shapes)
     k = 8
-    codec = ProjectionCodec(blocks, run_seed=21, k_max=k, dist=dist, threads=1)
+    codec = make_codec(blocks, 21, dist, k_max=k, threads=1)
     recs = [flat(codec.reconstruct(codec.project(delta, r, [k, k]), r), shapes) for r in range(1600)]
     # one reconstruction: E‖Δ̃−Δ‖² ≈ (d/K)‖Δ‖² per block, so the mean of n has relative error √(d/(K n))
     for n in (100, 1600):
@@ -284,18 +286,19 @@ def test_aggregation_equals_weighted_mean_of_reconstructions():
     assert torch.allclose(eq[0][: c2[0].numel()], (c1[0][: c2[0].numel()] + c2[0]) / 2, atol=1e-6)
 
 
-def test_reconstruction_deterministic_across_threads():
+@pytest.mark.parametrize("dist", ["uniform", "sketch"])
+def test_reconstruction_deterministic_across_threads(dist):
     shapes = fake_llama(layers=1, vocab=GRID // 8, hidden=20)  # the embedding spans 3 chunks
     blocks = partition_blocks(shapes, "code")
     delta = random_delta(shapes, seed=6)
     ks = allocate(block_norms(blocks, delta), k_max=24)
-    coords = ProjectionCodec(blocks, run_seed=2, k_max=24, threads=2).project(delta, 1, ks)
+    coords = make_codec(blocks, 2, dist, k_max=24, threads=2).project(delta, 1, ks)
     before = torch.get_num_threads()
     outs = []
     for threads, intra in ((1, before), (2, before), (3, 1), (2, 2)):
         torch.set_num_threads(intra)
         try:
-            rec = ProjectionCodec(blocks, run_seed=2, k_max=24, threads=threads).reconstruct(coords, 1, clip=5.0)
+            rec = make_codec(blocks, 2, dist, k_max=24, threads=threads).reconstruct(coords, 1, clip=5.0)
         finally:
             torch.set_num_threads(before)
         outs.append(rec)
@@ -304,10 +307,11 @@ def test_reconstruction_deterministic_across_threads():
     assert torch.get_num_threads() == before
 
 
-def test_iter_reconstruct_streams_and_restores_threads():
+@pytest.mark.parametrize("dist", ["uniform", "sketch"])
+def test_iter_reconstruct_streams_and_restores_threads(dist):
     shapes = fake_llama(layers=2)
     blocks = partition_blocks(shapes, "code")
-    codec = ProjectionCodec(blocks, run_seed=2, k_max=10, threads=2)
+    codec = make_codec(blocks, 2, dist, k_max=10, threads=2)
     coords = [torch.ones(3) if b.index % 3 == 0 else torch.zeros(0) for b in blocks]
     before = torch.get_num_threads()
     seen = []
@@ -320,10 +324,11 @@ def test_iter_reconstruct_streams_and_restores_threads():
     assert torch.get_num_threads() == before
 
 
-def test_clip_bounds_each_piece():
+@pytest.mark.parametrize("dist", ["uniform", "sketch"])
+def test_clip_bounds_each_piece(dist):
     shapes = [("a", (50, 50))]
     blocks = partition_blocks(shapes, "tensor")
-    codec = ProjectionCodec(blocks, run_seed=1, k_max=4)
+    codec = make_codec(blocks, 1, dist, k_max=4)
     big = [torch.tensor([1000.0, 0.0, 0.0, 0.0])]
     norm = float(codec.reconstruct(big, 0, clip=10.0)["a"].norm())
     assert 9.99 < norm <= 10.0 + 1e-5
@@ -331,6 +336,50 @@ def test_clip_bounds_each_piece():
     assert torch.equal(codec.reconstruct(small, 0, clip=10.0)["a"], codec.reconstruct(small, 0)["a"])
     with pytest.raises(ValueError):
         codec.reconstruct([torch.tensor([float("inf")])], 0)
+
+
+# ---- the sketch basis ----------------------------------------------------------------------------
+
+
+def test_sketch_bases_partition_the_block_with_signs_and_match_dense_products():
+    shapes = [("w", (3, GRID // 2 + 7)), ("b", (11,))]
+    blocks = partition_blocks(shapes, "tensor")
+    codec = SketchCodec(blocks, run_seed=5, k_max=20, threads=2)
+    v = codec.basis(3, 0, 0, 20).double()
+    assert v.shape == (20, blocks[0].size)
+    assert torch.equal(v.abs().sum(0), torch.ones(blocks[0].size, dtype=torch.float64))  # each entry in one basis
+    assert set(v.unique().tolist()) == {-1.0, 0.0, 1.0}
+    counts = v.abs().sum(1)  # entries per bucket: binomial(d, 1/k_max)
+    mean, sd = blocks[0].size / 20, math.sqrt(blocks[0].size / 20)
+    assert float((counts - mean).abs().max()) < 5 * sd
+    assert abs(float(v.sum()) / blocks[0].size) < 5 / math.sqrt(blocks[0].size)  # signs balanced
+    assert float(v.square().mean()) == pytest.approx(codec.rho(0))
+    delta = random_delta(shapes, seed=1)
+    coords = codec.project(delta, 3, [20, 6])
+    for blk, g, k in zip(blocks, coords, (20, 6)):
+        vk = codec.basis(3, blk.index, 0, k).double()
+        want = vk @ blk.gather(delta).double() / (codec.rho(blk.index) * k)
+        assert torch.allclose(g.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        got = blk.gather(codec.reconstruct([c if c is g else torch.zeros(0) for c in coords], 3)).double()
+        assert torch.equal(got, (vk.T @ g.double()).float().double())  # ±γ copied: exact
+    assert not torch.equal(codec.basis(4, 0, 0, 20), codec.basis(3, 0, 0, 20))  # fresh bases each round
+    with pytest.raises(ValueError, match="unbiased"):
+        codec.project(delta, 3, [20, 6], scaling="code")
+
+
+def test_sketch_error_matches_theory_for_every_k():
+    # E‖Δ̃−Δ‖²/‖Δ‖² = (d − 1)/K + k_max/K − 1 exactly, for any Δ (here a spiky one)
+    shapes = [("w", (40, 50))]
+    blocks = partition_blocks(shapes, "tensor")
+    delta = random_delta(shapes, seed=3)
+    delta["w"][0, :5] *= 30.0
+    x = flat(delta, shapes)
+    codec = SketchCodec(blocks, run_seed=7, k_max=50, threads=1)
+    for k in (50, 10):
+        errs = torch.tensor([float((flat(codec.reconstruct(codec.project(delta, r, [k]), r), shapes) - x).square().sum())
+                             for r in range(400)]) / float(x.square().sum())
+        theory = (2000 - 1) / k + 50 / k - 1
+        assert abs(float(errs.mean()) / theory - 1) < 4 * float(errs.std()) / (theory * math.sqrt(400)), (k, errs.mean())
 
 
 def test_pack_unpack_roundtrip():

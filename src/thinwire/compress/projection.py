@@ -63,6 +63,7 @@ from thinwire.seeding import derive_seed
 __all__ = [
     "GRID",
     "Block",
+    "BlockCodec",
     "ProjectionCodec",
     "aggregate",
     "allocate",
@@ -395,7 +396,59 @@ def _ordered_map(fn: Callable, items: Iterable, pool: ThreadPoolExecutor | None,
         yield res
 
 
-class ProjectionCodec:
+class BlockCodec:
+    """What every Ferret basis shares: blocks, the run seed, k_max (the basis sequence's length per
+    block and round) and the worker threads; subclasses define the bases. Holds no tensors."""
+
+    def __init__(self, blocks: Sequence[Block], run_seed: int, *, k_max: int = 200, threads: int | None = None) -> None:
+        name = type(self).__name__
+        if k_max < 1:
+            raise ValueError(f"{name}: k_max must be >= 1")
+        self.blocks = list(blocks)
+        if [b.index for b in self.blocks] != list(range(len(self.blocks))):
+            raise ValueError(f"{name}: blocks must be indexed 0..L-1 in order")
+        self.run_seed = int(run_seed)
+        self.k_max = int(k_max)
+        if threads is None:
+            threads = min(torch.get_num_threads(), os.cpu_count() or 1)
+        self.threads = max(1, int(threads))
+
+    def _check_ks(self, ks: Sequence[int], scaling: str) -> None:
+        if scaling not in ("unbiased", "code"):
+            raise ValueError(f"project: unknown scaling {scaling!r} (use unbiased or code)")
+        if len(ks) != len(self.blocks) or any(not 0 <= int(k) <= self.k_max for k in ks):
+            raise ValueError(f"project: need one K_l in [0, {self.k_max}] per block")
+
+    def _check_coords(self, coords: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Coordinates per block as CPU float64, checked for count and finiteness."""
+        if len(coords) != len(self.blocks):
+            raise ValueError(f"reconstruct: expected {len(self.blocks)} coordinate vectors, got {len(coords)}")
+        out = []
+        for blk, g in zip(self.blocks, coords):
+            g = g.detach().reshape(-1).to("cpu", torch.float64)
+            if g.numel() > self.k_max:
+                raise ValueError(f"reconstruct: block {blk.index} has {g.numel()} coordinates > k_max {self.k_max}")
+            if not bool(torch.isfinite(g).all()):
+                raise ValueError(f"reconstruct: non-finite coordinates in block {blk.index}")
+            out.append(g)
+        return out
+
+    def iter_reconstruct(
+        self, coords: Sequence[torch.Tensor], round_idx: int, *, clip: float | None = None
+    ) -> Iterator[tuple[Block, torch.Tensor]]:
+        raise NotImplementedError
+
+    def reconstruct(
+        self, coords: Sequence[torch.Tensor], round_idx: int, *, clip: float | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Δ̃ as a dict name → CPU float32 tensor (all blocks; see `iter_reconstruct` to stream)."""
+        out: dict[str, torch.Tensor] = {}
+        for blk, flat in self.iter_reconstruct(coords, round_idx, clip=clip):
+            out.update(blk.split(flat))
+        return out
+
+
+class ProjectionCodec(BlockCodec):
     """Ferret's block-wise random projection over a fixed list of parameters.
 
     Everything both sides must agree on lives here: the blocks, `run_seed`, `k_max` (the length
@@ -414,17 +467,8 @@ class ProjectionCodec:
     ) -> None:
         if dist not in _DISTS:
             raise ValueError(f"ProjectionCodec: unknown dist {dist!r} (use {', '.join(_DISTS)})")
-        if k_max < 1:
-            raise ValueError("ProjectionCodec: k_max must be >= 1")
-        self.blocks = list(blocks)
-        if [b.index for b in self.blocks] != list(range(len(self.blocks))):
-            raise ValueError("ProjectionCodec: blocks must be indexed 0..L-1 in order")
-        self.run_seed = int(run_seed)
-        self.k_max = int(k_max)
+        super().__init__(blocks, run_seed, k_max=k_max, threads=threads)
         self.dist = dist
-        if threads is None:
-            threads = min(torch.get_num_threads(), os.cpu_count() or 1)
-        self.threads = max(1, int(threads))
         offsets, acc = [], 0
         for b in self.blocks:
             offsets.append(acc)
@@ -521,10 +565,7 @@ class ProjectionCodec:
         scaling "unbiased": γ = VᵀΔ/(ρ K), so E[Vγ] = Δ. "code": the released code's d/K, whose
         reconstruction is ≈ Δ/3 (absorbed by the server learning rate).
         """
-        if scaling not in ("unbiased", "code"):
-            raise ValueError(f"project: unknown scaling {scaling!r} (use unbiased or code)")
-        if len(ks) != len(self.blocks) or any(not 0 <= int(k) <= self.k_max for k in ks):
-            raise ValueError(f"project: need one K_l in [0, {self.k_max}] per block")
+        self._check_ks(ks, scaling)
         partial: dict[int, list] = {}
 
         def units():
@@ -580,15 +621,8 @@ class ProjectionCodec:
         Only bases with γ_j ≠ 0 are generated. `clip` (released code: 10) scales each piece
         γ_j v_j down to norm ≤ clip, as the released server does per (seed, block).
         """
-        if len(coords) != len(self.blocks):
-            raise ValueError(f"reconstruct: expected {len(self.blocks)} coordinate vectors, got {len(coords)}")
         plans: list[tuple[list[int], list[float], float]] = []
-        for blk, g in zip(self.blocks, coords):
-            g = g.detach().reshape(-1).to("cpu", torch.float64)
-            if g.numel() > self.k_max:
-                raise ValueError(f"reconstruct: block {blk.index} has {g.numel()} coordinates > k_max {self.k_max}")
-            if not bool(torch.isfinite(g).all()):
-                raise ValueError(f"reconstruct: non-finite coordinates in block {blk.index}")
+        for blk, g in zip(self.blocks, self._check_coords(coords)):
             js = [j for j, x in enumerate(g.tolist()) if x != 0.0]
             gam = [float(g[j]) for j in js]
             if clip is not None and js:
@@ -640,15 +674,6 @@ class ProjectionCodec:
                         torch.set_num_threads(1)
         for blk in self.blocks[nxt:]:  # trailing blocks with nothing to generate
             yield blk, torch.zeros(blk.size)
-
-    def reconstruct(
-        self, coords: Sequence[torch.Tensor], round_idx: int, *, clip: float | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Δ̃ as a dict name → CPU float32 tensor (all blocks; see `iter_reconstruct` to stream)."""
-        out: dict[str, torch.Tensor] = {}
-        for blk, flat in self.iter_reconstruct(coords, round_idx, clip=clip):
-            out.update(blk.split(flat))
-        return out
 
     def _clip(self, round_idx: int, block: int, js: list[int], gam: list[float], clip: float) -> list[float]:
         """Scale γ_j so that ‖γ_j v_j‖ ≤ clip; ‖v_j‖ < 1 always, so only |γ_j| > clip needs ‖v_j‖."""

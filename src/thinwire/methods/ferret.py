@@ -17,7 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
-from thinwire.compress.projection import ProjectionCodec, aggregate, allocate, block_norms, pack, partition_blocks, unpack
+from thinwire.compress.projection import (
+    aggregate,
+    allocate,
+    block_norms,
+    pack,
+    partition_blocks,
+    unpack,
+)
+from thinwire.compress.sketch import make_codec
 from thinwire.config import method_options, opt
 from thinwire.errors import UsageError
 from thinwire.methods import robust, validate
@@ -44,8 +52,10 @@ class FerretOptions:
     scaling: str = opt("unbiased", "coordinate scaling: the paper's 1/(ρK) or the code's d/K",
                        choices=("unbiased", "code"))
     basis: str = opt("uniform", "basis distribution: fast uniform grid (same support and, up to "
-                     "2/(15d), variance as the paper's truncated normal), 8-bit grid, signs, or "
-                     "the paper's truncated normal", choices=("uniform", "uniform8", "sign", "trunc_normal"))
+                     "2/(15d), variance as the paper's truncated normal), 8-bit grid, signs, "
+                     "the paper's truncated normal, or hashed signed buckets (a count sketch: same "
+                     "error, O(d) instead of O(K·d) per block)",
+                     choices=("uniform", "uniform8", "sign", "trunc_normal", "sketch"))
     fixed_bases: bool = opt(False, "reuse one basis pool every round (the released code) instead of fresh bases")
     clip: float = opt(0.0, "clip each reconstructed (basis, block) piece to this norm (code: 10; 0: off)", low=0)
     momentum: float = opt(0.0, "server momentum on coordinates (needs fixed_bases)", low=0, high=0.999)
@@ -68,8 +78,12 @@ class _FerretRule:
         self.lora = options.trainable == "lora"
         _, params = self.ctx.workbench.trainable(self.lora)
         self.blocks = partition_blocks([(name, tuple(p.shape)) for name, p in params.items()], options.block_rule)
-        self.codec = ProjectionCodec(self.blocks, self.config.federation.seed, k_max=options.k_max,
-                                     dist=options.basis, threads=options.threads or None)
+        seed, threads = self.config.federation.seed, options.threads or None
+        if options.basis == "sketch":
+            if options.scaling != "unbiased":
+                raise UsageError("method.ferret.basis = 'sketch' needs method.ferret.scaling = 'unbiased' "
+                                 "(the code's d/K scaling is defined for dense bases)")
+        self.codec = make_codec(self.blocks, seed, options.basis, k_max=options.k_max, threads=threads)
 
     def basis_round(self, version: int) -> int:
         return 0 if self.options.fixed_bases else version
