@@ -21,6 +21,11 @@ Phases, as rounds of one run (the `phase` entry of every round's aggregate metri
   AE on them plus the TGAP pool, and the new AE is re-sent (and counted) in later downloads.
 * ``passthrough`` (``codec = "none"``): FedIT, bit for bit, same bytes on the wire.
 
+``codec = "topk"`` replaces the autoencoder by global top-k sparsification (compress/topk.py,
+int32 positions + ``latent_dtype`` values, k sized so the upload is ``compression`` times smaller
+than FedIT's float32 one) through the same TGAP/FAF rounds and error feedback: the non-learned
+codec that shows what the AE's 1/64 should reach.
+
 The AE is a public artifact distributed once: a client's first FAF download carries the whole AE
 (encoder and decoder: the client needs the decoder for error feedback and to measure the
 reconstruction it reports) and it is counted as downlink; later downloads carry it again only
@@ -71,6 +76,7 @@ from thinwire.compress.autoencoder import (
     load_artifact,
     quality,
 )
+from thinwire.compress.topk import TopKCodec
 from thinwire.config import method_options, opt
 from thinwire.errors import UsageError
 from thinwire.methods import robust, validate
@@ -93,8 +99,9 @@ class CGFedLLMOptions:
     """`[method.cgfedllm]`. Defaults: the working variant (delta + scales + error feedback)."""
 
     codec: str = opt("conv2d", "conv2d: the paper's 2-D residual conv AE; conv1d: 1-D AE over chunks; "
-                     "none: uncompressed pass-through (FedIT bit for bit); zeros: send nothing (control)",
-                     choices=("conv2d", "conv1d", "none", "zeros"))
+                     "topk: global top-k sparsification (no AE); none: uncompressed pass-through "
+                     "(FedIT bit for bit); zeros: send nothing (control)",
+                     choices=("conv2d", "conv1d", "topk", "none", "zeros"))
     target: str = opt("delta", "what is encoded: the adapter state (paper), the round's delta, or delta/(lr·steps)",
                       choices=("state", "delta", "grad"))
     normalize: bool = opt(True, "divide each tensor by its max |value| before encoding; scales sent (fp32 each)")
@@ -102,12 +109,14 @@ class CGFedLLMOptions:
     error_feedback: bool = opt(True, "client adds what the codec lost last time to its next input")
     paper_sum: bool = opt(False, "sum the decoded objects as the paper writes, instead of [method] aggregation "
                           "(the weighted mean by default)")
-    compression: int = opt(0, "input cells per latent value (0: paper default, 64 for conv2d, 32 for conv1d)", low=0)
+    compression: int = opt(0, "input cells per latent value (0: paper default, 64 for conv2d, 32 for conv1d); "
+                           "topk: FedIT's float32 upload bytes per sent byte (0: 64)", low=0)
     depth: int = opt(6, "stride-2 conv layers of the encoder (and transposed convs of the decoder)", low=1, high=12)
     width: int = opt(8, "channels of the first conv, doubling per layer up to 64", low=1)
     res_blocks: int = opt(2, "residual blocks at the deepest intermediate stage (each side)", low=0)
     chunk: int = opt(4096, "conv1d: values per chunk (a multiple of 2^depth)", low=2)
-    latent_dtype: str = opt("float32", "precision of the latent on the wire", choices=tuple(LATENT_DTYPES))
+    latent_dtype: str = opt("float32", "precision of the latent (topk: of the values) on the wire",
+                            choices=tuple(LATENT_DTYPES))
     tgap_rounds: int = opt(1, "first rounds that run TGAP (uncompressed FedIT on the TGAP share)", low=0)
     tgap_share: float = opt(0.3, "share of each client's examples used in TGAP; FAF uses the rest", low=0, high=1)
     tgap_snapshots: int = opt(4, "objects each client records (and uploads) per TGAP round, evenly spaced "
@@ -129,9 +138,9 @@ def _validate(o: CGFedLLMOptions, rounds: int) -> None:
     if o.error_feedback and o.target == "state":
         raise UsageError("method.cgfedllm.error_feedback needs target = 'delta' or 'grad': a state is not "
                          "additive across rounds, so a residual cannot be carried into the next one")
-    if o.codec == "zeros" and o.target == "state":
-        raise UsageError("method.cgfedllm.codec = 'zeros' with target = 'state' would zero the adapter; "
-                         "use target = 'delta' for the send-nothing control")
+    if o.codec in ("zeros", "topk") and o.target == "state":
+        raise UsageError(f"method.cgfedllm.codec = '{o.codec}' with target = 'state' would zero (most of) the "
+                         "adapter; use target = 'delta'")
     tgap = o.tgap_rounds > 0 and not o.ae_path
     if learned and not tgap and not o.ae_path:
         raise UsageError("method.cgfedllm.codec = '%s' needs a trained autoencoder: set tgap_rounds >= 1 "
@@ -160,6 +169,11 @@ class _Rule:
         self.learned = o.codec in ("conv2d", "conv1d")
         self.tgap = o.codec != "none" and o.tgap_rounds > 0 and not o.ae_path
         self._codec: AutoencoderCodec | None = None
+        self.topk: TopKCodec | None = None
+        if o.codec == "topk":
+            _, params = self.ctx.workbench.trainable(True)
+            self.topk = TopKCodec([(n, tuple(p.shape)) for n, p in params.items()], o.compression or 64,
+                                  o.latent_dtype)
 
     def phase(self, rnd: int) -> str:
         o = self.options
@@ -262,6 +276,12 @@ class CGFedLLMServer(_Rule, FedITServer):
             value = scalars.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise PayloadError(f"scalar {key!r} is missing or not a number")
+        if self.topk is not None:
+            validate.check_names(tensors, ["positions", "values"])
+            problem = self.topk.check(tensors["positions"], tensors["values"])
+            if problem:
+                raise PayloadError(f"top-k upload: {problem}")
+            return
         if not self.learned:  # codec "zeros": nothing may be sent
             validate.check_names(tensors, [])
             return
@@ -282,6 +302,10 @@ class CGFedLLMServer(_Rule, FedITServer):
         if key not in self._objects:
             if (self._current or "faf") in ("tgap", "calibrate"):
                 self._objects[key] = _snapshots(reply.payload.tensors)[-1]
+            elif self.topk is not None:
+                device = next(iter(self.weights.values())).device
+                self._objects[key] = self.topk.decode(reply.payload.tensors["positions"],
+                                                      reply.payload.tensors["values"], device)
             elif not self.learned:
                 self._objects[key] = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in self.weights.items()}
             else:
@@ -307,8 +331,9 @@ class CGFedLLMServer(_Rule, FedITServer):
             for key in QUALITY:
                 metrics[key] = sum(float(r.payload.scalars[key]) for r in replies) / len(replies)
             metrics["rel_err_max"] = max(float(r.payload.scalars["rel_err"]) for r in replies)
-            if self.learned:
-                metrics.update({k: float(v) for k, v in self.codec.ratio().items()})
+            if self.learned or self.topk is not None:
+                ratio = self.topk.ratio() if self.topk is not None else self.codec.ratio()
+                metrics.update({k: float(v) for k, v in ratio.items()})
         for reply in replies:
             self.client_ae[reply.client_id] = int(reply.payload.scalars.get("ae_version", 0))
         cfg = self.config.method
@@ -450,9 +475,12 @@ class CGFedLLMClient(_Rule, FedITClient):
             codec = self._client_codec(state)
             latent, scales, xhat = codec.encode(x_in)
             tensors = {"latent": latent} if scales is None else {"latent": latent, "scales": scales}
+        elif self.topk is not None:
+            positions, values, xhat = self.topk.encode(x_in)
+            tensors = {"positions": positions, "values": values}
         else:  # zeros: nothing crosses the wire, and no residual is kept (it would only grow)
             tensors, xhat = {}, {n: torch.zeros_like(t) for n, t in x_in.items()}
-        if self.options.error_feedback and self.learned:
+        if self.options.error_feedback and self.options.codec != "zeros":
             self._set_residual(state, {n: x_in[n] - xhat[n] for n in x_in})
         q = quality(x_in, xhat)
         q["ef_gain"] = _norm(x_in) / max(_norm(x), 1e-30)
