@@ -67,7 +67,7 @@ def main() -> None:
             table.add_row(label, f"{local:.1f}", f"{agg:.1f}", f"{total:.1f}", f"{total / reference:.2f}×",
                           human_bytes(summary["uplink_bytes_per_client_round"]),
                           human_bytes(summary["downlink_bytes_per_client_round"]))
-    Console().print(table)
+    Console(width=140).print(table)
 
 
 if __name__ == "__main__":
