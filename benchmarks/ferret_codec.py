@@ -21,7 +21,7 @@ threads counted: other tenants of a shared machine cannot inflate it) and
 `relative_error_ratio=` (mean error of ours over 1 + `--error-rounds` rounds / the reference's over
 `--ref-rounds` rounds: equal in expectation, with the sampling s.d. printed above it).
 
-    python benchmarks/ferret_codec.py            # full (about 10 minutes on 2 busy cores)
+    python benchmarks/ferret_codec.py --ref-rounds 4   # full (18 minutes on 2 cores: ~4 per reference round)
     python benchmarks/ferret_codec.py --quick    # a small Llama, everything, under a minute
 """
 
