@@ -332,7 +332,14 @@ def test_clip_bounds_each_piece(dist):
     big = [torch.tensor([1000.0, 0.0, 0.0, 0.0])]
     norm = float(codec.reconstruct(big, 0, clip=10.0)["a"].norm())
     assert 9.99 < norm <= 10.0 + 1e-5
-    small = [torch.tensor([0.5, -0.25, 0.0, 1.0])]
+    # every piece γ_j v_j is clipped on its own, whatever the basis vector's norm (≈ 25 for the sketch's
+    # buckets of ~625 entries, < 1 for the dense bases)
+    for j in range(4):
+        one = torch.zeros(4)
+        one[j] = 0.5  # below the clip: only the piece norm tells whether it must be clipped
+        piece = float(codec.reconstruct([one], 0, clip=2.0)["a"].norm())
+        assert piece <= 2.0 + 1e-5 and piece == pytest.approx(min(2.0, float(codec.reconstruct([one], 0)["a"].norm())))
+    small = [torch.tensor([0.01, -0.005, 0.0, 0.02])]
     assert torch.equal(codec.reconstruct(small, 0, clip=10.0)["a"], codec.reconstruct(small, 0)["a"])
     with pytest.raises(ValueError):
         codec.reconstruct([torch.tensor([float("inf")])], 0)

@@ -24,6 +24,7 @@ every process, thread count and chunking.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -115,7 +116,7 @@ class SketchCodec(BlockCodec):
                 if not bool(g.any()):
                     yield blk, torch.zeros(blk.size)
                     continue
-                if clip is not None and float(g.abs().max()) > clip:
+                if clip is not None and float(g.abs().max()) * math.sqrt(blk.size) > clip:  # ‖v_j‖ ≤ √d_l
                     g = self._clip(round_idx, blk, g, float(clip), pool)
                 table = torch.zeros(self.k_max)
                 table[: g.numel()] = g.float()
