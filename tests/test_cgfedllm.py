@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from thinwire.compress.autoencoder import AutoencoderCodec, CodecSpec, load_artifact, quality
+from thinwire.compress.signs import SignCodec
 from thinwire.compress.topk import TopKCodec
 from thinwire.errors import UsageError
 from thinwire.methods.cgfedllm import QUALITY
@@ -185,24 +186,62 @@ def test_topk_codec_keeps_the_largest_entries_within_the_byte_budget():
     assert codec.ratio()["bytes_ratio"] <= 1 / 64
     x = {n: torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, (n, s) in enumerate(TINY)}
     x[TINY[3][0]][0, 0] = 100.0  # the largest entry overall, in the 4th tensor
-    positions, values, xhat = codec.encode(x)
+    wire, xhat = codec.encode(x, seed=0)
+    positions, values = wire["positions"], wire["values"]
     flat = torch.cat([x[n].reshape(-1) for n, _ in TINY])
     assert positions.tolist() == sorted(torch.topk(flat.abs(), 74).indices.tolist())
-    assert codec.check(positions, values) is None
+    assert codec.check(wire) is None
     assert xhat[TINY[3][0]][0, 0] == 100.0
     back = torch.cat([xhat[n].reshape(-1) for n, _ in TINY])
-    assert int((back != 0).sum()) == 74 and torch.equal(back, torch.cat([t.reshape(-1) for t in codec.decode(
-        positions, values).values()]))
+    assert int((back != 0).sum()) == 74 and torch.equal(back, codec.flatten(codec.decode(wire, seed=0)))
     kept = back != 0  # the dropped entries are all no larger than the smallest kept one
     assert float(flat[~kept].abs().max()) <= float(flat[kept].abs().min())
-    assert "strictly increasing" in codec.check(positions.flip(0), values)
-    assert "strictly increasing" in codec.check(torch.full((74,), 7168, dtype=torch.int32), values)
-    assert "int32" in codec.check(positions.long(), values)
-    assert "non-finite" in codec.check(positions, torch.full((74,), float("nan"), dtype=torch.float16))
+    assert "strictly increasing" in codec.check({"positions": positions.flip(0), "values": values})
+    assert "strictly increasing" in codec.check({"positions": torch.full((74,), 7168, dtype=torch.int32),
+                                                 "values": values})
+    assert "int32" in codec.check({"positions": positions.long(), "values": values})
+    assert "non-finite" in codec.check({"positions": positions,
+                                        "values": torch.full((74,), float("nan"), dtype=torch.float16)})
 
 
-def test_topk_variant_learns_and_sends_its_budget(tmp_path, smoke_config):
-    config = smoke_config("method.name='cgfedllm'", "federation.rounds=6", *BASE, "method.cgfedllm.codec='topk'",
+def test_sign_codec_by_hand():
+    codec = SignCodec(TINY, ratio=64)
+    # 4·7168/64 = 448 bytes, less 16 float32 scales = 384 bytes of sign bits
+    assert codec.m == 8 * (448 - 16 * 4) == 3072 and codec.sent_bytes() == 448
+    assert codec.ratio()["bytes_ratio"] == 1 / 64
+    x = {n: torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, (n, s) in enumerate(TINY)}
+    wire, xhat = codec.encode(x, seed=7)
+    assert wire["signs"].dtype == torch.uint8 and wire["signs"].shape == (384,) and codec.check(wire) is None
+    positions, owner = codec.subset(7)
+    flat, back = codec.flatten(x), codec.flatten(xhat)
+    # the subset: m distinct sorted positions, the same for the same seed, another for another seed
+    assert len(set(positions.tolist())) == 3072 and torch.equal(positions, positions.sort().values)
+    assert not torch.equal(positions, codec.subset(8)[0])
+    # entries outside the subset decode to 0; inside, to sign(x) times the tensor's mean |x| over the subset
+    assert int((back != 0).sum()) == 3072 and torch.equal(back != 0, torch.isin(torch.arange(7168), positions))
+    for t, name in enumerate(codec.names):
+        mine = positions[owner == t]
+        assert int(mine.min()) >= codec.offsets[t] and int(mine.max()) < codec.offsets[t + 1]
+        scale = flat[mine].abs().mean()
+        assert float(wire["scales"][t]) == pytest.approx(float(scale), rel=1e-6)
+        assert torch.allclose(back[mine], torch.sign(flat[mine]) * scale)
+    # the least-squares scale: the decoded subset keeps 2/π of its energy for Gaussian entries
+    kept = 1 - float(((flat - back)[positions] ** 2).sum() / (flat[positions] ** 2).sum())
+    assert kept == pytest.approx(2 / torch.pi, abs=0.05)
+    assert torch.equal(back, codec.flatten(codec.decode(wire, seed=7)))
+    assert not torch.equal(back, codec.flatten(codec.decode(wire, seed=8)))  # the seed places the signs
+    assert "uint8" in codec.check({"signs": wire["signs"][:-1], "scales": wire["scales"]})
+    assert "non-negative" in codec.check({"signs": wire["signs"], "scales": -wire["scales"]})
+    with pytest.raises(ValueError, match="no room"):
+        SignCodec(TINY, ratio=500)
+
+
+@pytest.mark.parametrize("codec, sent, wire", [
+    ("topk", 74, {"positions": torch.zeros(74, dtype=torch.int32), "values": torch.zeros(74, dtype=torch.float16)}),
+    ("signs", 3072, {"signs": torch.zeros(384, dtype=torch.uint8), "scales": torch.zeros(16)}),
+])
+def test_fixed_codec_variant_learns_and_sends_its_budget(tmp_path, smoke_config, codec, sent, wire):
+    config = smoke_config("method.name='cgfedllm'", "federation.rounds=6", *BASE, f"method.cgfedllm.codec='{codec}'",
                           "method.cgfedllm.latent_dtype='float16'", "method.cgfedllm.tgap_rounds=1")
     summary = run_local(config, tmp_path / "r", quiet=True)
     rounds = _rounds(tmp_path / "r")
@@ -211,12 +250,10 @@ def test_topk_variant_learns_and_sends_its_budget(tmp_path, smoke_config):
     # FedIT over the same 6 rounds reaches 5.373, top-k 5.384)
     assert summary["final_eval"]["loss"] < rounds[0]["eval"]["loss"] - 0.03
     for r in rounds[1:]:
-        assert r["aggregate"]["sent_values"] == 74 and 0 < r["aggregate"]["rel_err"] < 1
+        assert r["aggregate"]["sent_values"] == sent and 0 < r["aggregate"]["rel_err"] < 1
         for c in r["clients"]:
             scalars = {"phase": "faf", "ae_version": 0, **{k: c[f"codec_{k}"] for k in QUALITY}}
-            expected = Payload(tensors={"positions": torch.zeros(74, dtype=torch.int32),
-                                        "values": torch.zeros(74, dtype=torch.float16)}, scalars=scalars).encode()
-            assert c["uplink_bytes"] == len(expected)
+            assert c["uplink_bytes"] == len(Payload(tensors=wire, scalars=scalars).encode())
     assert summary["artifacts"] == []
 
 
@@ -231,6 +268,7 @@ def test_topk_variant_learns_and_sends_its_budget(tmp_path, smoke_config):
      "would zero \\(most of\\) the adapter"),
     (["method.cgfedllm.codec='topk'", "method.cgfedllm.target='state'", "method.cgfedllm.error_feedback=false"],
      "would zero \\(most of\\) the adapter"),
+    (["method.cgfedllm.codec='signs'", "method.cgfedllm.compression=500"], "no room for sign bits"),
     (["method.cgfedllm.codec='conv1d'", "method.cgfedllm.chunk=1000"], "multiple of 2\\^depth"),
     (["method.cgfedllm.ae_path='/nonexistent/ae.safetensors'"], "cannot read"),
     (["method.cgfedllm.codec='gzip'"], "is not one of"),

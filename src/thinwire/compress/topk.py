@@ -15,46 +15,43 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from thinwire.compress.autoencoder import LATENT_DTYPES
+from thinwire.compress.fixed import FixedCodec
 
 __all__ = ["TopKCodec"]
 
 
-
-class TopKCodec:
+class TopKCodec(FixedCodec):
     """Global top-k of a dict of tensors, sized to `ratio` times fewer bytes than float32."""
 
+    wire_names = ("positions", "values")
+
     def __init__(self, shapes: Sequence[tuple[str, tuple[int, ...]]], ratio: float, value_dtype: str = "float16") -> None:
-        self.names = [n for n, _ in shapes]
-        self.shapes = {n: tuple(s) for n, s in shapes}
-        self.numels = [int(torch.Size(s).numel()) for _, s in shapes]
-        self.total = sum(self.numels)
-        if self.total >= 2**31:
-            raise ValueError("TopKCodec: int32 positions cannot address more than 2^31 values")
+        super().__init__(shapes)
         self.value_dtype = LATENT_DTYPES[value_dtype]
-        per_entry = 4 + torch.finfo(self.value_dtype).bits // 8
-        self.k = max(1, int(4 * self.total // (ratio * per_entry)))
+        self.per_entry = 4 + torch.finfo(self.value_dtype).bits // 8
+        self.k = max(1, int(4 * self.total // (ratio * self.per_entry)))
 
-    def ratio(self) -> dict[str, float]:
-        """Sent values per input value, and float32 input bytes per sent byte."""
-        sent = self.k * (4 + torch.finfo(self.value_dtype).bits // 8)
-        return {"sent_values": self.k, "input_values": self.total, "ratio_values": self.k / self.total,
-                "bytes_ratio": sent / (4 * self.total)}
+    def sent_values(self) -> int:
+        return self.k
 
-    def encode(self, tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """(positions int32, values, what the server will decode) of the k largest |entries|."""
-        flat = torch.cat([tensors[n].detach().reshape(-1).float().cpu() for n in self.names])
+    def sent_bytes(self) -> int:
+        return self.k * self.per_entry
+
+    def encode(self, tensors: Mapping[str, torch.Tensor], seed: int = 0
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        flat = self.flatten(tensors)
         positions = torch.topk(flat.abs(), self.k, sorted=False).indices.sort().values
-        values = flat[positions].to(self.value_dtype)
-        return positions.int(), values, self.decode(positions.int(), values, next(iter(tensors.values())).device)
+        wire = {"positions": positions.int(), "values": flat[positions].to(self.value_dtype)}
+        return wire, self.decode(wire, seed, next(iter(tensors.values())).device)
 
-    def decode(self, positions: torch.Tensor, values: torch.Tensor, device: torch.device | str = "cpu"
+    def decode(self, wire: Mapping[str, torch.Tensor], seed: int = 0, device: torch.device | str = "cpu"
                ) -> dict[str, torch.Tensor]:
         flat = torch.zeros(self.total)
-        flat[positions.long()] = values.float()
-        return {n: part.view(self.shapes[n]).to(device) for n, part in zip(self.names, flat.split(self.numels))}
+        flat[wire["positions"].long()] = wire["values"].float()
+        return self.unflatten(flat, device)
 
-    def check(self, positions: torch.Tensor, values: torch.Tensor) -> str | None:
-        """Why an upload is malformed, or None."""
+    def check(self, wire: Mapping[str, torch.Tensor]) -> str | None:
+        positions, values = wire["positions"], wire["values"]
         if positions.dtype != torch.int32 or positions.shape != (self.k,):
             return f"positions must be int32 of shape ({self.k},)"
         if values.dtype != self.value_dtype or values.shape != (self.k,):

@@ -21,10 +21,12 @@ Phases, as rounds of one run (the `phase` entry of every round's aggregate metri
   AE on them plus the TGAP pool, and the new AE is re-sent (and counted) in later downloads.
 * ``passthrough`` (``codec = "none"``): FedIT, bit for bit, same bytes on the wire.
 
-``codec = "topk"`` replaces the autoencoder by global top-k sparsification (compress/topk.py,
-int32 positions + ``latent_dtype`` values, k sized so the upload is ``compression`` times smaller
-than FedIT's float32 one) through the same TGAP/FAF rounds and error feedback: the non-learned
-codec that shows what the AE's 1/64 should reach.
+Two codecs need no training and replace the autoencoder through the same TGAP/FAF rounds and error
+feedback, each sized so the upload is ``compression`` times smaller than FedIT's float32 one:
+``codec = "topk"``, global top-k sparsification (compress/topk.py, int32 positions +
+``latent_dtype`` values), and ``codec = "signs"``, the scaled signs of a random subset drawn from
+the (round, client) seed (compress/signs.py: one bit per sent entry, one float32 scale per tensor).
+They show what the AE's 1/64 should reach.
 
 The AE is a public artifact distributed once: a client's first FAF download carries the whole AE
 (encoder and decoder: the client needs the decoder for error feedback and to measure the
@@ -76,6 +78,8 @@ from thinwire.compress.autoencoder import (
     load_artifact,
     quality,
 )
+from thinwire.compress.fixed import FixedCodec
+from thinwire.compress.signs import SignCodec
 from thinwire.compress.topk import TopKCodec
 from thinwire.config import method_options, opt
 from thinwire.errors import UsageError
@@ -99,9 +103,10 @@ class CGFedLLMOptions:
     """`[method.cgfedllm]`. Defaults: the working variant (delta + scales + error feedback)."""
 
     codec: str = opt("conv2d", "conv2d: the paper's 2-D residual conv AE; conv1d: 1-D AE over chunks; "
-                     "topk: global top-k sparsification (no AE); none: uncompressed pass-through "
+                     "topk: global top-k sparsification (no AE); signs: scaled signs of a seeded random subset "
+                     "(no AE); none: uncompressed pass-through "
                      "(FedIT bit for bit); zeros: send nothing (control)",
-                     choices=("conv2d", "conv1d", "topk", "none", "zeros"))
+                     choices=("conv2d", "conv1d", "topk", "signs", "none", "zeros"))
     target: str = opt("delta", "what is encoded: the adapter state (paper), the round's delta, or delta/(lr·steps)",
                       choices=("state", "delta", "grad"))
     normalize: bool = opt(True, "divide each tensor by its max |value| before encoding; scales sent (fp32 each)")
@@ -110,7 +115,7 @@ class CGFedLLMOptions:
     paper_sum: bool = opt(False, "sum the decoded objects as the paper writes, instead of [method] aggregation "
                           "(the weighted mean by default)")
     compression: int = opt(0, "input cells per latent value (0: paper default, 64 for conv2d, 32 for conv1d); "
-                           "topk: FedIT's float32 upload bytes per sent byte (0: 64)", low=0)
+                           "topk, signs: FedIT's float32 upload bytes per sent byte (0: 64)", low=0)
     depth: int = opt(6, "stride-2 conv layers of the encoder (and transposed convs of the decoder)", low=1, high=12)
     width: int = opt(8, "channels of the first conv, doubling per layer up to 64", low=1)
     res_blocks: int = opt(2, "residual blocks at the deepest intermediate stage (each side)", low=0)
@@ -138,7 +143,7 @@ def _validate(o: CGFedLLMOptions, rounds: int) -> None:
     if o.error_feedback and o.target == "state":
         raise UsageError("method.cgfedllm.error_feedback needs target = 'delta' or 'grad': a state is not "
                          "additive across rounds, so a residual cannot be carried into the next one")
-    if o.codec in ("zeros", "topk") and o.target == "state":
+    if o.codec in ("zeros", "topk", "signs") and o.target == "state":
         raise UsageError(f"method.cgfedllm.codec = '{o.codec}' with target = 'state' would zero (most of) the "
                          "adapter; use target = 'delta'")
     tgap = o.tgap_rounds > 0 and not o.ae_path
@@ -169,11 +174,19 @@ class _Rule:
         self.learned = o.codec in ("conv2d", "conv1d")
         self.tgap = o.codec != "none" and o.tgap_rounds > 0 and not o.ae_path
         self._codec: AutoencoderCodec | None = None
-        self.topk: TopKCodec | None = None
-        if o.codec == "topk":
+        self.fixed: FixedCodec | None = None
+        if o.codec in ("topk", "signs"):
             _, params = self.ctx.workbench.trainable(True)
-            self.topk = TopKCodec([(n, tuple(p.shape)) for n, p in params.items()], o.compression or 64,
-                                  o.latent_dtype)
+            shapes = [(n, tuple(p.shape)) for n, p in params.items()]
+            try:
+                self.fixed = (TopKCodec(shapes, o.compression or 64, o.latent_dtype) if o.codec == "topk"
+                              else SignCodec(shapes, o.compression or 64))
+            except ValueError as exc:
+                raise UsageError(f"method.cgfedllm: {exc}") from exc
+
+    def wire_seed(self, rnd: int, client_id: int) -> int:
+        """The stream a fixed codec draws from for this client's upload of this round."""
+        return derive_seed(self.config.federation.seed, "cgfedllm-wire", rnd, client_id)
 
     def phase(self, rnd: int) -> str:
         o = self.options
@@ -220,6 +233,7 @@ class CGFedLLMServer(_Rule, FedITServer):
         self.client_ae: dict[int, int] = {}
         self.pool: list[torch.Tensor] = []
         self._current: str | None = None            # the phase of the round being served
+        self._round = 0                              # and its number (fixed codecs' seeds)
         self._objects: dict[int, dict[str, torch.Tensor]] = {}  # decoded uploads of this round
         self._pending: dict[str, float] = {}        # metrics of an AE training run outside aggregate
         if o.ae_path:
@@ -239,6 +253,7 @@ class CGFedLLMServer(_Rule, FedITServer):
     # -- the wire ------------------------------------------------------------------------------
     def download(self, rnd: int, client_id: int) -> Payload:
         phase = self._current = self.phase(rnd)
+        self._round = rnd
         if phase == "passthrough":
             return super().download(rnd, client_id)
         if phase == "faf" and self.learned and self.ae_version == 0:
@@ -276,11 +291,11 @@ class CGFedLLMServer(_Rule, FedITServer):
             value = scalars.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise PayloadError(f"scalar {key!r} is missing or not a number")
-        if self.topk is not None:
-            validate.check_names(tensors, ["positions", "values"])
-            problem = self.topk.check(tensors["positions"], tensors["values"])
+        if self.fixed is not None:
+            validate.check_names(tensors, self.fixed.wire_names)
+            problem = self.fixed.check(tensors)
             if problem:
-                raise PayloadError(f"top-k upload: {problem}")
+                raise PayloadError(f"{self.options.codec} upload: {problem}")
             return
         if not self.learned:  # codec "zeros": nothing may be sent
             validate.check_names(tensors, [])
@@ -302,10 +317,10 @@ class CGFedLLMServer(_Rule, FedITServer):
         if key not in self._objects:
             if (self._current or "faf") in ("tgap", "calibrate"):
                 self._objects[key] = _snapshots(reply.payload.tensors)[-1]
-            elif self.topk is not None:
+            elif self.fixed is not None:
                 device = next(iter(self.weights.values())).device
-                self._objects[key] = self.topk.decode(reply.payload.tensors["positions"],
-                                                      reply.payload.tensors["values"], device)
+                self._objects[key] = self.fixed.decode(reply.payload.tensors,
+                                                       self.wire_seed(self._round, reply.client_id), device)
             elif not self.learned:
                 self._objects[key] = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in self.weights.items()}
             else:
@@ -319,6 +334,7 @@ class CGFedLLMServer(_Rule, FedITServer):
 
     def aggregate(self, rnd: int, replies: list[Reply]) -> dict[str, float]:
         phase = self._current = self.phase(rnd)
+        self._round = rnd
         if phase == "passthrough":
             return {**super().aggregate(rnd, replies), "phase": "passthrough"}
         for reply in replies:
@@ -331,8 +347,8 @@ class CGFedLLMServer(_Rule, FedITServer):
             for key in QUALITY:
                 metrics[key] = sum(float(r.payload.scalars[key]) for r in replies) / len(replies)
             metrics["rel_err_max"] = max(float(r.payload.scalars["rel_err"]) for r in replies)
-            if self.learned or self.topk is not None:
-                ratio = self.topk.ratio() if self.topk is not None else self.codec.ratio()
+            if self.learned or self.fixed is not None:
+                ratio = self.fixed.ratio() if self.fixed is not None else self.codec.ratio()
                 metrics.update({k: float(v) for k, v in ratio.items()})
         for reply in replies:
             self.client_ae[reply.client_id] = int(reply.payload.scalars.get("ae_version", 0))
@@ -475,9 +491,8 @@ class CGFedLLMClient(_Rule, FedITClient):
             codec = self._client_codec(state)
             latent, scales, xhat = codec.encode(x_in)
             tensors = {"latent": latent} if scales is None else {"latent": latent, "scales": scales}
-        elif self.topk is not None:
-            positions, values, xhat = self.topk.encode(x_in)
-            tensors = {"positions": positions, "values": values}
+        elif self.fixed is not None:
+            tensors, xhat = self.fixed.encode(x_in, self.wire_seed(rnd, client_id))
         else:  # zeros: nothing crosses the wire, and no residual is kept (it would only grow)
             tensors, xhat = {}, {n: torch.zeros_like(t) for n, t in x_in.items()}
         if self.options.error_feedback and self.options.codec != "zeros":
