@@ -15,6 +15,8 @@ same seed, same local training; only the method options differ:
 - working-refine: working with a calibration round (exact uploads, AE fine-tuned) every 2nd FAF round;
 - working-c4, working-1d-c16, working-1d-c4: the working pipeline at 1/4, 1/16, 1/4 (conv2d
   with two stride-2 convs; conv1d with four, chunks of 1024);
+- topk: the working pipeline with global top-k (int32 positions + fp16 values) instead of an AE, 1/64;
+- signs: the same with the scaled signs of a seeded random subset (1 bit each + a scale per tensor), 1/64;
 - zeros-after-tgap: the same TGAP rounds, then nothing sent (isolates what FAF contributes);
 - zeros: nothing sent at all (the model stays at its base).
 
@@ -59,6 +61,8 @@ VARIANTS = {
                         "method.cgfedllm.compression=16", "method.cgfedllm.chunk=1024"],
     "working-1d-c4": ["method.name='cgfedllm'", "method.cgfedllm.codec='conv1d'", "method.cgfedllm.depth=4",
                        "method.cgfedllm.compression=4", "method.cgfedllm.chunk=1024"],
+    "topk": ["method.name='cgfedllm'", "method.cgfedllm.codec='topk'", "method.cgfedllm.latent_dtype='float16'"],
+    "signs": ["method.name='cgfedllm'", "method.cgfedllm.codec='signs'"],
     "zeros-after-tgap": ["method.name='cgfedllm'", "method.cgfedllm.codec='zeros'"],
     "zeros": ["method.name='cgfedllm'", "method.cgfedllm.codec='zeros'", "method.cgfedllm.tgap_rounds=0"],
 }

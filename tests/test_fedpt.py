@@ -60,6 +60,34 @@ def test_small_model_shares_tokenizer_and_is_smaller():
     assert all(torch.equal(a, b) for a, b in zip(small.parameters(), again.parameters()))
 
 
+def test_factorised_head_reproduces_the_tied_head_and_costs_what_its_factors_cost():
+    from thinwire.models import vocab_rows
+    from thinwire.models.small import factorised_head, forward_flops_per_token, install_head, truncate
+
+    large, _, tok, _ = _pair()
+    batch = _prompts(tok)
+    out = large(**batch, output_hidden_states=True)
+    hidden = out.hidden_states[-1][batch["attention_mask"].bool()]
+    vocab, width = large.get_output_embeddings().weight.shape
+    small = truncate(large, 1)
+    plain = small(**batch).logits
+    before = forward_flops_per_token(small)
+    # full rank: the projection is the identity, so the logits are the tied head's
+    install_head(small, factorised_head(large, hidden, width))
+    assert torch.allclose(small(**batch).logits, plain, atol=1e-4)
+    # rank r: the head costs r·(width + vocab) instead of vocab·width multiply-adds per token
+    head = factorised_head(large, hidden, 4)
+    install_head(small, head)
+    assert forward_flops_per_token(small) == before - 2 * vocab * width + 2 * 4 * (width + vocab)
+    assert vocab_rows(small) == vocab and small.config.tie_word_embeddings is False
+    # the rank-4 head is the best rank-4 one on these states: it beats a random rank-4 projection
+    direction = torch.linalg.qr(torch.randn(width, 4, generator=torch.Generator().manual_seed(0)))[0]
+    weight = large.get_output_embeddings().weight
+    err = lambda proj: float(((hidden @ proj @ proj.T - hidden) @ weight.T).norm())  # noqa: E731
+    assert err(head.down.weight.T) < err(direction)
+    assert torch.allclose(head.up.weight, weight @ head.down.weight.T, atol=1e-5)
+
+
 def test_alpha_zero_generation_equals_the_large_models_greedy():
     large, small, tok, _ = _pair()
     batch = _prompts(tok)

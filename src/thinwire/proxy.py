@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from thinwire.models import vocab_rows
 from thinwire.models.logits import LocalLogitsProvider, LogitsProvider
 
 PROXY_FILE = "fedpt.json"
@@ -223,7 +224,7 @@ def load_proxy(directory: Path, device: str = "auto") -> tuple[ProxyModel, Any]:
     device_ = next(lora_model.parameters()).device
     adapter = {k: v.to(device_) for k, v in adapter.items()}
     anti = {k: v.to(device_) for k, v in anti.items()} if anti else None
-    vocab = large.get_output_embeddings().weight.shape[0]
+    vocab = vocab_rows(large)
     expert_p, anti_p = small_providers(lora_model, params, adapter, anti, vocab)
     proxy = ProxyModel(LocalLogitsProvider(large, vocab), expert_p, anti_p, info["alpha"], modules=[large, lora_model])
     proxy.eval()

@@ -44,7 +44,7 @@ from thinwire.config import method_options, opt
 from thinwire.errors import UsageError
 from thinwire.methods.base import Reply, load_into, snapshot
 from thinwire.methods.fedavg import FedITClient, FedITServer
-from thinwire.models import load_model
+from thinwire.models import load_model, vocab_rows
 from thinwire.models.logits import LocalLogitsProvider, position_ids
 from thinwire.proxy import ProxyModel, check_vocab, save_proxy, small_providers
 from thinwire.seeding import derive_seed
@@ -93,8 +93,8 @@ class FedPTServer(FedITServer):
         check_vocab(wb.tokenizer, large_tokenizer)
         for p in large.parameters():
             p.requires_grad_(False)
-        self.vocab = int(large.get_output_embeddings().weight.shape[0])
-        small_vocab = int(self.lora_model.get_output_embeddings().weight.shape[0])
+        self.vocab = vocab_rows(large)
+        small_vocab = vocab_rows(self.lora_model)
         if small_vocab < self.vocab:
             raise UsageError(f"small model {self.config.model.name!r} has {small_vocab} vocabulary rows, fewer than "
                              f"the large model {opts.large!r} ({self.vocab})")

@@ -106,6 +106,11 @@ def _from_pretrained(source: str, local_only: bool, gguf_file: str | None = None
     return model, tokenizer
 
 
+def vocab_rows(model: torch.nn.Module) -> int:
+    """Rows of the model's output layer (a plain or a factorised LM head: both have out_features)."""
+    return int(model.get_output_embeddings().out_features)
+
+
 def trainable_named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """Unique trainable parameters in a fixed order (tied weights appear once)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}

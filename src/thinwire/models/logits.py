@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from thinwire.models import vocab_rows
+
 
 def position_ids(attention_mask: torch.Tensor, new: int) -> torch.Tensor:
     """Positions of the last `new` tokens, counting only real tokens (left padding gets 1, like HF)."""
@@ -73,7 +75,7 @@ class LocalLogitsProvider(LogitsProvider):
     def __init__(self, model: torch.nn.Module, vocab_size: int | None = None,
                  context: Callable[[], AbstractContextManager] | None = None):
         self.model = model
-        self.vocab_size = int(vocab_size if vocab_size is not None else model.get_output_embeddings().weight.shape[0])
+        self.vocab_size = int(vocab_size if vocab_size is not None else vocab_rows(model))
         self.context = context or nullcontext
 
     @property

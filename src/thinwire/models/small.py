@@ -3,25 +3,36 @@
 - `tiny-small`: the first layer of the `tiny` model built from the same seed (embeddings, final norm
   and LM head shared by value), with the same byte tokenizer. Deterministic in the seed, no healing:
   the tiny pair is random anyway and only serves tests.
-- `smollm2-small`: the first `LAYERS` (4) of SmolLM2-135M-Instruct's 30 decoder layers plus its
-  embeddings, final norm and (tied) LM head, "healed" by a short distillation from the full model:
-  forward KL(p_large || p_small) at temperature 1 on every next-token position of built-in
-  task-suite examples (Alpaca prompt + reference output + eos). Only the kept decoder layers and the
-  final norm train (AdamW, cosine decay); the embedding matrix stays the large model's, so the two
-  share vocabulary rows exactly. Built on first use and cached as a plain Hugging Face directory
-  under `cache_root()/models/smollm2-small` (temp dir + atomic rename, like smollm2.py).
+- `smollm2-small`: the first `LAYERS` (11) of SmolLM2-135M-Instruct's 30 decoder layers plus its
+  embeddings and final norm, with a factorised LM head of rank `HEAD_RANK` (96), "healed" by a
+  short distillation from the full model: forward KL(p_large || p_small) at temperature 1 on every
+  next-token position of built-in task-suite examples (Alpaca prompt + reference output + eos).
+  The kept decoder layers, the final norm and the head's two factors train (AdamW, cosine decay);
+  the embedding matrix stays the large model's, so the two share vocabulary rows exactly. Built on
+  first use and cached under `cache_root()/models/smollm2-small` (temp dir + atomic rename, like
+  smollm2.py).
+
+Why a factorised head: SmolLM2's 49k x 576 (tied) LM head costs 28.3M multiply-adds per token, 21%
+of the whole model, and the small model must share the vocabulary, so with the full head only 4
+decoder layers fit in a third of the large model's compute, and a 4-layer model learns none of the
+suite's tasks (exact match 0 after 5 FedIT rounds). The final hidden states live near a
+low-dimensional subspace: projecting them on their top-96 principal directions before the tied
+head changes SmolLM2-135M's next-token distribution by KL 0.088 (top-64: 0.244, top-128: 0.035).
+So the head is `up(down(h))` with `down` = those 96 directions (96 x 576) and `up` = the embedding
+matrix times them (49152 x 96): 4.8M multiply-adds, which leaves room for 11 layers (0.325 of the
+large model's forward FLOPs per token). The cached directory is a plain Hugging Face model (the
+truncated layers with the tied head) plus `lowrank_head.safetensors`; `load_small` installs the
+factorised head from it.
 
 Healing knobs come from the environment so a loaded machine can build a cheaper model:
-`THINWIRE_SMALL_HEAL_STEPS` (default 400: the teacher's forward and the 49k-row LM heads dominate
-a step, ~2 s on 2 cores; 40 steps leave KL 1.99 and a small model that learns none of the tasks,
-400 reach KL 0.42 in 13.5 min), `THINWIRE_SMALL_LAYERS` (default 4). The marker file records what
-was run (layers, steps, KL before/after, seconds); a cached model built with another layer count or
-number of healing steps is rebuilt.
+`THINWIRE_SMALL_HEAL_STEPS` (default 400, ~2 s a step on 2 cores: the teacher's forward
+dominates), `THINWIRE_SMALL_LAYERS` (default 11), `THINWIRE_SMALL_HEAD_RANK` (default 96; 0 keeps
+the full tied head, as the first sessions' 4-layer model had: 400 steps healed it to KL 0.42). The
+marker file records what was run (layers, head rank, steps, KL before/after, seconds, FLOPs); a
+cached model built with other settings is rebuilt.
 
-Compute: per token, a decoder layer of SmolLM2-135M costs ~2 x 3.54M FLOPs and the LM head
-2 x 28.3M (`forward_flops_per_token` gives the estimate for any model). The LM head is a fixed
-cost the small model cannot shed (it shares the vocabulary), so 4 layers is what keeps the whole
-forward pass under a third of the large model's: 0.316, where 10 layers would cost 0.474.
+Compute: per token, a decoder layer of SmolLM2-135M costs ~2 x 3.54M FLOPs and the tied LM head
+2 x 28.3M (`forward_flops_per_token` gives the estimate for any model, factorised head included).
 """
 
 from __future__ import annotations
@@ -36,10 +47,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 NAME = "smollm2-small"
 TINY_NAME = "tiny-small"
-LAYERS = 4
+LAYERS = 11
+HEAD_RANK = 96
 TINY_LAYERS = 1
 HEAL_STEPS = 400
 HEAL_BATCH = 4
@@ -47,7 +60,41 @@ HEAL_LR = 5e-4
 HEAL_MAX_LENGTH = 96
 HEAL_SEED = 1234
 MARKER = "thinwire-small.json"
+HEAD_FILE = "lowrank_head.safetensors"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", MARKER)
+
+
+class FactorisedHead(torch.nn.Module):
+    """An LM head of rank r: logits = up(down(h)); `out_features` like the nn.Linear it replaces."""
+
+    def __init__(self, hidden: int, rank: int, vocab: int) -> None:
+        super().__init__()
+        self.down = torch.nn.Linear(hidden, rank, bias=False)
+        self.up = torch.nn.Linear(rank, vocab, bias=False)
+        self.out_features = vocab
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(hidden_states))
+
+
+def factorised_head(model, hidden_states: torch.Tensor, rank: int) -> FactorisedHead:
+    """The rank-`rank` head closest to `model`'s on these final hidden states: the tied head
+    applied after projecting on their top principal directions (uncentred: logits are linear in h)."""
+    weight = model.get_output_embeddings().weight.detach().float()
+    h = hidden_states.reshape(-1, hidden_states.shape[-1]).double()
+    _, vectors = torch.linalg.eigh(h.T @ h)
+    top = vectors[:, -rank:].flip(-1).float()  # hidden x rank, strongest direction first
+    head = FactorisedHead(weight.shape[1], rank, weight.shape[0])
+    with torch.no_grad():
+        head.down.weight.copy_(top.T)
+        head.up.weight.copy_(weight @ top)
+    return head
+
+
+def install_head(model, head: FactorisedHead) -> None:
+    """Replace the (tied) LM head; the model no longer ties input and output embeddings."""
+    model.lm_head = head
+    model.config.tie_word_embeddings = False
 
 
 def truncate(model, layers: int):
@@ -85,7 +132,7 @@ def forward_flops_per_token(model) -> int:
     """Estimated forward FLOPs per token: 2 x (weights used per token); embedding lookups are free,
     a tied LM head counts once as a matmul. Ignores attention's context-length term."""
     embed = model.get_input_embeddings().weight
-    head = model.get_output_embeddings().weight
+    head = getattr(model.get_output_embeddings(), "weight", None)
     total = 0
     for name, p in model.named_parameters():
         if p is embed and p is not head:
@@ -105,19 +152,19 @@ def prepared_dir(root: Path | None = None) -> Path:
     return Path(root if root is not None else cache_root()).expanduser() / "models" / NAME
 
 
-def is_ready(root: Path | None = None, layers: int | None = None, steps: int | None = None) -> bool:
-    """Built, complete, with `layers` decoder layers (default: `THINWIRE_SMALL_LAYERS` or 4) and
-    healed for `steps` steps (default: `THINWIRE_SMALL_HEAL_STEPS` or 400)."""
+def recipe(layers: int | None = None, steps: int | None = None, head_rank: int | None = None) -> dict[str, int]:
+    """What `smollm2-small` is built with: arguments, else the environment, else the defaults."""
+    return {"layers": _env_int("THINWIRE_SMALL_LAYERS", LAYERS) if layers is None else layers,
+            "heal_steps": _env_int("THINWIRE_SMALL_HEAL_STEPS", HEAL_STEPS) if steps is None else steps,
+            "head_rank": _env_int("THINWIRE_SMALL_HEAD_RANK", HEAD_RANK) if head_rank is None else head_rank}
+
+
+def is_ready(root: Path | None = None, layers: int | None = None, steps: int | None = None,
+             head_rank: int | None = None) -> bool:
+    """Built, complete, and built with this `recipe`."""
     info = _marker(prepared_dir(root))
-    return info is not None and info.get("layers") == _layers(layers) and info.get("heal_steps") == _steps(steps)
-
-
-def _layers(layers: int | None) -> int:
-    return _env_int("THINWIRE_SMALL_LAYERS", LAYERS) if layers is None else layers
-
-
-def _steps(steps: int | None) -> int:
-    return _env_int("THINWIRE_SMALL_HEAL_STEPS", HEAL_STEPS) if steps is None else steps
+    want = recipe(layers, steps, head_rank)
+    return info is not None and all(info.get(k, 0) == v for k, v in want.items())
 
 
 def _marker(target: Path) -> dict[str, Any] | None:
@@ -135,7 +182,7 @@ def describe(root: Path | None = None) -> dict[str, Any]:
     info = _marker(target) if is_ready(root) else None
     ratio = info["flops_per_token"] / info["large_flops_per_token"] if info else None
     return {"name": NAME, "ready": info is not None, "path": str(target),
-            "layers": info["layers"] if info else _layers(None),
+            "layers": info["layers"] if info else recipe()["layers"],
             "parameters": info["parameters"] if info else None,
             "size_bytes": sum(f.stat().st_size for f in target.iterdir() if f.is_file()) if info else None,
             "compute_ratio": ratio}
@@ -226,12 +273,23 @@ def heal(small, large, tokenizer, steps: int, batch: int = HEAL_BATCH, lr: float
     return {"kl_before": before, "kl_after": probe_kl(), "train_kl_last": losses[-1] if losses else float("nan")}
 
 
+def final_hidden_states(model, tokenizer, batches: int = 8, seed: int = HEAL_SEED + 2) -> torch.Tensor:
+    """The model's final (normed) hidden states at every real token of a few suite batches."""
+    states = []
+    with torch.no_grad():
+        for _, b in zip(range(batches), heal_batches(tokenizer, 8, HEAL_MAX_LENGTH, seed)):
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+            states.append(out.hidden_states[-1][b["attention_mask"].bool()])
+    return torch.cat(states)
+
+
 def prepare(root: Path | None = None, show_progress: bool = True, steps: int | None = None,
-            layers: int | None = None) -> Path:
-    """Directory of `smollm2-small`, building (truncate + heal) it on first use."""
+            layers: int | None = None, head_rank: int | None = None) -> Path:
+    """Directory of `smollm2-small`, building (truncate, factorise the head, heal) it on first use."""
     target = prepared_dir(root)
-    layers, steps = _layers(layers), _steps(steps)
-    if is_ready(root, layers, steps):
+    want = recipe(layers, steps, head_rank)
+    layers, steps, head_rank = want["layers"], want["heal_steps"], want["head_rank"]
+    if is_ready(root, layers, steps, head_rank):
         return target
     from contextlib import nullcontext
 
@@ -251,6 +309,9 @@ def prepare(root: Path | None = None, show_progress: bool = True, steps: int | N
     for p in large.parameters():
         p.requires_grad_(False)
     small = truncate(large, layers)
+    head = factorised_head(large, final_hidden_states(large, tokenizer), head_rank) if head_rank else None
+    if head is not None:
+        install_head(small, head)
 
     progress = Progress(TextColumn(f"{NAME}: healing {layers} layers"), BarColumn(), TextColumn("KL {task.fields[kl]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
@@ -263,7 +324,13 @@ def prepare(root: Path | None = None, show_progress: bool = True, steps: int | N
         stats = heal(small, large, tokenizer, steps, on_step=on_step if show_progress else None)
     heal_s = time.perf_counter() - started
 
-    with building_dir(target, lambda: is_ready(root, layers, steps)) as tmp:
+    flops = forward_flops_per_token(small)
+    with building_dir(target, lambda: is_ready(root, layers, steps, head_rank)) as tmp:
+        if head is not None:  # saved as a plain HF model with the tied head, the factors beside it
+            tied = torch.nn.Linear(head.down.in_features, head.out_features, bias=False)
+            tied.weight = small.get_input_embeddings().weight
+            small.lm_head, small.config.tie_word_embeddings = tied, True
+            save_file({"down": head.down.weight.contiguous(), "up": head.up.weight.contiguous()}, str(tmp / HEAD_FILE))
         small.save_pretrained(str(tmp), safe_serialization=True)
         for name in os.listdir(source):
             if name.startswith("tokenizer") or name in ("special_tokens_map.json", "generation_config.json",
@@ -271,17 +338,19 @@ def prepare(root: Path | None = None, show_progress: bool = True, steps: int | N
                 if not (tmp / name).exists():
                     shutil.copy2(source / name, tmp / name)
         info: dict[str, Any] = {
-            "name": NAME, "source": str(source), "layers": layers, "source_layers": large.config.num_hidden_layers,
+            "name": NAME, "source": str(source), "layers": layers, "head_rank": head_rank,
+            "source_layers": large.config.num_hidden_layers,
             "heal_steps": steps, "heal_batch": HEAL_BATCH, "heal_lr": HEAL_LR, "heal_seed": HEAL_SEED,
             "heal_s": round(heal_s, 1), **{k: round(v, 4) for k, v in stats.items()},
             "parameters": sum(p.numel() for p in small.parameters()),
-            "flops_per_token": forward_flops_per_token(small),
+            "flops_per_token": flops,
             "large_flops_per_token": forward_flops_per_token(large),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")  # last: marks the dir complete
     if show_progress:
-        console.print(f"[green]prepared {NAME}[/green] ({layers} layers, {steps} healing steps, "
+        console.print(f"[green]prepared {NAME}[/green] ({layers} layers, head rank {head_rank or 'full'}, "
+                      f"{steps} healing steps, "
                       f"KL {stats['kl_before']:.3f} -> {stats['kl_after']:.3f}) in {heal_s:.0f} s at {target}")
     return target
 
@@ -293,5 +362,12 @@ def load_small(name: str, seed: int):
     if name == NAME:
         from thinwire.models import _from_pretrained
 
-        return _from_pretrained(str(prepare()), local_only=True)
+        directory = prepare()
+        model, tokenizer = _from_pretrained(str(directory), local_only=True)
+        if (directory / HEAD_FILE).is_file():
+            factors = load_file(str(directory / HEAD_FILE))
+            head = FactorisedHead(factors["down"].shape[1], factors["down"].shape[0], factors["up"].shape[0])
+            head.load_state_dict({"down.weight": factors["down"], "up.weight": factors["up"]})
+            install_head(model, head)
+        return model, tokenizer
     raise ValueError(f"unknown small model {name!r}")
