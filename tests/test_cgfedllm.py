@@ -177,6 +177,7 @@ def test_conv1d_grad_and_zeros_control(tmp_path, smoke_config):
                       tmp_path / "z", quiet=True)
     assert zeros["final_eval"]["loss"] == zeros["base_eval"]["loss"]  # nothing sent, nothing learned
     assert all(r["aggregate"]["rel_err"] == pytest.approx(1.0) and r["aggregate"]["update_norm"] == 0.0
+               and r["aggregate"]["swap_change"] == 0.0
                for r in _rounds(tmp_path / "z"))
 
 
@@ -251,6 +252,8 @@ def test_fixed_codec_variant_learns_and_sends_its_budget(tmp_path, smoke_config,
     assert summary["final_eval"]["loss"] < rounds[0]["eval"]["loss"] - 0.03
     for r in rounds[1:]:
         assert r["aggregate"]["sent_values"] == sent and 0 < r["aggregate"]["rel_err"] < 1
+        # each client's upload decodes to its own update: another client's differs by about √2 of it
+        assert 0.5 < r["aggregate"]["swap_change"] < 2.0
         for c in r["clients"]:
             scalars = {"phase": "faf", "ae_version": 0, **{k: c[f"codec_{k}"] for k in QUALITY}}
             assert c["uplink_bytes"] == len(Payload(tensors=wire, scalars=scalars).encode())
@@ -308,3 +311,44 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, smoke_config, monkeypat
         assert [c["uplink_bytes"] for c in a["clients"]] == [c["uplink_bytes"] for c in b["clients"]]
         assert [c["downlink_bytes"] for c in a["clients"]] == [c["downlink_bytes"] for c in b["clients"]]
         assert a["eval"] == b["eval"]
+
+
+def test_a_rejected_upload_goes_back_into_the_error_feedback_residual(tmp_path, smoke_config, monkeypatch):
+    """Client 0's first compressed upload is rejected (NaN scales): the next download says the server
+    last aggregated its round-1 upload, so what it sent in round 2 is folded back into its residual;
+    its round-3 upload is accepted, so in round 4 the residual stands as it is."""
+    from thinwire.methods.base import ClientState
+    from thinwire.methods.cgfedllm import CGFedLLMClient
+
+    original, seen = CGFedLLMClient.fit, {}
+
+    def fit(self, rnd, cid, download, examples, state):
+        if cid == 0:
+            seen[rnd] = (ClientState(tensors=dict(state.tensors), scalars=dict(state.scalars)),
+                         int(download.scalars["accepted_round"]))
+        upload = original(self, rnd, cid, download, examples, state)
+        if cid == 0 and rnd == 2:
+            upload.payload.tensors["scales"] = torch.full_like(upload.payload.tensors["scales"], float("nan"))
+        return upload
+
+    monkeypatch.setattr(CGFedLLMClient, "fit", fit)
+    config = smoke_config("method.name='cgfedllm'", "federation.rounds=4", "federation.clients_per_round=3",
+                          *BASE, "method.cgfedllm.codec='signs'", "method.cgfedllm.tgap_rounds=1")
+    run_local(config, tmp_path / "r", quiet=True)
+    rounds = _rounds(tmp_path / "r")
+    assert [[r["client"] for r in rnd["rejected"]] for rnd in rounds] == [[], [0], [], []]
+    assert [seen[r][1] for r in (2, 3, 4)] == [1, 1, 3]
+
+    def parts(state, prefix):
+        return {k[len(prefix):]: v for k, v in state.tensors.items() if k.startswith(prefix)}
+
+    for rnd, folded in ((3, True), (4, False)):
+        state, accepted = seen[rnd]
+        residual, sent = parts(state, "ef/"), parts(state, "sent/")
+        assert state.scalars["sent_round"] == rnd - 1 and set(sent) == set(residual)
+        CGFedLLMClient.settle_residual(state, accepted)
+        after = parts(state, "ef/")
+        assert parts(state, "sent/") == {} and "sent_round" not in state.scalars
+        for name in residual:
+            expected = residual[name] + sent[name] if folded else residual[name]
+            assert torch.equal(after[name], expected)

@@ -45,7 +45,8 @@ three for the update the server will apply (``update_*``: for a state that is st
 start − x, which is what matters and is far worse than the state's own figures, since the state
 is dominated by its initialisation; for a delta or grad they equal the plain ones), and
 ``ef_gain`` = ‖x + e‖/‖x‖ (how much the error-feedback residual adds); the server reports their
-means per round. The paper's literal recipe is ``target = "state"``, ``normalize = false``,
+means per round, and ``swap_change``: how much a decoded update changes when the server decodes
+another client's upload in its place (0: the decoder's output does not depend on its input). The paper's literal recipe is ``target = "state"``, ``normalize = false``,
 ``refit_scales = false``, ``error_feedback = false``; the defaults are the repaired pipeline
 (delta, refitted per-tensor scales, error feedback) at the paper's 1/64.
 
@@ -92,6 +93,7 @@ from thinwire.wire import Payload, PayloadError
 
 AE_PREFIX = "ae/"   # AE weights inside a download and inside a ClientState
 EF_PREFIX = "ef/"   # error-feedback residual inside a ClientState
+SENT_PREFIX = "sent/"  # what the server will decode from the client's last upload, until it is confirmed
 QUALITY = ("rel_err", "cos", "snr_db", "ef_gain", "update_rel_err", "update_cos", "update_snr_db")
 
 
@@ -231,6 +233,7 @@ class CGFedLLMServer(_Rule, FedITServer):
         o = self.options
         self.ae_version = 0
         self.client_ae: dict[int, int] = {}
+        self.accepted: dict[int, int] = {}  # client -> last round whose upload was aggregated
         self.pool: list[torch.Tensor] = []
         self._current: str | None = None            # the phase of the round being served
         self._round = 0                              # and its number (fixed codecs' seeds)
@@ -262,7 +265,8 @@ class CGFedLLMServer(_Rule, FedITServer):
         tensors = dict(self.weights)
         if phase == "faf" and self.learned and self.client_ae.get(client_id, 0) < self.ae_version:
             tensors.update({AE_PREFIX + k: v for k, v in self.codec.state_tensors().items()})
-        return Payload(tensors=tensors, scalars={"phase": phase, "ae_version": self.ae_version})
+        return Payload(tensors=tensors, scalars={"phase": phase, "ae_version": self.ae_version,
+                                                 "accepted_round": self.accepted.get(client_id, 0)})
 
     def max_upload_bytes(self) -> int:
         if self.config.method.max_upload_bytes > 0:
@@ -347,11 +351,13 @@ class CGFedLLMServer(_Rule, FedITServer):
             for key in QUALITY:
                 metrics[key] = sum(float(r.payload.scalars[key]) for r in replies) / len(replies)
             metrics["rel_err_max"] = max(float(r.payload.scalars["rel_err"]) for r in replies)
+            metrics["swap_change"] = self._swap_change(replies)
             if self.learned or self.fixed is not None:
                 ratio = self.fixed.ratio() if self.fixed is not None else self.codec.ratio()
                 metrics.update({k: float(v) for k, v in ratio.items()})
         for reply in replies:
             self.client_ae[reply.client_id] = int(reply.payload.scalars.get("ae_version", 0))
+            self.accepted[reply.client_id] = rnd
         cfg = self.config.method
         if self.options.paper_sum:
             update = self.to_update(weighted_mean([self._object(r) for r in replies], [1.0] * len(replies)),
@@ -370,6 +376,19 @@ class CGFedLLMServer(_Rule, FedITServer):
             metrics.update(self._train_ae(rnd, phase))
         metrics["ae_version"] = self.ae_version
         return metrics
+
+    def _swap_change(self, replies: list[Reply]) -> float:
+        """Mean ‖u_i − u_j‖/‖u_i‖ of the decoded updates, j the next reply (cyclically): how much
+        the server's result changes when it decodes another client's upload instead. 0 means the
+        decoder ignores its input (the failure ALGORITHMS.md §4 describes); independent updates of
+        equal norm give about √2."""
+        updates = [self._update_of(r) for r in replies]
+        changes = []
+        for i, mine in enumerate(updates):
+            other, norm = updates[(i + 1) % len(updates)], _norm(mine)
+            if len(updates) > 1 and norm > 0:
+                changes.append(_norm({n: mine[n] - other[n] for n in mine}) / norm)
+        return sum(changes) / len(changes) if changes else 0.0
 
     def _train_ae(self, rnd: int, phase: str) -> dict[str, float]:
         o = self.options
@@ -402,12 +421,14 @@ class CGFedLLMServer(_Rule, FedITServer):
             tensors.update({AE_PREFIX + k: v for k, v in self.codec.state_tensors().items()})
             tensors.update({f"pool/{i}": t for i, t in enumerate(self.pool)})
         return Payload(tensors=tensors, scalars={"ae_version": self.ae_version,
-                                                 "client_ae": json.dumps(sorted(self.client_ae.items()))})
+                                                 "client_ae": json.dumps(sorted(self.client_ae.items())),
+                                                 "accepted": json.dumps(sorted(self.accepted.items()))})
 
     def load_state_dict(self, state: Payload) -> None:
         super().load_state_dict(state)
         self.ae_version = int(state.scalars.get("ae_version", 0))
         self.client_ae = {int(c): int(v) for c, v in json.loads(str(state.scalars.get("client_ae", "[]")))}
+        self.accepted = {int(c): int(v) for c, v in json.loads(str(state.scalars.get("accepted", "[]")))}
         if self.learned:
             self.codec.load_tensors({k[len(AE_PREFIX):]: t for k, t in state.tensors.items() if k.startswith(AE_PREFIX)})
             pool = {int(k[5:]): t for k, t in state.tensors.items() if k.startswith("pool/")}
@@ -451,6 +472,7 @@ class CGFedLLMClient(_Rule, FedITClient):
         if str(download.scalars.get("phase")) != phase:
             raise PayloadError(f"download is for phase {download.scalars.get('phase')!r}, this is a {phase} round")
         self._keep_ae(download, state)
+        self.settle_residual(state, int(download.scalars.get("accepted_round", 0)))
         model, params = self.ctx.workbench.trainable(True)
         load_into(params, {k: v for k, v in download.tensors.items() if not k.startswith(AE_PREFIX)})
         start = snapshot(params)
@@ -485,7 +507,7 @@ class CGFedLLMClient(_Rule, FedITClient):
         residual = {n[len(EF_PREFIX):]: t for n, t in state.tensors.items() if n.startswith(EF_PREFIX)}
         x_in = {n: t + residual[n].to(t.device) if n in residual else t for n, t in x.items()}
         if phase == "calibrate":
-            self._set_residual(state, None)
+            self._record_upload(state, rnd, x_in, None)
             return Upload(Payload(tensors={f"s0/{n}": t for n, t in x_in.items()}, scalars=scalars), len(data), metrics)
         if self.learned:
             codec = self._client_codec(state)
@@ -496,7 +518,7 @@ class CGFedLLMClient(_Rule, FedITClient):
         else:  # zeros: nothing crosses the wire, and no residual is kept (it would only grow)
             tensors, xhat = {}, {n: torch.zeros_like(t) for n, t in x_in.items()}
         if self.options.error_feedback and self.options.codec != "zeros":
-            self._set_residual(state, {n: x_in[n] - xhat[n] for n in x_in})
+            self._record_upload(state, rnd, xhat, {n: x_in[n] - xhat[n] for n in x_in})
         q = quality(x_in, xhat)
         q["ef_gain"] = _norm(x_in) / max(_norm(x), 1e-30)
         if self.options.target == "state":  # what the server will apply: start − x̂ instead of start − x
@@ -539,11 +561,38 @@ class CGFedLLMClient(_Rule, FedITClient):
             self._codec_version = version
         return self.codec
 
+    @classmethod
+    def _set_residual(cls, state: ClientState, residual: dict[str, torch.Tensor] | None) -> None:
+        cls._set_prefixed(state, EF_PREFIX, residual)
+
+    def _record_upload(self, state: ClientState, rnd: int, sent: dict[str, torch.Tensor],
+                       residual: dict[str, torch.Tensor] | None) -> None:
+        """The new residual, and (with error feedback) what the server should apply, until confirmed."""
+        self._set_residual(state, residual)
+        if self.options.error_feedback:
+            self._set_prefixed(state, SENT_PREFIX, sent)
+            state.scalars["sent_round"] = rnd
+
     @staticmethod
-    def _set_residual(state: ClientState, residual: dict[str, torch.Tensor] | None) -> None:
-        state.tensors = {k: v for k, v in state.tensors.items() if not k.startswith(EF_PREFIX)}
-        if residual:
-            state.tensors.update({EF_PREFIX + n: t.detach().float().contiguous() for n, t in residual.items()})
+    def _set_prefixed(state: ClientState, prefix: str, tensors: dict[str, torch.Tensor] | None) -> None:
+        state.tensors = {k: v for k, v in state.tensors.items() if not k.startswith(prefix)}
+        if tensors:
+            state.tensors.update({prefix + n: t.detach().float().contiguous() for n, t in tensors.items()})
+
+    @classmethod
+    def settle_residual(cls, state: ClientState, accepted_round: int) -> None:
+        """Error feedback assumes the server applied what the client sent. The client learns
+        whether it did from the next download (the last round the server aggregated one of its
+        uploads); a rejected, lost or skipped upload's decoded content goes back into the residual
+        so it is sent again rather than dropped."""
+        sent = {k[len(SENT_PREFIX):]: v for k, v in state.tensors.items() if k.startswith(SENT_PREFIX)}
+        sent_round = int(state.scalars.pop("sent_round", 0))
+        if not sent:
+            return
+        if sent_round != accepted_round:
+            residual = {k[len(EF_PREFIX):]: v for k, v in state.tensors.items() if k.startswith(EF_PREFIX)}
+            cls._set_residual(state, {n: residual[n] + t if n in residual else t for n, t in sent.items()})
+        cls._set_prefixed(state, SENT_PREFIX, None)
 
 
 def _norm(tensors: dict[str, torch.Tensor]) -> float:
