@@ -88,6 +88,34 @@ def test_factorised_head_reproduces_the_tied_head_and_costs_what_its_factors_cos
     assert torch.allclose(head.up.weight, weight @ head.down.weight.T, atol=1e-5)
 
 
+def test_small_model_cache_is_rebuilt_when_its_recipe_changes(tmp_path, monkeypatch):
+    from thinwire.models import small
+
+    for name in ("THINWIRE_SMALL_LAYERS", "THINWIRE_SMALL_HEAL_STEPS", "THINWIRE_SMALL_HEAD_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    target = small.prepared_dir(tmp_path)
+    target.mkdir(parents=True)
+    for name in small.REQUIRED_FILES:
+        (target / name).write_text("{}")
+    assert not small.is_ready(tmp_path)  # a marker that records no recipe is not this one
+    (target / small.MARKER).write_text(json.dumps({"layers": 11, "heal_steps": 400, "head_rank": 96, "parameters": 5,
+                                                   "flops_per_token": 1, "large_flops_per_token": 4}))
+    assert small.is_ready(tmp_path) and small.describe(tmp_path)["head_rank"] == 96
+    assert small.describe(tmp_path)["compute_ratio"] == 0.25
+    monkeypatch.setenv("THINWIRE_SMALL_HEAD_RANK", "0")
+    assert not small.is_ready(tmp_path) and small.describe(tmp_path)["ready"] is False
+    monkeypatch.setenv("THINWIRE_SMALL_HEAD_RANK", "96")
+    monkeypatch.setenv("THINWIRE_SMALL_HEAL_STEPS", "40")
+    assert not small.is_ready(tmp_path) and small.is_ready(tmp_path, steps=400)
+    # a model built before head factorisation (4 layers, full head) matches only that recipe
+    (target / small.MARKER).write_text(json.dumps({"layers": 4, "heal_steps": 400}))
+    assert small.is_ready(tmp_path, layers=4, steps=400, head_rank=0)
+    assert not small.is_ready(tmp_path, layers=4, steps=400)
+    monkeypatch.setenv("THINWIRE_SMALL_LAYERS", "many")
+    with pytest.raises(UsageError, match="THINWIRE_SMALL_LAYERS = 'many' is not an integer"):
+        small.recipe()
+
+
 def test_alpha_zero_generation_equals_the_large_models_greedy():
     large, small, tok, _ = _pair()
     batch = _prompts(tok)

@@ -183,6 +183,7 @@ def describe(root: Path | None = None) -> dict[str, Any]:
     ratio = info["flops_per_token"] / info["large_flops_per_token"] if info else None
     return {"name": NAME, "ready": info is not None, "path": str(target),
             "layers": info["layers"] if info else recipe()["layers"],
+            "head_rank": info["head_rank"] if info else recipe()["head_rank"],
             "parameters": info["parameters"] if info else None,
             "size_bytes": sum(f.stat().st_size for f in target.iterdir() if f.is_file()) if info else None,
             "compute_ratio": ratio}
