@@ -98,15 +98,16 @@ def test_small_model_cache_is_rebuilt_when_its_recipe_changes(tmp_path, monkeypa
     for name in small.REQUIRED_FILES:
         (target / name).write_text("{}")
     assert not small.is_ready(tmp_path)  # a marker that records no recipe is not this one
-    (target / small.MARKER).write_text(json.dumps({"layers": 11, "heal_steps": 400, "head_rank": 96, "parameters": 5,
+    (target / small.MARKER).write_text(json.dumps({"layers": small.LAYERS, "heal_steps": small.HEAL_STEPS,
+                                                   "head_rank": small.HEAD_RANK, "parameters": 5,
                                                    "flops_per_token": 1, "large_flops_per_token": 4}))
-    assert small.is_ready(tmp_path) and small.describe(tmp_path)["head_rank"] == 96
+    assert small.is_ready(tmp_path) and small.describe(tmp_path)["head_rank"] == small.HEAD_RANK
     assert small.describe(tmp_path)["compute_ratio"] == 0.25
     monkeypatch.setenv("THINWIRE_SMALL_HEAD_RANK", "0")
     assert not small.is_ready(tmp_path) and small.describe(tmp_path)["ready"] is False
-    monkeypatch.setenv("THINWIRE_SMALL_HEAD_RANK", "96")
+    monkeypatch.setenv("THINWIRE_SMALL_HEAD_RANK", str(small.HEAD_RANK))
     monkeypatch.setenv("THINWIRE_SMALL_HEAL_STEPS", "40")
-    assert not small.is_ready(tmp_path) and small.is_ready(tmp_path, steps=400)
+    assert not small.is_ready(tmp_path) and small.is_ready(tmp_path, steps=small.HEAL_STEPS)
     # a model built before head factorisation (4 layers, full head) matches only that recipe
     (target / small.MARKER).write_text(json.dumps({"layers": 4, "heal_steps": 400}))
     assert small.is_ready(tmp_path, layers=4, steps=400, head_rank=0)
