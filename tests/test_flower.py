@@ -58,21 +58,25 @@ def assert_same_run(local, other):
         assert 0 < r["flower_uplink_bytes"] - r["uplink_bytes"] < 2000 * r["clients_ok"]
 
 
-# Extra settings per method: CG-FedLLM runs a TGAP round, trains the AE on the server, sends it
-# once per client and keeps error feedback in the client's state; FedPT proxy-tunes and distils
-# on the server (the tiny pair).
-PARITY_OVERRIDES = {
-    "fedavg": [], "fedit": [],
-    "cgfedllm": ["method.cgfedllm.tgap_rounds=1", "method.cgfedllm.width=4", "method.cgfedllm.res_blocks=1",
-                 "method.cgfedllm.ae_steps=20", "method.cgfedllm.ae_batch=4", "method.cgfedllm.tgap_snapshots=2"],
-    "fedpt": ["model.name='tiny-small'", "method.fedpt.large='tiny'", "method.fedpt.kd_examples=4",
-              "method.fedpt.kd_max_new_tokens=4", "method.fedpt.kd_steps=2", "eval.max_examples=4"],
+# Settings per run: CG-FedLLM runs a TGAP round, trains the AE on the server, sends it once per
+# client and keeps error feedback in the client's state (with the sign codec, each upload's subset
+# comes from the (round, client) seed on both sides); FedPT proxy-tunes and distils on the server
+# (the tiny pair).
+PARITY_RUNS = {
+    "fedavg": ["method.name='fedavg'"], "fedit": ["method.name='fedit'"],
+    "cgfedllm": ["method.name='cgfedllm'", "method.cgfedllm.tgap_rounds=1", "method.cgfedllm.width=4",
+                 "method.cgfedllm.res_blocks=1", "method.cgfedllm.ae_steps=20", "method.cgfedllm.ae_batch=4",
+                 "method.cgfedllm.tgap_snapshots=2"],
+    "cgfedllm-signs": ["method.name='cgfedllm'", "method.cgfedllm.tgap_rounds=1", "method.cgfedllm.codec='signs'"],
+    "fedpt": ["method.name='fedpt'", "model.name='tiny-small'", "method.fedpt.large='tiny'",
+              "method.fedpt.kd_examples=4", "method.fedpt.kd_max_new_tokens=4", "method.fedpt.kd_steps=2",
+              "eval.max_examples=4"],
 }
 
 
-@pytest.mark.parametrize("method", sorted(PARITY_OVERRIDES))
-def test_simulation_matches_local(tmp_path, smoke_config, method):
-    config = smoke_config(f"method.name='{method}'", "eval.generate=false", *PARITY_OVERRIDES[method])
+@pytest.mark.parametrize("run", sorted(PARITY_RUNS))
+def test_simulation_matches_local(tmp_path, smoke_config, run):
+    config = smoke_config("eval.generate=false", *PARITY_RUNS[run])
     local = run_local(config, tmp_path / "local", quiet=True)
     sim = flower.run_flower_sim(config, tmp_path / "sim", quiet=True, num_cpus=1)
     assert sim["runtime"] == "flower-sim" and sim["final_eval"] == local["final_eval"]
