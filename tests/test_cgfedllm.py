@@ -237,6 +237,37 @@ def test_sign_codec_by_hand():
         SignCodec(TINY, ratio=500)
 
 
+@pytest.mark.parametrize("make", [lambda: SignCodec(TINY, ratio=64), lambda: TopKCodec(TINY, ratio=64, value_dtype="float16")],
+                         ids=["signs", "topk"])
+def test_error_feedback_keeps_the_accumulated_residual_bounded(make):
+    """40 rounds of fresh updates through a 1/64 codec with error feedback (the client's rule: encode
+    x + e, keep e' = x + e − x̂). What the server summed differs from what the client meant to send by
+    exactly the residual, and the residual stays within ρ/(1 − ρ)·max‖x‖ (ρ: the codec's worst
+    relative error), while without feedback the summed error keeps growing."""
+    codec = make()
+    flat = codec.flatten
+    gen = torch.Generator().manual_seed(0)
+    residual = torch.zeros(codec.total)
+    meant, applied, applied_no_ef = torch.zeros(codec.total), torch.zeros(codec.total), torch.zeros(codec.total)
+    worst, largest, norms = 0.0, 0.0, []
+    for rnd in range(40):
+        x = torch.randn(codec.total, generator=gen) * (1 + rnd % 3)
+        x_in = x + residual
+        _, xhat = codec.encode(codec.unflatten(x_in), seed=rnd)
+        xhat = flat(xhat)
+        residual = x_in - xhat
+        worst = max(worst, float(residual.norm() / x_in.norm()))
+        largest = max(largest, float(x.norm()))
+        norms.append(float(residual.norm()))
+        meant += x
+        applied += xhat
+        applied_no_ef += flat(codec.encode(codec.unflatten(x), seed=rnd)[1])
+    assert worst < 1
+    assert max(norms) <= worst / (1 - worst) * largest * (1 + 1e-5)
+    assert torch.allclose(meant - applied, residual, atol=1e-3)
+    assert float((meant - applied_no_ef).norm()) > 1.25 * float((meant - applied).norm())
+
+
 @pytest.mark.parametrize("codec, sent, wire", [
     ("topk", 74, {"positions": torch.zeros(74, dtype=torch.int32), "values": torch.zeros(74, dtype=torch.float16)}),
     ("signs", 3072, {"signs": torch.zeros(384, dtype=torch.uint8), "scales": torch.zeros(16)}),

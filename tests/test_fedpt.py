@@ -225,6 +225,10 @@ def test_end_to_end_fedpt_run(tmp_path, smoke_config):
             assert c["downlink_bytes"] == adapter_bytes
     assert summary["uplink_bytes_total"] == sum(c["uplink_bytes"] for r in rounds for c in r["clients"])
     assert {"kd_loss_first", "kd_loss_last", "kd_large_queries"} <= set(rounds[0]["aggregate"])
+    # distillation lowers the KL from the proxy-tuned teacher to the student, every round
+    for r in rounds:
+        assert r["aggregate"]["kd_kl_after"] < r["aggregate"]["kd_kl_before"]
+        assert r["aggregate"]["kd_positions"] > 0
     # the run directory carries the proxy, ready for `thinwire generate RUN_DIR/proxy`
     assert summary["artifacts"] == ["proxy"]
     final = Payload.decode((tmp_path / "r/final_state.safetensors").read_bytes())

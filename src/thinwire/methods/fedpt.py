@@ -27,6 +27,8 @@ Choices the paper leaves open, as implemented:
   KL(proxy ‖ student) (mode-covering, the classic KD) or reverse KL(student ‖ proxy)
   (`kd_direction`). The teacher is fixed within a round (its log-probs are computed once);
   `kd_steps` AdamW steps (`kd_lr`) over batches of `kd_batch_size`, on the LoRA adapter only.
+  Each round logs that loss over all distillation positions before and after (`kd_kl_before`,
+  `kd_kl_after`): whether the student moved toward the teacher.
 """
 
 from __future__ import annotations
@@ -184,31 +186,45 @@ class FedPTServer(FedITServer):
                 b["teacher"] = torch.log_softmax(z[b["target"].to(z.device)] / opts.kd_temperature, dim=-1)
         load_into(self.params, self.expert)
         model, params = self.lora_model, list(self.params.values())
-        device = params[0].device
+        model.eval()
+        kl_before = self.kd_divergence(batches)
         optimizer = torch.optim.AdamW(params, lr=opts.kd_lr, weight_decay=0.0)
         model.train()
         losses = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.config.federation.seed, "fedpt-kd-train", rnd))
             for step in range(opts.kd_steps):
-                b = batches[step % len(batches)]
-                ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
-                logits = model(input_ids=ids, attention_mask=mask,
-                               position_ids=position_ids(mask, ids.shape[1]), use_cache=False).logits
-                student = logits[..., : self.vocab][b["target"].to(device)]
-                loss = kd_loss(b["teacher"].to(device), student, opts.kd_temperature, opts.kd_direction)
+                loss = self.kd_batch_loss(batches[step % len(batches)])
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
         model.eval()
+        kl_after = self.kd_divergence(batches)
         with torch.no_grad():
             for name, p in self.params.items():
                 self.weights[name].copy_(p.detach())
         return {"kd_loss_first": losses[0] if losses else math.nan, "kd_loss_last": losses[-1] if losses else math.nan,
+                "kd_kl_before": kl_before, "kd_kl_after": kl_after,
                 "kd_positions": float(sum(int(b["target"].sum()) for b in batches)),
                 "kd_large_queries": float(teacher.queries), "kd_s": time.perf_counter() - started}
+
+    def kd_batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The distillation loss of the small model, as it stands, on one batch."""
+        device = next(iter(self.params.values())).device
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = self.lora_model(input_ids=ids, attention_mask=mask,
+                                 position_ids=position_ids(mask, ids.shape[1]), use_cache=False).logits
+        student = logits[..., : self.vocab][batch["target"].to(device)]
+        return kd_loss(batch["teacher"].to(device), student, self.options.kd_temperature, self.options.kd_direction)
+
+    @torch.no_grad()
+    def kd_divergence(self, batches: list[dict[str, torch.Tensor]]) -> float:
+        """The distillation loss over every distillation position (the student in eval mode): does
+        the student move toward the proxy-tuned teacher?"""
+        total = sum(self.kd_batch_loss(b).item() * int(b["target"].sum()) for b in batches)
+        return total / max(1, sum(int(b["target"].sum()) for b in batches))
 
     # -- validation and checkpoints: FedIT uploads; the proxy's adapters ride along -------------
 
