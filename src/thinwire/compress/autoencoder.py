@@ -28,6 +28,16 @@ channels, is 64 / 4096 = 1/64 of the **padded grid** (tiny: 128 latent values fo
 values = 1/56; SmolLM2-135M: 17 280 for 921 600 = 1/53.3). ``compression`` (cells per latent
 value) picks ``latent_channels``; the 1-D default is 1/32 (depth 6, 2 latent channels).
 
+Binary latent (``binary``): the encoder's output passes through sign(), so each latent value is
+one bit on the wire (packed, 1 = negative) and the decoder reads ±1; training goes through the
+sign with the straight-through estimator (the gradient of clamp(z, −1, 1)). A bit costs 1/32 of a
+float32 latent value, so at the same bytes the bottleneck is 32 times wider: ``conv1d`` with
+``depth = 1`` and ``compression = 2`` (one bit per two values) is 1/64 of FedIT's float32 upload.
+Why it matters: a round's LoRA change is close to an isotropic Gaussian, and for such a source a
+code of D real numbers keeps at most D/d of its energy in expectation (1/64 at 1/64: cos ≈ 0.13),
+while the same bytes as bits can keep a third (one sign with a least-squares gain keeps 2/π of
+the energy of what it covers).
+
 Scales: with ``normalize`` each tensor is divided by its max |value| before encoding (so it lies
 in tanh's range [−1, 1]); with ``refit`` the client, which holds the decoder too, replaces each
 tensor's scale by the least-squares gain ⟨x, x̂⟩/‖x̂‖² against the decoded output, so no tensor is
@@ -48,6 +58,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from thinwire.compress.bits import pack_signs, unpack_signs
 
 KINDS = ("conv2d", "conv1d")
 LATENT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -166,11 +178,24 @@ class ResBlock(nn.Module):
         return x + self.b(F.gelu(self.a(x)))
 
 
-class ConvAutoencoder(nn.Module):
-    """Stride-2 conv encoder with residual blocks; mirrored transposed-conv decoder, tanh output."""
+def binarize(z: torch.Tensor) -> torch.Tensor:
+    """±1 by sign (0 counts as +1, as `pack_signs` writes it); in training, straight through the
+    sign with the gradient of clamp(z, -1, 1)."""
+    signs = torch.where(z < 0, -1.0, 1.0).to(z.dtype)
+    if not z.requires_grad:
+        return signs
+    clamped = z.clamp(-1, 1)
+    return clamped + (signs - clamped).detach()
 
-    def __init__(self, dims: int, depth: int, width: int, latent_channels: int, res_blocks: int):
+
+class ConvAutoencoder(nn.Module):
+    """Stride-2 conv encoder with residual blocks; mirrored transposed-conv decoder, tanh output.
+    With `binary` the latent is binarized between the two."""
+
+    def __init__(self, dims: int, depth: int, width: int, latent_channels: int, res_blocks: int,
+                 binary: bool = False):
         super().__init__()
+        self.binary = binary
         conv, convt = (nn.Conv2d, nn.ConvTranspose2d) if dims == 2 else (nn.Conv1d, nn.ConvTranspose1d)
         chans = [1] + [min(64, width * 2**i) for i in range(depth - 1)] + [latent_channels]
         self.channels = chans
@@ -202,7 +227,8 @@ class ConvAutoencoder(nn.Module):
                 nn.init.zeros_(module.b.weight)  # residual blocks start as the identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
+        z = self.encoder(x)
+        return self.decoder(binarize(z) if self.binary else z)
 
 
 @dataclass(frozen=True)
@@ -215,6 +241,7 @@ class CodecSpec:
     width: int = 8
     res_blocks: int = 2
     chunk: int = 4096
+    binary: bool = False  # one bit per latent value (sign), instead of a float
 
     def resolved_compression(self) -> int:
         return self.compression or PAPER_COMPRESSION[self.kind]
@@ -251,7 +278,8 @@ class AutoencoderCodec:
         self.latent_dtype = LATENT_DTYPES[latent_dtype]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.model = ConvAutoencoder(self.layout.dims, spec.depth, spec.width, latent_channels, spec.res_blocks)
+            self.model = ConvAutoencoder(self.layout.dims, spec.depth, spec.width, latent_channels, spec.res_blocks,
+                                         spec.binary)
         self.model.eval()
         shape = self.layout.sample_shape
         spatial = [n // 2**spec.depth for n in shape[2:]]
@@ -263,14 +291,25 @@ class AutoencoderCodec:
         return math.prod(self.latent_shape)
 
     @property
+    def wire_latent(self) -> tuple[torch.dtype, tuple[int, ...]]:
+        """(dtype, shape) of the latent on the wire: packed sign bits, or the latent itself."""
+        if self.spec.binary:
+            return torch.uint8, (-(-self.latent_values // 8),)
+        return self.latent_dtype, self.latent_shape
+
+    @property
     def sends_scales(self) -> bool:
         return self.normalize or self.refit
 
     def ratio(self) -> dict[str, float]:
-        """Latent values per input value, against the padded input and against the real values."""
+        """Latent values per input value (padded input, real values), and bytes sent (latent and
+        scales) per float32 input byte."""
+        dtype, shape = self.wire_latent
+        sent = math.prod(shape) * dtype.itemsize + (4 * len(self.names) if self.sends_scales else 0)
         return {"latent_values": self.latent_values, "input_cells": self.layout.cells,
                 "input_values": self.layout.values, "ratio_cells": self.latent_values / self.layout.cells,
-                "ratio_values": self.latent_values / self.layout.values}
+                "ratio_values": self.latent_values / self.layout.values,
+                "bytes_ratio": sent / (4 * self.layout.values)}
 
     # the pipeline --------------------------------------------------------------------------------
     def prepare(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,10 +324,11 @@ class AutoencoderCodec:
     @torch.no_grad()
     def encode(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None,
                                                                  dict[str, torch.Tensor]]:
-        """(latent in the wire dtype, scales or None, the reconstruction the server will compute)."""
+        """(latent as it goes on the wire, scales or None, the reconstruction the server will compute)."""
         inputs, norms = self.prepare(tensors)
-        latent = self.model.encoder(inputs).to(self.latent_dtype)
-        unit = self.layout.unpack(self.model.decoder(latent.float()))
+        z = self.model.encoder(inputs)
+        latent = pack_signs(z) if self.spec.binary else z.to(self.latent_dtype)
+        unit = self.layout.unpack(self.model.decoder(self._decoder_input(latent)))
         device = next(iter(tensors.values())).device
         scales = None
         if self.refit:
@@ -301,7 +341,12 @@ class AutoencoderCodec:
     def decode(self, latent: torch.Tensor, scales: torch.Tensor | None,
                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """The reconstruction from a latent and its scales (the AE itself always runs on the CPU)."""
-        return self._scaled(self.layout.unpack(self.model.decoder(latent.float().cpu())), scales, device)
+        return self._scaled(self.layout.unpack(self.model.decoder(self._decoder_input(latent))), scales, device)
+
+    def _decoder_input(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.spec.binary:
+            return unpack_signs(latent, self.latent_values).reshape(self.latent_shape)
+        return latent.float().cpu()
 
     def _scaled(self, unit: dict[str, torch.Tensor], scales: torch.Tensor | None,
                 device: torch.device | str) -> dict[str, torch.Tensor]:

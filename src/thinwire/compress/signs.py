@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from thinwire.compress.bits import pack_signs, unpack_signs
 from thinwire.compress.fixed import FixedCodec
 
 __all__ = ["SignCodec"]
@@ -58,16 +59,14 @@ class SignCodec(FixedCodec):
         chosen = flat[positions]
         sums = torch.zeros(len(self.names), dtype=torch.float64).index_add_(0, owner, chosen.abs().double())
         counts = torch.bincount(owner, minlength=len(self.names)).clamp(min=1)
-        bits = np.packbits((chosen < 0).numpy())
-        wire = {"signs": torch.from_numpy(bits), "scales": (sums / counts).float()}
+        wire = {"signs": pack_signs(chosen), "scales": (sums / counts).float()}
         return wire, self.decode(wire, seed, next(iter(tensors.values())).device)
 
     def decode(self, wire: Mapping[str, torch.Tensor], seed: int, device: torch.device | str = "cpu"
                ) -> dict[str, torch.Tensor]:
         positions, owner = self.subset(seed)
-        negative = torch.from_numpy(np.unpackbits(wire["signs"].numpy(), count=self.m).astype(np.bool_))
         flat = torch.zeros(self.total)
-        flat[positions] = torch.where(negative, -1.0, 1.0) * wire["scales"][owner]
+        flat[positions] = unpack_signs(wire["signs"], self.m) * wire["scales"][owner]
         return self.unflatten(flat, device)
 
     def check(self, wire: Mapping[str, torch.Tensor]) -> str | None:

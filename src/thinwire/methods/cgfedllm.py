@@ -133,6 +133,8 @@ class CGFedLLMOptions:
     chunk: int = opt(4096, "conv1d: values per chunk (a multiple of 2^depth)", low=2)
     latent_dtype: str = opt("float32", "precision of the latent (topk: of the values) on the wire",
                             choices=tuple(LATENT_DTYPES))
+    binary_latent: bool = opt(False, "conv2d/conv1d: one sign bit per latent value (trained straight through "
+                              "the sign), instead of latent_dtype; compression 2 with conv1d depth 1 is 1/64")
     tgap_rounds: int = opt(1, "first rounds that run TGAP (uncompressed FedIT on the TGAP share)", low=0)
     tgap_share: float = opt(0.3, "share of each client's examples used in TGAP; FAF uses the rest", low=0, high=1)
     tgap_snapshots: int = opt(4, "objects each client records (and uploads) per TGAP round, evenly spaced "
@@ -169,11 +171,17 @@ def _validate(o: CGFedLLMOptions, rounds: int) -> None:
                          "while TGAP runs (its share and the FAF share both need examples)")
     if learned:
         try:
-            CodecSpec(o.codec, o.depth, o.compression, o.width, o.res_blocks, o.chunk).latent_channels()
+            _spec(o).latent_channels()
         except ValueError as exc:
             raise UsageError(f"method.cgfedllm: {exc}") from exc
+    if o.binary_latent and not learned:
+        raise UsageError("method.cgfedllm.binary_latent needs a learned codec (conv2d or conv1d)")
     if o.refine_every and not learned:
         raise UsageError("method.cgfedllm.refine_every needs a learned codec (conv2d or conv1d)")
+
+
+def _spec(o: CGFedLLMOptions) -> CodecSpec:
+    return CodecSpec(o.codec, o.depth, o.compression, o.width, o.res_blocks, o.chunk, o.binary_latent)
 
 
 class _Rule:
@@ -215,8 +223,7 @@ class _Rule:
         if self._codec is None:
             o = self.options
             _, params = self.ctx.workbench.trainable(True)
-            spec = CodecSpec(o.codec, o.depth, o.compression, o.width, o.res_blocks, o.chunk)
-            self._codec = AutoencoderCodec(spec, [(n, tuple(p.shape)) for n, p in params.items()],
+            self._codec = AutoencoderCodec(_spec(o), [(n, tuple(p.shape)) for n, p in params.items()],
                                            normalize=o.normalize, refit=o.refit_scales, latent_dtype=o.latent_dtype,
                                            seed=derive_seed(self.config.federation.seed, "cgfedllm-ae-init"))
         return self._codec
@@ -255,7 +262,8 @@ class CGFedLLMServer(_Rule, FedITServer):
                 raise UsageError(f"method.cgfedllm.ae_path: cannot read {o.ae_path}: {exc}") from exc
             if spec != self.codec.spec:
                 raise UsageError(f"method.cgfedllm.ae_path holds an AE of architecture {spec}, but the options "
-                                 f"describe {self.codec.spec}; set codec/depth/compression/width/res_blocks/chunk to match")
+                                 f"describe {self.codec.spec}; set codec/depth/compression/width/res_blocks/chunk/"
+                                 "binary_latent to match")
             try:
                 self.codec.load_tensors(tensors)
             except ValueError as exc:
@@ -314,7 +322,8 @@ class CGFedLLMServer(_Rule, FedITServer):
             validate.check_names(tensors, [])
             return
         validate.check_names(tensors, ["latent", "scales"] if self.codec.sends_scales else ["latent"])
-        validate.check_tensor(tensors, "latent", self.codec.latent_dtype, shape=self.codec.latent_shape)
+        dtype, shape = self.codec.wire_latent
+        validate.check_tensor(tensors, "latent", dtype, shape=shape)
         if self.codec.sends_scales:
             validate.check_tensor(tensors, "scales", torch.float32, shape=(len(self.codec.names),))
 
