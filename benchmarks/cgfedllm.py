@@ -17,6 +17,8 @@ same seed, same local training; only the method options differ:
   with two stride-2 convs; conv1d with four, chunks of 1024);
 - topk: the working pipeline with global top-k (int32 positions + fp16 values) instead of an AE, 1/64;
 - signs: the same with the scaled signs of a seeded random subset (1 bit each + a scale per tensor), 1/64;
+- bits: the working pipeline with the 1-D AE whose latent is one sign bit per two values (depth 1), 1/64
+  of the float32 bytes plus the scales;
 - zeros-after-tgap: the same TGAP rounds, then nothing sent (isolates what FAF contributes);
 - zeros: nothing sent at all (the model stays at its base).
 
@@ -63,6 +65,9 @@ VARIANTS = {
                        "method.cgfedllm.compression=4", "method.cgfedllm.chunk=1024"],
     "topk": ["method.name='cgfedllm'", "method.cgfedllm.codec='topk'", "method.cgfedllm.latent_dtype='float16'"],
     "signs": ["method.name='cgfedllm'", "method.cgfedllm.codec='signs'"],
+    "bits": ["method.name='cgfedllm'", "method.cgfedllm.codec='conv1d'", "method.cgfedllm.depth=1",
+             "method.cgfedllm.compression=2", "method.cgfedllm.res_blocks=0", "method.cgfedllm.binary_latent=true",
+             "method.cgfedllm.ae_lr=1e-2", "method.cgfedllm.chunk=1024"],
     "zeros-after-tgap": ["method.name='cgfedllm'", "method.cgfedllm.codec='zeros'"],
     "zeros": ["method.name='cgfedllm'", "method.cgfedllm.codec='zeros'", "method.cgfedllm.tgap_rounds=0"],
 }

@@ -263,6 +263,15 @@ def test_binary_latent_autoencoder_by_hand_and_against_the_one_bit_bound():
     assert latent.dtype == torch.uint8 and latent.shape == (448,)
     assert torch.equal(unpack_signs(latent, 3584), torch.where(z.reshape(-1) < 0, -1.0, 1.0))
     assert all(torch.equal(codec.decode(latent, scales)[n], xhat[n]) for n in xhat)
+    # shuffled: the layout sees the values in the seed's order; the server, given the same seed,
+    # decodes exactly the client's reconstruction, and another seed gives another one
+    perm = torch.randperm(7168, generator=torch.Generator().manual_seed(5))
+    normalised = codec.flat.flatten({n: t / t.abs().max() for n, t in x.items()})
+    assert torch.equal(codec.prepare(x, seed=5)[0].reshape(-1), normalised[perm])
+    latent5, scales5, xhat5 = codec.encode(x, seed=5)
+    assert not torch.equal(latent5, latent)
+    assert all(torch.equal(codec.decode(latent5, scales5, seed=5)[n], xhat5[n]) for n in x)
+    assert not all(torch.equal(codec.decode(latent5, scales5, seed=6)[n], xhat5[n]) for n in x)
     train = torch.cat([codec.prepare(sample())[0] for _ in range(32)])
     stats = codec.fit(train, 300, 1e-2, 16, seed=0)
     assert stats["ae_rel_err"] < stats["ae_rel_err_before"]
@@ -326,13 +335,16 @@ def test_fixed_codec_variant_learns_and_sends_its_budget(tmp_path, smoke_config,
     assert summary["artifacts"] == []
 
 
-def test_binary_latent_variant_learns_and_sends_its_budget(tmp_path, smoke_config):
-    """The learned codec with a one-bit latent through TGAP and FAF: the AE trained on the TGAP
-    snapshots, then every FAF upload is 448 bytes of packed signs plus 16 scales, each decodes to its
-    own client's update, and the compressed rounds keep lowering the loss."""
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_binary_latent_variant_learns_and_sends_its_budget(tmp_path, smoke_config, shuffle):
+    """The learned codec with a one-bit latent through TGAP and FAF (inputs shuffled per upload or
+    not): the AE trained on the TGAP snapshots, then every FAF upload is 448 bytes of packed signs
+    plus 16 scales, each decodes to its own client's update, and the compressed rounds keep
+    lowering the loss."""
     config = smoke_config("method.name='cgfedllm'", "federation.rounds=6", *BASE, "method.cgfedllm.codec='conv1d'",
                           "method.cgfedllm.depth=1", "method.cgfedllm.compression=2", "method.cgfedllm.chunk=1024",
                           "method.cgfedllm.binary_latent=true", "method.cgfedllm.res_blocks=0",
+                          f"method.cgfedllm.shuffle={str(shuffle).lower()}",
                           "method.cgfedllm.ae_steps=100", "method.cgfedllm.ae_lr=1e-2", "method.cgfedllm.ae_batch=16")
     summary = run_local(config, tmp_path / "r", quiet=True)
     rounds = _rounds(tmp_path / "r")
@@ -366,6 +378,7 @@ def test_binary_latent_variant_learns_and_sends_its_budget(tmp_path, smoke_confi
     (["method.cgfedllm.ae_path='/nonexistent/ae.safetensors'"], "cannot read"),
     (["method.cgfedllm.codec='gzip'"], "is not one of"),
     (["method.cgfedllm.codec='signs'", "method.cgfedllm.binary_latent=true"], "needs a learned codec"),
+    (["method.cgfedllm.codec='topk'", "method.cgfedllm.shuffle=true"], "shuffle needs a learned codec"),
     (["method.cgfedllm.bogus=1"], "unknown config key"),
 ])
 def test_bad_options_are_usage_errors(tmp_path, smoke_config, options, message):

@@ -38,6 +38,12 @@ code of D real numbers keeps at most D/d of its energy in expectation (1/64 at 1
 while the same bytes as bits can keep a third (one sign with a least-squares gain keeps 2/π of
 the energy of what it covers).
 
+Shuffling (a ``seed`` to ``prepare``/``encode``/``decode``): the (normalised) values are permuted
+by a seeded permutation before the layout, and the reconstruction is permuted back. Both sides
+draw it from the same (round, client) seed, so nothing more is sent. A trained code is fixed, so
+without it the same entries share a latent value every round and error feedback keeps piling the
+same entries' losses into the residual; with it every round pairs other entries.
+
 Scales: with ``normalize`` each tensor is divided by its max |value| before encoding (so it lies
 in tanh's range [−1, 1]); with ``refit`` the client, which holds the decoder too, replaces each
 tensor's scale by the least-squares gain ⟨x, x̂⟩/‖x̂‖² against the decoded output, so no tensor is
@@ -60,6 +66,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from thinwire.compress.bits import pack_signs, unpack_signs
+from thinwire.compress.fixed import FixedCodec
 
 KINDS = ("conv2d", "conv1d")
 LATENT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -274,6 +281,7 @@ class AutoencoderCodec:
         else:
             self.layout = ChunkLayout(shapes, spec.chunk)
         self.names = [s.name for s in self.layout.slots]
+        self.flat = FixedCodec([(s.name, s.shape) for s in self.layout.slots])
         self.normalize, self.refit = normalize, refit
         self.latent_dtype = LATENT_DTYPES[latent_dtype]
         with torch.random.fork_rng(devices=[]):
@@ -312,23 +320,38 @@ class AutoencoderCodec:
                 "bytes_ratio": sent / (4 * self.layout.values)}
 
     # the pipeline --------------------------------------------------------------------------------
-    def prepare(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The AE's input for `tensors` (normalised if configured) and the per-tensor max |value|."""
+    def prepare(self, tensors: dict[str, torch.Tensor], seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The AE's input for `tensors` (normalised if configured, shuffled by `seed` if given) and
+        the per-tensor max |value|."""
         norms = torch.tensor([float(tensors[n].detach().abs().max()) if tensors[n].numel() else 0.0
                               for n in self.names], dtype=torch.float32)
         if self.normalize:
             safe = torch.where(norms > 0, norms, torch.ones_like(norms))
             tensors = {n: tensors[n].detach().float().cpu() / safe[i] for i, n in enumerate(self.names)}
-        return self.layout.pack(tensors), norms
+        return self.layout.pack(self._shuffled(tensors, seed)), norms
+
+    def _shuffled(self, tensors: dict[str, torch.Tensor], seed: int | None, inverse: bool = False
+                  ) -> dict[str, torch.Tensor]:
+        """All values permuted by the seed's permutation (or back); the same tensors if no seed."""
+        if seed is None:
+            return tensors
+        perm = torch.randperm(self.flat.total, generator=torch.Generator().manual_seed(seed))
+        flat = self.flat.flatten(tensors)
+        if inverse:
+            out = torch.empty_like(flat)
+            out[perm] = flat
+        else:
+            out = flat[perm]
+        return self.flat.unflatten(out)
 
     @torch.no_grad()
-    def encode(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                                 dict[str, torch.Tensor]]:
+    def encode(self, tensors: dict[str, torch.Tensor], seed: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
         """(latent as it goes on the wire, scales or None, the reconstruction the server will compute)."""
-        inputs, norms = self.prepare(tensors)
+        inputs, norms = self.prepare(tensors, seed)
         z = self.model.encoder(inputs)
         latent = pack_signs(z) if self.spec.binary else z.to(self.latent_dtype)
-        unit = self.layout.unpack(self.model.decoder(self._decoder_input(latent)))
+        unit = self._unit(latent, seed)
         device = next(iter(tensors.values())).device
         scales = None
         if self.refit:
@@ -339,9 +362,13 @@ class AutoencoderCodec:
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor, scales: torch.Tensor | None,
-               device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+               device: torch.device | str = "cpu", seed: int | None = None) -> dict[str, torch.Tensor]:
         """The reconstruction from a latent and its scales (the AE itself always runs on the CPU)."""
-        return self._scaled(self.layout.unpack(self.model.decoder(self._decoder_input(latent))), scales, device)
+        return self._scaled(self._unit(latent, seed), scales, device)
+
+    def _unit(self, latent: torch.Tensor, seed: int | None) -> dict[str, torch.Tensor]:
+        """The decoder's output, unshuffled, before the scales."""
+        return self._shuffled(self.layout.unpack(self.model.decoder(self._decoder_input(latent))), seed, inverse=True)
 
     def _decoder_input(self, latent: torch.Tensor) -> torch.Tensor:
         if self.spec.binary:

@@ -26,7 +26,9 @@ feedback, each sized so the upload is ``compression`` times smaller than FedIT's
 ``codec = "topk"``, global top-k sparsification (compress/topk.py, int32 positions +
 ``latent_dtype`` values), and ``codec = "signs"``, the scaled signs of a random subset drawn from
 the (round, client) seed (compress/signs.py: one bit per sent entry, one float32 scale per tensor).
-They show what the AE's 1/64 should reach.
+They show what the AE's 1/64 should reach. ``binary_latent`` makes the AE's own bottleneck one
+sign bit per latent value (compress/autoencoder.py): the learned codec at the same bytes as
+``signs``.
 
 The AE is a public artifact distributed once: a client's first FAF download carries the whole AE
 (encoder and decoder: the client needs the decoder for error feedback and to measure the
@@ -133,6 +135,8 @@ class CGFedLLMOptions:
     chunk: int = opt(4096, "conv1d: values per chunk (a multiple of 2^depth)", low=2)
     latent_dtype: str = opt("float32", "precision of the latent (topk: of the values) on the wire",
                             choices=tuple(LATENT_DTYPES))
+    shuffle: bool = opt(False, "conv2d/conv1d: permute the entries by the (round, client) seed before encoding "
+                        "(nothing more is sent), so a fixed code does not pair the same entries every round")
     binary_latent: bool = opt(False, "conv2d/conv1d: one sign bit per latent value (trained straight through "
                               "the sign), instead of latent_dtype; compression 2 with conv1d depth 1 is 1/64")
     tgap_rounds: int = opt(1, "first rounds that run TGAP (uncompressed FedIT on the TGAP share)", low=0)
@@ -174,8 +178,9 @@ def _validate(o: CGFedLLMOptions, rounds: int) -> None:
             _spec(o).latent_channels()
         except ValueError as exc:
             raise UsageError(f"method.cgfedllm: {exc}") from exc
-    if o.binary_latent and not learned:
-        raise UsageError("method.cgfedllm.binary_latent needs a learned codec (conv2d or conv1d)")
+    for flag in ("binary_latent", "shuffle"):
+        if getattr(o, flag) and not learned:
+            raise UsageError(f"method.cgfedllm.{flag} needs a learned codec (conv2d or conv1d)")
     if o.refine_every and not learned:
         raise UsageError("method.cgfedllm.refine_every needs a learned codec (conv2d or conv1d)")
 
@@ -206,6 +211,12 @@ class _Rule:
     def wire_seed(self, rnd: int, client_id: int) -> int:
         """The stream a fixed codec draws from for this client's upload of this round."""
         return derive_seed(self.config.federation.seed, "cgfedllm-wire", rnd, client_id)
+
+    def shuffle_seed(self, rnd: int, client_id: int, snapshot: int = 0) -> int | None:
+        """The AE's input permutation for this upload (a TGAP snapshot's, for the training pool)."""
+        if not self.options.shuffle:
+            return None
+        return derive_seed(self.config.federation.seed, "cgfedllm-shuffle", rnd, client_id, snapshot)
 
     def phase(self, rnd: int) -> str:
         o = self.options
@@ -348,7 +359,8 @@ class CGFedLLMServer(_Rule, FedITServer):
             else:
                 device = next(iter(self.weights.values())).device
                 self._objects[key] = self.codec.decode(reply.payload.tensors["latent"],
-                                                       reply.payload.tensors.get("scales"), device)
+                                                       reply.payload.tensors.get("scales"), device,
+                                                       self.shuffle_seed(self._round, reply.client_id))
         return self._objects[key]
 
     def _update_of(self, reply: Reply) -> dict[str, torch.Tensor]:
@@ -364,7 +376,8 @@ class CGFedLLMServer(_Rule, FedITServer):
         metrics: dict[str, float] = {"phase": phase, **self._pending}
         self._pending = {}
         if phase in ("tgap", "calibrate") and self.learned:
-            self.pool.extend(self.codec.prepare(snap)[0] for r in replies for snap in _snapshots(r.payload.tensors))
+            self.pool.extend(self.codec.prepare(snap, self.shuffle_seed(rnd, r.client_id, k))[0] for r in replies
+                             for k, snap in enumerate(_snapshots(r.payload.tensors)))
         if phase == "faf":
             for key in QUALITY:
                 metrics[key] = sum(float(r.payload.scalars[key]) for r in replies) / len(replies)
@@ -529,7 +542,7 @@ class CGFedLLMClient(_Rule, FedITClient):
             return Upload(Payload(tensors={f"s0/{n}": t for n, t in x_in.items()}, scalars=scalars), len(data), metrics)
         if self.learned:
             codec = self._client_codec(state)
-            latent, scales, xhat = codec.encode(x_in)
+            latent, scales, xhat = codec.encode(x_in, self.shuffle_seed(rnd, client_id))
             tensors = {"latent": latent} if scales is None else {"latent": latent, "scales": scales}
         elif self.fixed is not None:
             tensors, xhat = self.fixed.encode(x_in, self.wire_seed(rnd, client_id))
