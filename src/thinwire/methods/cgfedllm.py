@@ -66,9 +66,14 @@ rounds add nothing measurable over stopping after TGAP; at milder ratios (1/4) t
 matched FedIT's loss on the tiny model. A conv AE is translation-equivariant and cannot learn the
 position-specific directions that updates share (PCA of TGAP deltas does, on the same data), and
 what it learns on the TGAP share does not transfer to the FAF share's updates. On SmolLM2-135M's
-8-client headline work (BENCHMARKS.md, fourth session), at 1/64 of FedIT's uplink: ``signs``
-keeps 96% / 99% / 97% of FedIT's exact-match / Rouge-L / loss gain, top-k 56% / 58% / 83%, the
-repaired AE 48% / 57% / 78%, the literal recipe 0%.
+8-client headline work (BENCHMARKS.md, fourth and fifth sessions), at 1/64 of FedIT's uplink
+(shares of FedIT's exact-match / Rouge-L / loss gain): the learned 1-D AE with a one-bit latent and
+shuffled input (``binary_latent``, ``shuffle``: variant ``cgfedllm-bits-shuffle``) 93% / 94% / 96%,
+the same without shuffling 85% / 96% / 96% (its fixed code pairs the same entries every round and
+its relative error climbs from 0.82 to 0.92), ``signs`` 96% / 99% / 97%, top-k 56% / 58% / 83%, the
+float-latent AE 48% / 57% / 78%, the literal recipe 0%. A float latent of 1/64 of the values
+cannot work on updates this close to isotropic (it keeps at most ~1/64 of their energy); the same
+bytes spent on sign bits keep about a third.
 
 The server's checkpoint carries the AE, its version, who holds which version and (with
 refinement) the snapshot pool; a frozen AE drops the pool once trained.
