@@ -34,7 +34,7 @@ sign with the straight-through estimator (the gradient of clamp(z, −1, 1)). A 
 float32 latent value, so at the same bytes the bottleneck is 32 times wider: ``conv1d`` with
 ``depth = 1`` and ``compression = 2`` (one bit per two values) is 1/64 of FedIT's float32 upload.
 Why it matters: a round's LoRA change is close to an isotropic Gaussian, and for such a source a
-code of D real numbers keeps at most D/d of its energy in expectation (1/64 at 1/64: cos ≈ 0.13),
+linear code of D real numbers keeps at most D/d of its energy in expectation (1/64 at 1/64: cos ≈ 0.13),
 while the same bytes as bits can keep a third (one sign with a least-squares gain keeps 2/π of
 the energy of what it covers).
 

@@ -72,8 +72,8 @@ shuffled input (``binary_latent``, ``shuffle``: variant ``cgfedllm-bits-shuffle`
 the same without shuffling 85% / 96% / 96% (its fixed code pairs the same entries every round and
 its relative error climbs from 0.82 to 0.92), ``signs`` 96% / 99% / 97%, top-k 56% / 58% / 83%, the
 float-latent AE 48% / 57% / 78%, the literal recipe 0%. A float latent of 1/64 of the values
-cannot work on updates this close to isotropic (it keeps at most ~1/64 of their energy); the same
-bytes spent on sign bits keep about a third.
+does not work on updates this close to isotropic (a linear code of that size keeps ~1/64 of their
+energy, and the trained AE does no better); the same bytes spent on sign bits keep about a third.
 
 The server's checkpoint carries the AE, its version, who holds which version and (with
 refinement) the snapshot pool; a frozen AE drops the pool once trained.
