@@ -356,7 +356,8 @@ def test_binary_latent_variant_learns_and_sends_its_budget(tmp_path, smoke_confi
         assert 0.5 < r["aggregate"]["swap_change"] < 2.0
         for c in r["clients"]:
             scalars = {"phase": "faf", "ae_version": 1, **{k: c[f"codec_{k}"] for k in QUALITY}}
-            wire = {"latent": torch.zeros(448, dtype=torch.uint8), "scales": torch.zeros(16)}
+            # the latent is FedIT's float32 tensor bytes / 64, exactly; the scales come on top
+            wire = {"latent": torch.zeros(4 * 7168 // 64, dtype=torch.uint8), "scales": torch.zeros(16)}
             assert c["uplink_bytes"] == len(Payload(tensors=wire, scalars=scalars).encode())
     assert summary["artifacts"] == ["autoencoder.safetensors"]
     assert load_artifact(tmp_path / "r" / "autoencoder.safetensors")[0].binary
