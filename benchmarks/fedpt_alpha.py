@@ -18,16 +18,33 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from thinwire.config import load_config
+from thinwire.config import Config, load_config
 from thinwire.data import build_federation
 from thinwire.evaluate import evaluate_splits
 from thinwire.methods import get_method
 from thinwire.methods.base import RunContext, Workbench
+from thinwire.methods.fedpt import FedPTServer
 from thinwire.wire import Payload
 
 
 def adapters(final: Payload, prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in final.tensors.items() if k.startswith(prefix)}
+
+
+def fedpt_config(run_dir: Path) -> Config:
+    """The resolved config of a FedPT run directory (SystemExit for any other method)."""
+    config = load_config(run_dir / "config.toml")
+    if config.method.name != "fedpt":
+        raise SystemExit(f"{run_dir} is a {config.method.name} run; pass a fedpt run directory")
+    return config
+
+
+def fedpt_server(config: Config) -> tuple[Workbench, FedPTServer]:
+    """A set-up FedPT server (small model, black-box large model) for `config`."""
+    workbench = Workbench(config)
+    server = get_method("fedpt").server(RunContext(config, workbench))
+    server.setup()
+    return workbench, server
 
 
 def main() -> None:
@@ -37,13 +54,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = load_config(args.run_dir / "config.toml")
-    if config.method.name != "fedpt":
-        raise SystemExit(f"{args.run_dir} is a {config.method.name} run; pass a fedpt run directory")
+    config = fedpt_config(args.run_dir)
     final = Payload.decode((args.run_dir / "final_state.safetensors").read_bytes())
-    workbench = Workbench(config)
-    server = get_method("fedpt").server(RunContext(config, workbench))
-    server.setup()
+    workbench, server = fedpt_server(config)
     server.expert = adapters(final, "expert/")
     server.anti_weights = adapters(final, "anti/") or None
     splits = build_federation(config).eval_splits()

@@ -21,11 +21,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from thinwire.config import load_config
+from fedpt_alpha import fedpt_config, fedpt_server  # benchmarks/ is on sys.path when a script runs
 from thinwire.data import build_federation
 from thinwire.evaluate import evaluate_splits
-from thinwire.methods import get_method
-from thinwire.methods.base import RunContext, Workbench, snapshot
+from thinwire.methods.base import snapshot
 from thinwire.seeding import derive_seed
 from thinwire.train.first_order import batch_stream, train_local
 
@@ -38,13 +37,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = load_config(args.run_dir / "config.toml")
-    if config.method.name != "fedpt":
-        raise SystemExit(f"{args.run_dir} is a {config.method.name} run; pass a fedpt run directory")
+    config = fedpt_config(args.run_dir)
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, local_steps=args.steps))
-    workbench = Workbench(config)
-    server = get_method("fedpt").server(RunContext(config, workbench))
-    server.setup()
+    workbench, server = fedpt_server(config)
     federation = build_federation(config)
     pooled = [example for client in federation.clients for example in client]
     model, params = workbench.trainable(True)

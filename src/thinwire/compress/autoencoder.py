@@ -323,19 +323,27 @@ class AutoencoderCodec:
     def prepare(self, tensors: dict[str, torch.Tensor], seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The AE's input for `tensors` (normalised if configured, shuffled by `seed` if given) and
         the per-tensor max |value|."""
+        return self._prepare(tensors, self._permutation(seed))
+
+    def _prepare(self, tensors: dict[str, torch.Tensor], perm: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         norms = torch.tensor([float(tensors[n].detach().abs().max()) if tensors[n].numel() else 0.0
                               for n in self.names], dtype=torch.float32)
         if self.normalize:
             safe = torch.where(norms > 0, norms, torch.ones_like(norms))
             tensors = {n: tensors[n].detach().float().cpu() / safe[i] for i, n in enumerate(self.names)}
-        return self.layout.pack(self._shuffled(tensors, seed)), norms
+        return self.layout.pack(self._shuffled(tensors, perm)), norms
 
-    def _shuffled(self, tensors: dict[str, torch.Tensor], seed: int | None, inverse: bool = False
-                  ) -> dict[str, torch.Tensor]:
-        """All values permuted by the seed's permutation (or back); the same tensors if no seed."""
+    def _permutation(self, seed: int | None) -> torch.Tensor | None:
         if seed is None:
+            return None
+        return torch.randperm(self.flat.total, generator=torch.Generator().manual_seed(seed))
+
+    def _shuffled(self, tensors: dict[str, torch.Tensor], perm: torch.Tensor | None, inverse: bool = False
+                  ) -> dict[str, torch.Tensor]:
+        """All values permuted by `perm` (or back); the same tensors without one."""
+        if perm is None:
             return tensors
-        perm = torch.randperm(self.flat.total, generator=torch.Generator().manual_seed(seed))
         flat = self.flat.flatten(tensors)
         if inverse:
             out = torch.empty_like(flat)
@@ -348,10 +356,11 @@ class AutoencoderCodec:
     def encode(self, tensors: dict[str, torch.Tensor], seed: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
         """(latent as it goes on the wire, scales or None, the reconstruction the server will compute)."""
-        inputs, norms = self.prepare(tensors, seed)
+        perm = self._permutation(seed)  # drawn once for both directions
+        inputs, norms = self._prepare(tensors, perm)
         z = self.model.encoder(inputs)
         latent = pack_signs(z) if self.spec.binary else z.to(self.latent_dtype)
-        unit = self._unit(latent, seed)
+        unit = self._unit(latent, perm)
         device = next(iter(tensors.values())).device
         scales = None
         if self.refit:
@@ -364,11 +373,11 @@ class AutoencoderCodec:
     def decode(self, latent: torch.Tensor, scales: torch.Tensor | None,
                device: torch.device | str = "cpu", seed: int | None = None) -> dict[str, torch.Tensor]:
         """The reconstruction from a latent and its scales (the AE itself always runs on the CPU)."""
-        return self._scaled(self._unit(latent, seed), scales, device)
+        return self._scaled(self._unit(latent, self._permutation(seed)), scales, device)
 
-    def _unit(self, latent: torch.Tensor, seed: int | None) -> dict[str, torch.Tensor]:
+    def _unit(self, latent: torch.Tensor, perm: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The decoder's output, unshuffled, before the scales."""
-        return self._shuffled(self.layout.unpack(self.model.decoder(self._decoder_input(latent))), seed, inverse=True)
+        return self._shuffled(self.layout.unpack(self.model.decoder(self._decoder_input(latent))), perm, inverse=True)
 
     def _decoder_input(self, latent: torch.Tensor) -> torch.Tensor:
         if self.spec.binary:
