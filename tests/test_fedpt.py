@@ -1,6 +1,7 @@
 """FedPT: proxy logits, three-model decoding, the black-box interface, and a whole run on the tiny pair."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -88,32 +89,102 @@ def test_factorised_head_reproduces_the_tied_head_and_costs_what_its_factors_cos
     assert torch.allclose(head.up.weight, weight @ head.down.weight.T, atol=1e-5)
 
 
+def test_truncation_keeps_the_first_and_last_layers_renumbered_for_the_cache():
+    from transformers import LlamaForCausalLM
+
+    from thinwire.models.small import truncate
+    from thinwire.models.tiny import tiny_config
+
+    config = tiny_config(40)
+    config.num_hidden_layers = 5
+    torch.manual_seed(0)
+    large = LlamaForCausalLM(config).eval()
+    small = truncate(large, 3, keep_last=1)  # layers 0, 1 and 4
+    assert small.config.num_hidden_layers == 3 and large.config.num_hidden_layers == 5
+    for position, source in enumerate((0, 1, 4)):
+        assert torch.equal(small.model.layers[position].mlp.up_proj.weight, large.model.layers[source].mlp.up_proj.weight)
+        assert small.model.layers[position].self_attn.layer_idx == position
+    assert small.model.layers[2].mlp.up_proj.weight.data_ptr() != large.model.layers[4].mlp.up_proj.weight.data_ptr()
+    ids = torch.tensor([[3, 9, 4, 7, 12]])
+    cached = small.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(cached, small.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=False))
+    # the final hidden states are the large model's layers 0, 1 and 4 applied in turn
+    everything = large(input_ids=ids, output_hidden_states=True).hidden_states  # embeddings, then each layer
+    hidden = everything[2]  # after layers 0 and 1
+    positions = torch.arange(ids.shape[1])[None]
+    hidden = large.model.layers[4](hidden, position_embeddings=large.model.rotary_emb(hidden, positions),
+                                   position_ids=positions)
+    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    assert torch.allclose(small(input_ids=ids, output_hidden_states=True).hidden_states[-1], large.model.norm(hidden),
+                          atol=1e-5)
+    with pytest.raises(ValueError, match="keep at least the first one"):
+        truncate(large, 3, keep_last=3)
+
+
+def test_heal_loss_weighs_response_and_prompt_positions_and_healing_lowers_the_response_kl():
+    from thinwire.models.small import heal, heal_loss, kl_on_mask
+
+    # by hand: one sequence of 4 tokens, the last two the response, so positions 1 and 2 (whose
+    # next token is a response token) are scored as response and positions 0 and 3 as prompt
+    teacher = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]]))
+    batch = {"labels": torch.tensor([[-100, -100, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+
+    def kl_to_uniform(p: float) -> float:
+        return p * math.log(2 * p) + (1 - p) * math.log(2 * (1 - p))
+
+    response = (kl_to_uniform(0.9) + kl_to_uniform(0.2)) / 2
+    uniform = torch.zeros(1, 4, 2)
+    assert heal_loss(teacher, uniform, batch, "response", prompt_weight=0.0).item() == pytest.approx(response, abs=1e-6)
+    prompt = (kl_to_uniform(0.5) + kl_to_uniform(0.6)) / 2
+    assert heal_loss(teacher, uniform, batch, "response", prompt_weight=0.5).item() == pytest.approx(
+        response + 0.5 * prompt, abs=1e-6)
+    every = (2 * response + 2 * prompt) / 4
+    assert kl_on_mask(teacher, uniform, batch["attention_mask"]).item() == pytest.approx(every, abs=1e-6)
+    assert heal_loss(teacher, uniform, batch, "all").item() == pytest.approx(every, abs=1e-6)
+
+    large, small, tok, _ = _pair()  # random weights: near-uniform outputs, a KL of 0.003 before
+    stats = heal(small, large, tok, steps=12, lr=5e-3, max_length=64, focus="response")
+    assert stats["kl_response_after"] < 0.6 * stats["kl_response_before"]
+    assert small.training is False and all(p.requires_grad for p in small.parameters())
+
+
 def test_small_model_cache_is_rebuilt_when_its_recipe_changes(tmp_path, monkeypatch):
     from thinwire.models import small
 
-    for name in ("THINWIRE_SMALL_LAYERS", "THINWIRE_SMALL_HEAL_STEPS", "THINWIRE_SMALL_HEAD_RANK"):
-        monkeypatch.delenv(name, raising=False)
+    for variable, _, _ in small.RECIPE.values():
+        monkeypatch.delenv(variable, raising=False)
     target = small.prepared_dir(tmp_path)
     target.mkdir(parents=True)
     for name in small.REQUIRED_FILES:
         (target / name).write_text("{}")
     assert not small.is_ready(tmp_path)  # a marker that records no recipe is not this one
-    (target / small.MARKER).write_text(json.dumps({"layers": small.LAYERS, "heal_steps": small.HEAL_STEPS,
-                                                   "head_rank": small.HEAD_RANK, "parameters": 5,
+    # the fifth session's marker records no keep_last, per-family count or focus: it is the default
+    (target / small.MARKER).write_text(json.dumps({"layers": 11, "heal_steps": 320, "head_rank": 96, "parameters": 5,
                                                    "flops_per_token": 1, "large_flops_per_token": 4}))
     assert small.is_ready(tmp_path) and small.describe(tmp_path)["head_rank"] == small.HEAD_RANK
     assert small.describe(tmp_path)["compute_ratio"] == 0.25
+    assert small.describe(tmp_path)["keep_last"] == 0 and small.describe(tmp_path)["heal_focus"] == "all"
     monkeypatch.setenv("THINWIRE_SMALL_HEAD_RANK", "0")
     assert not small.is_ready(tmp_path) and small.describe(tmp_path)["ready"] is False
     monkeypatch.setenv("THINWIRE_SMALL_HEAD_RANK", str(small.HEAD_RANK))
     monkeypatch.setenv("THINWIRE_SMALL_HEAL_STEPS", "40")
-    assert not small.is_ready(tmp_path) and small.is_ready(tmp_path, steps=small.HEAL_STEPS)
+    assert not small.is_ready(tmp_path) and small.is_ready(tmp_path, heal_steps=small.HEAL_STEPS)
+    monkeypatch.delenv("THINWIRE_SMALL_HEAL_STEPS")
+    for variable, value in (("THINWIRE_SMALL_KEEP_LAST", "1"), ("THINWIRE_SMALL_HEAL_FOCUS", "response"),
+                            ("THINWIRE_SMALL_HEAL_PER_FAMILY", "32")):
+        monkeypatch.setenv(variable, value)
+        assert not small.is_ready(tmp_path)
+        monkeypatch.delenv(variable)
     # a model built before head factorisation (4 layers, full head) matches only that recipe
     (target / small.MARKER).write_text(json.dumps({"layers": 4, "heal_steps": 400}))
-    assert small.is_ready(tmp_path, layers=4, steps=400, head_rank=0)
-    assert not small.is_ready(tmp_path, layers=4, steps=400)
+    assert small.is_ready(tmp_path, layers=4, heal_steps=400, head_rank=0)
+    assert not small.is_ready(tmp_path, layers=4, heal_steps=400)
     monkeypatch.setenv("THINWIRE_SMALL_LAYERS", "many")
     with pytest.raises(UsageError, match="THINWIRE_SMALL_LAYERS = 'many' is not an integer"):
+        small.recipe()
+    monkeypatch.delenv("THINWIRE_SMALL_LAYERS")
+    monkeypatch.setenv("THINWIRE_SMALL_HEAL_FOCUS", "prompt")
+    with pytest.raises(UsageError, match="THINWIRE_SMALL_HEAL_FOCUS = 'prompt': choose one of all, response"):
         small.recipe()
 
 

@@ -47,3 +47,10 @@ def collate(encoded: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         labels[row, :n] = torch.tensor(e["labels"])
         mask[row, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def response_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose next token is a response token: where a causal LM's logits are scored."""
+    target = torch.zeros_like(labels, dtype=torch.bool)
+    target[..., :-1] = labels[..., 1:] != IGNORE_INDEX
+    return target

@@ -144,7 +144,7 @@ class FedPTServer(FedITServer):
     def kd_batches(self, rnd: int, proxy: ProxyModel) -> list[dict[str, torch.Tensor]]:
         """Distillation batches: input_ids, attention_mask and `target` (positions whose next token
         is a response token), for generated or reference continuations."""
-        from thinwire.data.template import IGNORE_INDEX, collate, encode_example, render_prompt
+        from thinwire.data.template import collate, encode_example, render_prompt, response_targets
 
         tok, opts = self.ctx.workbench.tokenizer, self.options
         examples = self.kd_prompts(rnd)
@@ -153,9 +153,8 @@ class FedPTServer(FedITServer):
             chunk = examples[start : start + opts.kd_batch_size]
             if opts.kd_targets == "reference":
                 b = collate([encode_example(tok, e, self.config.data.max_length) for e in chunk], tok.pad_token_id)
-                target = torch.zeros_like(b["attention_mask"], dtype=torch.bool)
-                target[:, :-1] = b["labels"][:, 1:] != IGNORE_INDEX
-                batches.append({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "target": target})
+                batches.append({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
+                                "target": response_targets(b["labels"])})
                 continue
             side, tok.padding_side = tok.padding_side, "left"
             try:
