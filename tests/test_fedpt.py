@@ -351,3 +351,45 @@ def test_fedavg_plus_pt_baseline_skips_distillation(smoke_config, tmp_path):
     rounds = [json.loads(line) for line in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
     assert "kd_loss_first" not in rounds[0]["aggregate"]
     assert summary["final_eval"]["loss"] > 0
+
+
+def test_distilled_anti_expert_follows_the_large_model_alone_and_survives_a_checkpoint(smoke_config):
+    from thinwire.data import build_federation
+    from thinwire.methods import get_method
+    from thinwire.methods.base import ClientState, Reply, RunContext, Workbench
+    from thinwire.wire import Payload
+
+    config = smoke_config(*FEDPT, "method.fedpt.anti='distilled'")
+    ctx = RunContext(config, Workbench(config))
+    server = get_method("fedpt").server(ctx)
+    server.setup()
+    start = {k: v.clone() for k, v in server.anti_weights.items()}
+    assert all(torch.equal(start[k], server.weights[k]) for k in start)  # LoRA init: the pretrained model
+    client = get_method("fedpt").client(ctx)
+    federation = build_federation(config)
+    upload = client.fit(1, 0, Payload.decode(server.download(1, 0).encode()), federation.clients[0], ClientState())
+    metrics = server.aggregate(1, [Reply(0, Payload.decode(upload.payload.encode()), upload.num_examples)])
+    # both adapters moved toward their own teachers on the same batches
+    assert metrics["kd_kl_after"] < metrics["kd_kl_before"]
+    assert metrics["kd_anti_kl_after"] < metrics["kd_anti_kl_before"]
+    assert any(not torch.equal(server.anti_weights[k], start[k]) for k in start)
+    # the anti's teacher is the large model alone: its KL from the large model is what dropped
+    batches = server.kd_batches(1, server.proxy())
+    server.set_teacher(batches, server.large_provider.sequence_logits)
+    from thinwire.methods.base import load_into
+
+    load_into(server.params, start)
+    before = server.kd_divergence(batches)
+    load_into(server.params, server.anti_weights)
+    assert server.kd_divergence(batches) < before
+    # the next round's broadcast is the distilled expert, not the anti-expert
+    assert all(torch.equal(server.download(2, 1).tensors[k], server.weights[k]) for k in server.weights)
+    assert any(not torch.equal(server.weights[k], server.anti_weights[k]) for k in server.weights)
+    resumed = get_method("fedpt").server(ctx)
+    resumed.setup()
+    resumed.load_state_dict(Payload.decode(server.state_dict().encode()))
+    assert all(torch.equal(resumed.anti_weights[k], server.anti_weights[k]) for k in server.anti_weights)
+    # distilling the anti-expert needs distillation
+    with pytest.raises(UsageError, match="set method.fedpt.distill = true"):
+        get_method("fedpt").server(RunContext(smoke_config(*FEDPT, "method.fedpt.anti='distilled'",
+                                                           "method.fedpt.distill=false"), ctx.workbench)).setup()

@@ -15,8 +15,15 @@ equals the pretrained small model, so the proxy is exactly the large model.
 
 Choices the paper leaves open, as implemented:
 - anti-expert: `anti = "pretrained"` (the paper's figure: the small model with its adapter
-  disabled) or `"broadcast"` (the adapter this round's clients started from, so after
-  distillation the large model's prior is not added twice).
+  disabled), `"broadcast"` (the adapter this round's clients started from, so after
+  distillation the large model's prior is not added twice, but only the last round's tuning is
+  left in the proxy) or `"distilled"`: an adapter of its own that the server distils, each
+  round, from the large model alone on the same distillation batches, steps and learning rate as
+  the expert's. Why: after distillation the expert's small model carries the large model's prior
+  as well as the tuning, so subtracting the pretrained small model counts that prior twice;
+  subtracting a small model distilled the same way from the untuned large model leaves
+  (ideally) only the tuning, all rounds of it, while clients still train a small model that
+  behaves like the proxy on the server's prompts.
 - distillation data (`kd_prompts = "suite"`): every round `kd_examples` fresh prompts from the
   built-in task suite (the run's training families, held-out ones excluded, a seed of their own),
   rendered with the Alpaca template. `kd_targets = "generated"` (default): the continuations are
@@ -59,8 +66,9 @@ class FedPTOptions:
 
     large: str = opt("smollm2-135m", "the large model the server proxy-tunes (queried for next-token logits only)")
     alpha: float = opt(1.0, "proxy-tuning strength: z_large + alpha (z_tuned - z_anti)", low=0)
-    anti: str = opt("pretrained", "anti-expert: the pretrained small model, or the round's broadcast model",
-                    choices=("pretrained", "broadcast"))
+    anti: str = opt("pretrained", "anti-expert: the pretrained small model, the round's broadcast model, or a "
+                    "small adapter distilled from the large model alone like the expert's (needs distill)",
+                    choices=("pretrained", "broadcast", "distilled"))
     distill: bool = opt(True, "distil the proxy-tuned large model into the small adapter each round "
                         "(false: FedIT then proxy-tune, the FedAvg+PT baseline)")
     kd_steps: int = opt(10, "distillation optimizer steps per round", low=0)
@@ -87,6 +95,9 @@ def kd_loss(teacher_logp: torch.Tensor, student_logits: torch.Tensor, temperatur
 class FedPTServer(FedITServer):
     def setup(self) -> None:
         self.options = opts = method_options(self.config, "fedpt", FedPTOptions)
+        if opts.anti == "distilled" and not (opts.distill and opts.kd_steps > 0):
+            raise UsageError("method.fedpt.anti = 'distilled' distils the anti-expert alongside the expert: "
+                             "set method.fedpt.distill = true and kd_steps > 0, or choose another anti")
         super().setup()
         wb = self.ctx.workbench
         self.lora_model, self.params = wb.trainable(True)
@@ -179,11 +190,36 @@ class FedPTServer(FedITServer):
         started = time.perf_counter()
         teacher = self.proxy()
         batches = self.kd_batches(rnd, teacher)
+        self.set_teacher(batches, teacher.sequence_logits)
+        distilled, metrics = self.kd_train(self.expert, batches, derive_seed(self.config.federation.seed,
+                                                                             "fedpt-kd-train", rnd))
+        metrics["kd_large_queries"] = float(teacher.queries)
+        if opts.anti == "distilled":
+            self.set_teacher(batches, self.large_provider.sequence_logits)
+            metrics["kd_large_queries"] += float(sum(int(b["attention_mask"].sum()) for b in batches))
+            self.anti_weights, anti = self.kd_train(self.anti_weights, batches, derive_seed(
+                self.config.federation.seed, "fedpt-kd-anti", rnd))
+            metrics.update({f"kd_anti_{k[3:]}": v for k, v in anti.items()})
+        load_into(self.params, distilled)
+        with torch.no_grad():
+            for name, value in distilled.items():
+                self.weights[name].copy_(value)
+        return {**metrics, "kd_positions": float(sum(int(b["target"].sum()) for b in batches)),
+                "kd_s": time.perf_counter() - started}
+
+    def set_teacher(self, batches: list[dict[str, torch.Tensor]], sequence_logits) -> None:
+        """Each batch's `teacher`: log-probs at `kd_temperature` on its distillation positions."""
         with torch.no_grad():
             for b in batches:
-                z = teacher.sequence_logits(b["input_ids"], b["attention_mask"])
-                b["teacher"] = torch.log_softmax(z[b["target"].to(z.device)] / opts.kd_temperature, dim=-1)
-        load_into(self.params, self.expert)
+                z = sequence_logits(b["input_ids"], b["attention_mask"])
+                b["teacher"] = torch.log_softmax(z[b["target"].to(z.device)] / self.options.kd_temperature, dim=-1)
+
+    def kd_train(self, start: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]],
+                 seed: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """`kd_steps` AdamW steps of the small adapter from `start` toward the batches' teacher:
+        (the distilled adapter, its losses and KL before/after)."""
+        opts = self.options
+        load_into(self.params, start)
         model, params = self.lora_model, list(self.params.values())
         model.eval()
         kl_before = self.kd_divergence(batches)
@@ -191,7 +227,7 @@ class FedPTServer(FedITServer):
         model.train()
         losses = []
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.config.federation.seed, "fedpt-kd-train", rnd))
+            torch.manual_seed(seed)
             for step in range(opts.kd_steps):
                 loss = self.kd_batch_loss(batches[step % len(batches)])
                 loss.backward()
@@ -201,13 +237,9 @@ class FedPTServer(FedITServer):
                 losses.append(loss.item())
         model.eval()
         kl_after = self.kd_divergence(batches)
-        with torch.no_grad():
-            for name, p in self.params.items():
-                self.weights[name].copy_(p.detach())
-        return {"kd_loss_first": losses[0] if losses else math.nan, "kd_loss_last": losses[-1] if losses else math.nan,
-                "kd_kl_before": kl_before, "kd_kl_after": kl_after,
-                "kd_positions": float(sum(int(b["target"].sum()) for b in batches)),
-                "kd_large_queries": float(teacher.queries), "kd_s": time.perf_counter() - started}
+        return snapshot(self.params), {"kd_loss_first": losses[0] if losses else math.nan,
+                                       "kd_loss_last": losses[-1] if losses else math.nan,
+                                       "kd_kl_before": kl_before, "kd_kl_after": kl_after}
 
     def kd_batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The distillation loss of the small model, as it stands, on one batch."""
@@ -253,9 +285,7 @@ class FedPTServer(FedITServer):
         device = next(iter(self.weights.values())).device
         self.expert = {k[7:]: v.to(device) for k, v in state.tensors.items() if k.startswith("expert/")}
         anti = {k[5:]: v.to(device) for k, v in state.tensors.items() if k.startswith("anti/")}
-        self.anti_weights = anti if self.options.anti == "broadcast" else None
-        if self.options.anti == "broadcast" and not anti:
-            self.anti_weights = snapshot(self.weights)
+        self.anti_weights = None if self.options.anti == "pretrained" else anti or snapshot(self.weights)
 
     # -- outputs ------------------------------------------------------------------------------
 
