@@ -4,6 +4,7 @@
     fedavg+pt     FedIT on the small model, proxy-tune   method.name=fedpt  method.fedpt.distill=false
     fedpt         FedPT (proxy-tune + distil each round) method.name=fedpt
     fedpt-bcast   FedPT, anti-expert = broadcast model   method.fedpt.anti=broadcast   (--ablation)
+    fedpt-danti   FedPT, anti-expert distilled from large method.fedpt.anti=distilled   (--ablation)
     fedit-large   FedIT directly on the large model      method.name=fedit  model.name=<large>
 
 Prints quality of the evaluated model (the proxy-tuned large model for the fedpt rows), device
@@ -44,6 +45,7 @@ def variants(small: str, large: str, ablation: bool) -> list[tuple[str, list[str
     ]
     if ablation:
         rows.append(("fedpt-bcast", [*fedpt, "method.fedpt.anti='broadcast'"], small))
+        rows.append(("fedpt-danti", [*fedpt, "method.fedpt.anti='distilled'"], small))
     rows.append(("fedit-large", ["method.name='fedit'", f"model.name='{large}'"], large))
     return rows
 
@@ -52,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=sorted(PAIRS), default="tiny")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--ablation", action="store_true", help="also run anti = broadcast")
+    parser.add_argument("--ablation", action="store_true", help="also run anti = broadcast and anti = distilled")
     parser.add_argument("--set", action="append", default=[], help="extra config overrides")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
