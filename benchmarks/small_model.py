@@ -63,7 +63,9 @@ def main() -> None:
     rows = []
     if args.heal_steps is None:
         model, _ = S.load_small(S.NAME, 0)
-        rows.append((f"cached {S.NAME} {S.describe()}", closeness(model.eval(), large, tokenizer), float("nan")))
+        info = S.describe()
+        rows.append((f"cached {S.NAME}: {info['layers']} layers, last {info['keep_last']} kept, focus {info['heal_focus']}",
+                     closeness(model.eval(), large, tokenizer), float("nan")))
     else:
         head = S.factorised_head(large, S.final_hidden_states(large, tokenizer), S.HEAD_RANK)
         for keep_last in (int(k) for k in args.keep_last.split(",")):
