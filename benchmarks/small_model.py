@@ -13,33 +13,16 @@ in memory and heals it for that many steps first: a quick comparison of recipes.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from thinwire.data.template import response_targets
 from thinwire.models import small as S
 
 PROBE_SEED = 999
-
-
-def closeness(small, large, tokenizer, batches: int = 4) -> dict[str, float]:
-    """Mean KL(p_large || p_small) on response and prompt positions, and both models' response CE."""
-    totals = dict.fromkeys(("kl_response", "kl_prompt", "ce_small", "ce_large"), 0.0)
-    probe = [b for _, b in zip(range(batches), S.heal_batches(tokenizer, 8, S.HEAL_MAX_LENGTH, PROBE_SEED))]
-    with torch.no_grad():
-        for b in probe:
-            kw = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
-            z_large, z_small = large(**kw).logits, small(**kw).logits
-            response = response_targets(b["labels"])
-            totals["kl_response"] += S.kl_on_mask(z_large, z_small, response).item()
-            totals["kl_prompt"] += S.kl_on_mask(z_large, z_small, b["attention_mask"].bool() & ~response).item()
-            labels = b["input_ids"][:, 1:][response[:, :-1]]
-            totals["ce_small"] += torch.nn.functional.cross_entropy(z_small[:, :-1][response[:, :-1]], labels).item()
-            totals["ce_large"] += torch.nn.functional.cross_entropy(z_large[:, :-1][response[:, :-1]], labels).item()
-    return {k: v / len(probe) for k, v in totals.items()}
 
 
 def main() -> None:
@@ -60,23 +43,23 @@ def main() -> None:
     for p in large.parameters():
         p.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    probe = S.probe_batches(tokenizer, PROBE_SEED)
     rows = []
     if args.heal_steps is None:
         model, _ = S.load_small(S.NAME, 0)
         info = S.describe()
         rows.append((f"cached {S.NAME}: {info['layers']} layers, last {info['keep_last']} kept, focus {info['heal_focus']}",
-                     closeness(model.eval(), large, tokenizer), float("nan")))
+                     S.closeness(model.eval(), large, probe), float("nan")))
     else:
         head = S.factorised_head(large, S.final_hidden_states(large, tokenizer), S.HEAD_RANK)
         for keep_last in (int(k) for k in args.keep_last.split(",")):
             for focus in args.focus.split(","):
                 model = S.truncate(large, S.LAYERS, keep_last)
-                S.install_head(model, S.FactorisedHead(head.down.in_features, S.HEAD_RANK, head.out_features))
-                model.lm_head.load_state_dict(head.state_dict())
+                S.install_head(model, copy.deepcopy(head))
                 started = time.perf_counter()
                 S.heal(model, large, tokenizer, args.heal_steps, per_family=args.per_family, focus=focus)
                 rows.append((f"{S.LAYERS} layers, last {keep_last} kept, focus {focus}, {args.heal_steps} steps",
-                             closeness(model, large, tokenizer), time.perf_counter() - started))
+                             S.closeness(model, large, probe), time.perf_counter() - started))
     table = Table(title="small model against SmolLM2-135M on held-out suite examples")
     for column in ("model", "KL response", "KL prompt", "CE small", "CE large", "heal s"):
         table.add_column(column, justify="right")

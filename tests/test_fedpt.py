@@ -122,7 +122,7 @@ def test_truncation_keeps_the_first_and_last_layers_renumbered_for_the_cache():
 
 
 def test_heal_loss_weighs_response_and_prompt_positions_and_healing_lowers_the_response_kl():
-    from thinwire.models.small import heal, heal_loss, kl_on_mask
+    from thinwire.models.small import closeness, heal, heal_loss
 
     # by hand: one sequence of 4 tokens, the last two the response, so positions 1 and 2 (whose
     # next token is a response token) are scored as response and positions 0 and 3 as prompt
@@ -139,10 +139,15 @@ def test_heal_loss_weighs_response_and_prompt_positions_and_healing_lowers_the_r
     assert heal_loss(teacher, uniform, batch, "response", prompt_weight=0.5).item() == pytest.approx(
         response + 0.5 * prompt, abs=1e-6)
     every = (2 * response + 2 * prompt) / 4
-    assert kl_on_mask(teacher, uniform, batch["attention_mask"]).item() == pytest.approx(every, abs=1e-6)
     assert heal_loss(teacher, uniform, batch, "all").item() == pytest.approx(every, abs=1e-6)
 
     large, small, tok, _ = _pair()  # random weights: near-uniform outputs, a KL of 0.003 before
+    probe = [{"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+              "labels": batch["labels"]}]
+    near = closeness(small, large, probe)
+    assert near["kl_all"] == pytest.approx((near["kl_response"] + near["kl_prompt"]) / 2, abs=1e-6)  # 2 and 2
+    assert closeness(large, large, probe)["kl_response"] == pytest.approx(0.0, abs=1e-6)
+    assert near["ce_large"] > 0 and near["ce_small"] > 0
     stats = heal(small, large, tok, steps=12, lr=5e-3, max_length=64, focus="response")
     assert stats["kl_response_after"] < 0.6 * stats["kl_response_before"]
     assert small.training is False and all(p.requires_grad for p in small.parameters())

@@ -224,10 +224,8 @@ def describe(root: Path | None = None) -> dict[str, Any]:
     info = _marker(target) if is_ready(root) else None
     ratio = info["flops_per_token"] / info["large_flops_per_token"] if info else None
     return {"name": NAME, "ready": info is not None, "path": str(target),
-            "layers": info["layers"] if info else recipe()["layers"],
-            "keep_last": info.get("keep_last", 0) if info else recipe()["keep_last"],
-            "heal_focus": info.get("heal_focus", "all") if info else recipe()["heal_focus"],
-            "head_rank": info["head_rank"] if info else recipe()["head_rank"],
+            **{k: info.get(k, RECIPE[k][2]) if info else recipe()[k]
+               for k in ("layers", "keep_last", "heal_focus", "head_rank")},
             "parameters": info["parameters"] if info else None,
             "size_bytes": sum(f.stat().st_size for f in target.iterdir() if f.is_file()) if info else None,
             "compute_ratio": ratio}
@@ -273,11 +271,6 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
-def kl_on_mask(teacher_logits, student_logits, mask, temperature: float = 1.0, direction: str = "forward"):
-    """Mean of `kl_per_position` over the masked positions."""
-    return _masked_mean(kl_per_position(teacher_logits, student_logits, temperature, direction), mask)
-
-
 def heal_loss(teacher_logits, student_logits, batch, focus: str = HEAL_FOCUS,
               prompt_weight: float = HEAL_PROMPT_WEIGHT):
     """KL(p_large || p_small): the mean over all real positions (`focus = "all"`), or on the
@@ -296,13 +289,38 @@ def heal_loss(teacher_logits, student_logits, batch, focus: str = HEAL_FOCUS,
     return _masked_mean(kl, response) + prompt_weight * _masked_mean(kl, prompt)
 
 
+def probe_batches(tokenizer, seed: int, max_length: int = HEAL_MAX_LENGTH, batches: int = 4) -> list[dict]:
+    """A fixed set of held-out suite batches (8 examples per family to draw from, batches of 8)."""
+    return [b for _, b in zip(range(batches), heal_batches(tokenizer, 8, max_length, seed, per_family=8))]
+
+
+def closeness(small, large, batches: list[dict]) -> dict[str, float]:
+    """How near `small` is to `large` on these batches, averaged over them: KL(p_large || p_small)
+    on all, response and prompt positions, and both models' cross-entropy on the response tokens."""
+    from thinwire.data.template import response_targets
+
+    keys = ("kl_all", "kl_response", "kl_prompt", "ce_small", "ce_large")
+    totals = dict.fromkeys(keys, 0.0)
+    with torch.no_grad():
+        for b in batches:
+            kw = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+            z_large, z_small = large(**kw).logits, small(**kw).logits
+            kl = kl_per_position(z_large, z_small)
+            response = response_targets(b["labels"])
+            totals["kl_all"] += _masked_mean(kl, b["attention_mask"]).item()
+            totals["kl_response"] += _masked_mean(kl, response).item()
+            totals["kl_prompt"] += _masked_mean(kl, b["attention_mask"].bool() & ~response).item()
+            labels = b["input_ids"][:, 1:][response[:, :-1]]
+            for name, z in (("ce_small", z_small), ("ce_large", z_large)):
+                totals[name] += torch.nn.functional.cross_entropy(z[:, :-1][response[:, :-1]].float(), labels).item()
+    return {k: v / max(1, len(batches)) for k, v in totals.items()}
+
+
 def heal(small, large, tokenizer, steps: int, batch: int = HEAL_BATCH, lr: float = HEAL_LR,
          max_length: int = HEAL_MAX_LENGTH, seed: int = HEAL_SEED, per_family: int = HEAL_PER_FAMILY,
          focus: str = HEAL_FOCUS, on_step=None) -> dict[str, float]:
     """Distil `large` into `small` (in place) on suite examples; returns the KL before and after, on
     all positions and on the response positions, of held-out suite examples."""
-    from thinwire.data.template import response_targets
-
     embed = small.get_input_embeddings().weight
     params = [p for p in small.parameters() if p is not embed]
     for p in small.parameters():
@@ -313,17 +331,11 @@ def heal(small, large, tokenizer, steps: int, batch: int = HEAL_BATCH, lr: float
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / 5) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
     batches = heal_batches(tokenizer, batch, max_length, seed, per_family)
-    probe = [b for _, b in zip(range(4), heal_batches(tokenizer, 8, max_length, seed + 1, per_family=8))]
+    probe = probe_batches(tokenizer, seed + 1, max_length)
 
     def probe_kl() -> tuple[float, float]:
-        every = response = 0.0
-        with torch.no_grad():
-            for b in probe:
-                kw = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
-                teacher, student = large(**kw).logits, small(**kw).logits
-                every += kl_on_mask(teacher, student, b["attention_mask"]).item() / len(probe)
-                response += kl_on_mask(teacher, student, response_targets(b["labels"])).item() / len(probe)
-        return every, response
+        c = closeness(small, large, probe)
+        return c["kl_all"], c["kl_response"]
 
     large.eval()
     before = probe_kl()
