@@ -3,17 +3,18 @@
 only ones proxy-tuning and evaluation score) and on the prompt's.
 
 Without `--heal-steps` it reads the cached model (`THINWIRE_CACHE` and the `THINWIRE_SMALL_*`
-recipe variables pick which). With it, it builds the small model of each `--keep-last` × `--focus`
-in memory and heals it for that many steps first: a quick comparison of recipes.
+recipe variables pick which). With it, it builds the small model of each `--recipes` × `--focus`
+in memory and heals it for that many steps first: a quick comparison of recipes at the same FLOPs.
+A recipe is layers:keep_last:mlp_width (mlp_width 0 keeps the MLPs whole).
 
     python benchmarks/small_model.py
-    python benchmarks/small_model.py --heal-steps 60 --keep-last 0,1 --focus all,response
+    python benchmarks/small_model.py --heal-steps 60 --recipes 11:0:0,11:1:0,15:1:1024,20:1:640,30:0:256
+    python benchmarks/small_model.py --heal-steps 60 --recipes 11:0:0,11:1:0 --focus all,response
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import torch
@@ -28,7 +29,8 @@ PROBE_SEED = 999
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--heal-steps", type=int, default=None, help="heal fresh variants for this many steps")
-    parser.add_argument("--keep-last", default="0", help="comma-separated counts of the large model's last layers kept")
+    parser.add_argument("--recipes", default=f"{S.LAYERS}:{S.KEEP_LAST}:{S.MLP_WIDTH}",
+                        help="comma-separated layers:keep_last:mlp_width")
     parser.add_argument("--focus", default="all", help="comma-separated healing foci (all, response)")
     parser.add_argument("--per-family", type=int, default=S.HEAL_PER_FAMILY, help="healing examples per family")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -48,17 +50,19 @@ def main() -> None:
     if args.heal_steps is None:
         model, _ = S.load_small(S.NAME, 0)
         info = S.describe()
-        rows.append((f"cached {S.NAME}: {info['layers']} layers, last {info['keep_last']} kept, focus {info['heal_focus']}",
+        rows.append((f"cached {S.NAME}: {info['layers']} layers, last {info['keep_last']} kept, "
+                     f"MLP {info['mlp_width'] or 'whole'}, focus {info['heal_focus']}",
                      S.closeness(model.eval(), large, probe), float("nan")))
     else:
         head = S.factorised_head(large, S.final_hidden_states(large, tokenizer), S.HEAD_RANK)
-        for keep_last in (int(k) for k in args.keep_last.split(",")):
+        for layers, keep_last, width in (map(int, r.split(":")) for r in args.recipes.split(",")):
             for focus in args.focus.split(","):
-                model = S.truncate(large, S.LAYERS, keep_last)
-                S.install_head(model, copy.deepcopy(head))
+                model = S.cut_down(large, tokenizer, layers, keep_last, width, head)
+                ratio = S.forward_flops_per_token(model) / S.forward_flops_per_token(large)
                 started = time.perf_counter()
                 S.heal(model, large, tokenizer, args.heal_steps, per_family=args.per_family, focus=focus)
-                rows.append((f"{S.LAYERS} layers, last {keep_last} kept, focus {focus}, {args.heal_steps} steps",
+                rows.append((f"{layers} layers, last {keep_last} kept, MLP {width or 'whole'}, focus {focus}, "
+                             f"{args.heal_steps} steps, {ratio:.3f} of the FLOPs",
                              S.closeness(model, large, probe), time.perf_counter() - started))
     table = Table(title="small model against SmolLM2-135M on held-out suite examples")
     for column in ("model", "KL response", "KL prompt", "CE small", "CE large", "heal s"):

@@ -121,6 +121,42 @@ def test_truncation_keeps_the_first_and_last_layers_renumbered_for_the_cache():
         truncate(large, 3, keep_last=3)
 
 
+def test_mlp_pruning_keeps_the_neurons_that_carry_the_output(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from thinwire.models.small import forward_flops_per_token, mlp_importance, prune_mlp, truncate
+    from thinwire.models.tiny import tiny_config
+
+    config = tiny_config(40)
+    torch.manual_seed(0)
+    large = LlamaForCausalLM(config).eval()
+    width = config.intermediate_size
+    dead = torch.randperm(width, generator=torch.Generator().manual_seed(1))[: width // 2]
+    with torch.no_grad():  # half of every layer's neurons write nothing: pruning them changes nothing
+        for layer in large.model.layers:
+            layer.mlp.down_proj.weight[:, dead] = 0
+    ids = torch.tensor([[3, 9, 4, 7, 12, 5]])
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    importance = mlp_importance(large, batches)
+    assert all(float(scores[dead].abs().max()) == 0 and bool((scores.sum() > 0)) for scores in importance)
+    small = truncate(large, config.num_hidden_layers)
+    prune_mlp(small, width // 2, importance)
+    assert small.config.intermediate_size == width // 2 == small.model.layers[0].mlp.gate_proj.out_features
+    assert torch.allclose(small(input_ids=ids).logits, large(input_ids=ids).logits, atol=1e-5)
+    mlp_params = 3 * config.hidden_size * (width // 2) * config.num_hidden_layers
+    assert forward_flops_per_token(large) - forward_flops_per_token(small) == 2 * mlp_params
+    small.save_pretrained(str(tmp_path))  # a plain HF model of the narrower config
+    reloaded = LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert torch.allclose(reloaded(input_ids=ids).logits, large(input_ids=ids).logits, atol=1e-5)
+    # pruning live neurons changes the output; more neurons than exist, or stale scores, are errors
+    prune_mlp(small, width // 4, mlp_importance(small, batches))
+    assert not torch.allclose(small(input_ids=ids).logits, large(input_ids=ids).logits, atol=1e-3)
+    with pytest.raises(ValueError, match="cannot keep 128 of 32 MLP neurons"):
+        prune_mlp(small, width, mlp_importance(small, batches))
+    with pytest.raises(ValueError, match="128 importance scores for 32 MLP neurons"):
+        prune_mlp(small, 8, importance)
+
+
 def test_heal_loss_weighs_response_and_prompt_positions_and_healing_lowers_the_response_kl():
     from thinwire.models.small import closeness, heal, heal_loss
 
@@ -163,12 +199,17 @@ def test_small_model_cache_is_rebuilt_when_its_recipe_changes(tmp_path, monkeypa
     for name in small.REQUIRED_FILES:
         (target / name).write_text("{}")
     assert not small.is_ready(tmp_path)  # a marker that records no recipe is not this one
-    # the fifth session's marker records no keep_last, per-family count or focus: it is the default
-    (target / small.MARKER).write_text(json.dumps({"layers": 11, "heal_steps": 320, "head_rank": 96, "parameters": 5,
-                                                   "flops_per_token": 1, "large_flops_per_token": 4}))
+    # a marker records the whole recipe; one that lacks a key (an earlier build) is read as what
+    # earlier builds did: the fifth session's 11 whole layers are no longer the default
+    fifth = {"layers": 11, "heal_steps": 320, "head_rank": 96, "parameters": 5, "flops_per_token": 1,
+             "large_flops_per_token": 4}
+    (target / small.MARKER).write_text(json.dumps(fifth))
+    assert not small.is_ready(tmp_path)
+    assert small.is_ready(tmp_path, layers=11, heal_steps=320, mlp_width=0)
+    (target / small.MARKER).write_text(json.dumps({**fifth, **small.recipe()}))
     assert small.is_ready(tmp_path) and small.describe(tmp_path)["head_rank"] == small.HEAD_RANK
     assert small.describe(tmp_path)["compute_ratio"] == 0.25
-    assert small.describe(tmp_path)["keep_last"] == 0 and small.describe(tmp_path)["heal_focus"] == "all"
+    assert small.describe(tmp_path)["mlp_width"] == small.MLP_WIDTH
     monkeypatch.setenv("THINWIRE_SMALL_HEAD_RANK", "0")
     assert not small.is_ready(tmp_path) and small.describe(tmp_path)["ready"] is False
     monkeypatch.setenv("THINWIRE_SMALL_HEAD_RANK", str(small.HEAD_RANK))
@@ -176,14 +217,14 @@ def test_small_model_cache_is_rebuilt_when_its_recipe_changes(tmp_path, monkeypa
     assert not small.is_ready(tmp_path) and small.is_ready(tmp_path, heal_steps=small.HEAL_STEPS)
     monkeypatch.delenv("THINWIRE_SMALL_HEAL_STEPS")
     for variable, value in (("THINWIRE_SMALL_KEEP_LAST", "1"), ("THINWIRE_SMALL_HEAL_FOCUS", "response"),
-                            ("THINWIRE_SMALL_HEAL_PER_FAMILY", "32")):
+                            ("THINWIRE_SMALL_HEAL_PER_FAMILY", "32"), ("THINWIRE_SMALL_MLP_WIDTH", "512")):
         monkeypatch.setenv(variable, value)
         assert not small.is_ready(tmp_path)
         monkeypatch.delenv(variable)
     # a model built before head factorisation (4 layers, full head) matches only that recipe
     (target / small.MARKER).write_text(json.dumps({"layers": 4, "heal_steps": 400}))
-    assert small.is_ready(tmp_path, layers=4, heal_steps=400, head_rank=0)
-    assert not small.is_ready(tmp_path, layers=4, heal_steps=400)
+    assert small.is_ready(tmp_path, layers=4, heal_steps=400, head_rank=0, mlp_width=0)
+    assert not small.is_ready(tmp_path, layers=4, heal_steps=400, mlp_width=0)
     monkeypatch.setenv("THINWIRE_SMALL_LAYERS", "many")
     with pytest.raises(UsageError, match="THINWIRE_SMALL_LAYERS = 'many' is not an integer"):
         small.recipe()

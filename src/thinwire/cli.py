@@ -174,10 +174,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     proxy = small.describe()
     compute = f", {proxy['compute_ratio']:.3f}x the compute per token" if proxy["compute_ratio"] else ""
     head = f" with a rank-{proxy['head_rank']} LM head" if proxy["head_rank"] else ""
+    mlp = f", MLPs pruned to {proxy['mlp_width']} neurons" if proxy["mlp_width"] else ""
     table.add_row(proxy["name"], f"{proxy['parameters'] / 1e6:.1f} M" if proxy["parameters"] else "-",
                   _megabytes(proxy["size_bytes"]),
                   "yes" if proxy["ready"] else "no (built on first use, or --prepare smollm2-small)",
-                  f"first {proxy['layers']} layers of smollm2-135m{head}, healed by distillation{compute}")
+                  f"{proxy['layers']} layers of smollm2-135m{mlp}{head}, healed by distillation{compute}")
     console.print(table)
     return 0
 

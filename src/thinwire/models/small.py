@@ -1,47 +1,53 @@
-"""Small proxy models for FedPT: a few layers of a large model, sharing its tokenizer and vocabulary.
+"""Small proxy models for FedPT: cut-down copies of a large model, sharing its tokenizer and vocabulary.
 
 - `tiny-small`: the first layer of the `tiny` model built from the same seed (embeddings, final norm
   and LM head shared by value), with the same byte tokenizer. Deterministic in the seed, no healing:
   the tiny pair is random anyway and only serves tests.
-- `smollm2-small`: the first `LAYERS` (11) of SmolLM2-135M-Instruct's 30 decoder layers plus its
-  embeddings and final norm, with a factorised LM head of rank `HEAD_RANK` (96), "healed" by a
-  short distillation from the full model: forward KL(p_large || p_small) at temperature 1 on every
-  next-token position of built-in task-suite examples (Alpaca prompt + reference output + eos, 8 of
-  each of the 42 families). The kept decoder layers, the final norm and the head's two factors
-  train (AdamW, cosine decay); the embedding matrix stays the large model's, so the two share
-  vocabulary rows exactly. Built on first use and cached under `cache_root()/models/smollm2-small`
-  (temp dir + atomic rename, like smollm2.py).
+- `smollm2-small`: all 30 decoder layers of SmolLM2-135M-Instruct with every MLP pruned to its
+  `MLP_WIDTH` (256 of 1536) most important neurons (mean activation magnitude on suite examples
+  times the norm of the neuron's `down_proj` column), the attention untouched, its embeddings
+  and final norm, and a factorised LM head of rank `HEAD_RANK` (96); "healed" by a short
+  distillation from the full model: forward KL(p_large || p_small) at temperature 1 on every
+  next-token position of built-in task-suite examples (Alpaca prompt + reference output + eos, 8
+  of each of the 42 families), `HEAL_STEPS` (180) steps. The decoder layers, the final norm and
+  the head's two factors train (AdamW, cosine decay); the embedding matrix stays the large
+  model's, so the two share vocabulary rows exactly. 0.332 of the large model's forward FLOPs
+  per token. Built on first use (675 s of healing on 2 cores) and cached under
+  `cache_root()/models/smollm2-small` (temp dir + atomic rename, like smollm2.py).
 
-  Measured and not the default (BENCHMARKS.md, sixth session): keeping the last layer in place of
-  the 11th (`THINWIRE_SMALL_KEEP_LAST=1`) and healing on the response positions
-  (`THINWIRE_SMALL_HEAL_FOCUS=response`, 32 examples per family). It brings the response KL on
-  held-out suite examples from 1.66 to 1.52, but a centrally trained expert proxy-tunes the large
-  model no better, and it takes longer to heal.
+Why width and not depth (BENCHMARKS.md, seventh session): at the same FLOPs, the earlier default
+kept the first 11 layers whole. After 60 healing steps from the same start its KL to the large
+model on held-out response positions was 2.35 (first 10 + last layer: 2.07; 15 layers with
+1024-neuron MLPs: 2.04; 20 with 640: 1.91), against 1.72 for all 30 layers with 256 neurons. The
+suite's tasks (copying, reformatting) live in attention that truncation throws away: trained
+centrally, the 11-layer expert reaches exact match 0.29 alone and proxy-tunes the large model to
+59% of FedIT-on-large's exact-match gain; the pruned one reaches 0.50 alone and 96%.
 
 Why a factorised head: SmolLM2's 49k x 576 (tied) LM head costs 28.3M multiply-adds per token, 21%
-of the whole model, and the small model must share the vocabulary, so with the full head only 4
-decoder layers fit in a third of the large model's compute, and a 4-layer model learns none of the
-suite's tasks (exact match 0 after 5 FedIT rounds). The final hidden states live near a
+of the whole model, and the small model must share the vocabulary, so the full head alone would
+take most of a third of the large model's compute. The final hidden states live near a
 low-dimensional subspace: projecting them on their top-96 principal directions before the tied
 head changes SmolLM2-135M's next-token distribution by KL 0.088 (top-64: 0.244, top-128: 0.035).
 So the head is `up(down(h))` with `down` = those 96 directions (96 x 576) and `up` = the embedding
-matrix times them (49152 x 96): 4.8M multiply-adds, which leaves room for 11 layers (0.325 of the
-large model's forward FLOPs per token). The cached directory is a plain Hugging Face model (the
-truncated layers with the tied head) plus `lowrank_head.safetensors`; `load_small` installs the
-factorised head from it.
+matrix times them (49152 x 96): 4.8M multiply-adds. The cached directory is a plain Hugging Face
+model (the pruned layers with the tied head) plus `lowrank_head.safetensors`; `load_small`
+installs the factorised head from it.
 
-Healing knobs come from the environment so a loaded machine can build a cheaper model:
-`THINWIRE_SMALL_HEAL_STEPS` (default 320, ~2.3 s a step on 2 cores: the teacher's forward and the
-student's backward dominate; 400 steps took 943 s, over the 15-minute budget, and reached KL
-0.19), `THINWIRE_SMALL_LAYERS` (default 11), `THINWIRE_SMALL_KEEP_LAST` (default 0: how many of
-them are the large model's last layers), `THINWIRE_SMALL_HEAD_RANK` (default 96; 0 keeps the full
-tied head, as the first sessions' 4-layer model had: 400 steps healed it to KL 0.42),
-`THINWIRE_SMALL_HEAL_PER_FAMILY` (default 8), `THINWIRE_SMALL_HEAL_FOCUS` (`all` or `response`). The
-marker file records what was run (layers, head rank, steps, KL before/after, seconds, FLOPs); a
-cached model built with other settings is rebuilt.
+The recipe comes from the environment so a loaded machine can build a cheaper model, and so
+other recipes can be measured (`RECIPE`; `benchmarks/small_model.py`):
+`THINWIRE_SMALL_LAYERS` (30), `THINWIRE_SMALL_MLP_WIDTH` (256; 0 keeps the MLPs whole),
+`THINWIRE_SMALL_KEEP_LAST` (0: how many of the layers are the large model's last ones),
+`THINWIRE_SMALL_HEAL_STEPS` (180, ~3.7 s a step on 2 cores: the teacher's forward and the
+student's backward dominate), `THINWIRE_SMALL_HEAD_RANK` (96; 0 keeps the full tied head),
+`THINWIRE_SMALL_HEAL_PER_FAMILY` (8), `THINWIRE_SMALL_HEAL_FOCUS` (`all`, or `response`: the KL
+on the response positions plus a quarter of the prompt's). The earlier default is
+`THINWIRE_SMALL_LAYERS=11 THINWIRE_SMALL_MLP_WIDTH=0 THINWIRE_SMALL_HEAL_STEPS=320`. The marker
+file records what was run (recipe, KL before/after, seconds, FLOPs); a cached model built with
+another recipe is rebuilt.
 
-Compute: per token, a decoder layer of SmolLM2-135M costs ~2 x 3.54M FLOPs and the tied LM head
-2 x 28.3M (`forward_flops_per_token` gives the estimate for any model, factorised head included).
+Compute: per token, a decoder layer of SmolLM2-135M costs ~2 x 3.54M FLOPs (attention 0.89M
+multiply-adds, MLP 2.65M) and the tied LM head 2 x 28.3M (`forward_flops_per_token` gives the
+estimate for any model, factorised head included).
 """
 
 from __future__ import annotations
@@ -60,11 +66,12 @@ from safetensors.torch import load_file, save_file
 
 NAME = "smollm2-small"
 TINY_NAME = "tiny-small"
-LAYERS = 11
+LAYERS = 30
 KEEP_LAST = 0
+MLP_WIDTH = 256
 HEAD_RANK = 96
 TINY_LAYERS = 1
-HEAL_STEPS = 320
+HEAL_STEPS = 180
 HEAL_BATCH = 4
 HEAL_LR = 5e-4
 HEAL_MAX_LENGTH = 96
@@ -142,6 +149,54 @@ def truncate(model, layers: int, keep_last: int = 0):
     return small
 
 
+def mlp_importance(model, batches: list[dict]) -> list[torch.Tensor]:
+    """Per decoder layer, each MLP neuron's share of the layer's output on these batches: the mean
+    magnitude of its activation (the input of `down_proj`) over real tokens, times the norm of its
+    `down_proj` column (what that activation is multiplied by on the way out)."""
+    layers = model.model.layers
+    totals = [torch.zeros(layer.mlp.down_proj.in_features) for layer in layers]
+    current: dict[str, torch.Tensor] = {}
+
+    def recorder(index: int):
+        def hook(module, inputs):
+            mask = current["mask"].unsqueeze(-1).to(inputs[0].dtype)
+            totals[index] += (inputs[0].abs() * mask).sum((0, 1))
+        return hook
+
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(recorder(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                current["mask"] = b["attention_mask"]
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [t * layer.mlp.down_proj.weight.detach().norm(dim=0) for t, layer in zip(totals, layers)]
+
+
+def prune_mlp(model, width: int, importance: list[torch.Tensor]) -> None:
+    """Keep each decoder layer's `width` most important MLP neurons (in place; a uniform
+    `intermediate_size`, so the result is a plain HF model of that config)."""
+    for layer, scores in zip(model.model.layers, importance):
+        neurons = layer.mlp.down_proj.in_features
+        if scores.numel() != neurons:
+            raise ValueError(f"{scores.numel()} importance scores for {neurons} MLP neurons")
+        if not 1 <= width <= neurons:
+            raise ValueError(f"cannot keep {width} of {neurons} MLP neurons")
+        keep = torch.topk(scores, width).indices.sort().values
+        mlp = layer.mlp
+        for name, rows in (("gate_proj", True), ("up_proj", True), ("down_proj", False)):
+            old = getattr(mlp, name)
+            weight = old.weight.detach()[keep] if rows else old.weight.detach()[:, keep]
+            new = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+            new.weight = torch.nn.Parameter(weight.clone())
+            setattr(mlp, name, new)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = width
+    model.config.intermediate_size = width
+
+
 def build_tiny_small(seed: int):
     """`tiny-small`: layer 1 of the `tiny` model built from `seed`, and the same byte tokenizer."""
     from thinwire.models.tiny import build_tiny
@@ -179,6 +234,7 @@ def prepared_dir(root: Path | None = None) -> Path:
 RECIPE = {
     "layers": ("THINWIRE_SMALL_LAYERS", LAYERS, 0),
     "keep_last": ("THINWIRE_SMALL_KEEP_LAST", KEEP_LAST, 0),
+    "mlp_width": ("THINWIRE_SMALL_MLP_WIDTH", MLP_WIDTH, 0),
     "heal_steps": ("THINWIRE_SMALL_HEAL_STEPS", HEAL_STEPS, 0),
     "head_rank": ("THINWIRE_SMALL_HEAD_RANK", HEAD_RANK, 0),
     "heal_per_family": ("THINWIRE_SMALL_HEAL_PER_FAMILY", HEAL_PER_FAMILY, 8),
@@ -225,7 +281,7 @@ def describe(root: Path | None = None) -> dict[str, Any]:
     ratio = info["flops_per_token"] / info["large_flops_per_token"] if info else None
     return {"name": NAME, "ready": info is not None, "path": str(target),
             **{k: info.get(k, RECIPE[k][2]) if info else recipe()[k]
-               for k in ("layers", "keep_last", "heal_focus", "head_rank")},
+               for k in ("layers", "keep_last", "mlp_width", "heal_focus", "head_rank")},
             "parameters": info["parameters"] if info else None,
             "size_bytes": sum(f.stat().st_size for f in target.iterdir() if f.is_file()) if info else None,
             "compute_ratio": ratio}
@@ -365,14 +421,31 @@ def heal(small, large, tokenizer, steps: int, batch: int = HEAL_BATCH, lr: float
             "kl_response_after": after[1], "train_loss_last": losses[-1] if losses else float("nan")}
 
 
-def final_hidden_states(model, tokenizer, batches: int = 8, seed: int = HEAL_SEED + 2) -> torch.Tensor:
-    """The model's final (normed) hidden states at every real token of a few suite batches."""
+def calibration_batches(tokenizer, batches: int = 8, seed: int = HEAL_SEED + 2) -> list[dict]:
+    """A few suite batches of 8 that the head's directions and the MLP neurons' importance are read on."""
+    return [b for _, b in zip(range(batches), heal_batches(tokenizer, 8, HEAL_MAX_LENGTH, seed))]
+
+
+def final_hidden_states(model, tokenizer) -> torch.Tensor:
+    """The model's final (normed) hidden states at every real token of the calibration batches."""
     states = []
     with torch.no_grad():
-        for _, b in zip(range(batches), heal_batches(tokenizer, 8, HEAL_MAX_LENGTH, seed)):
+        for b in calibration_batches(tokenizer):
             out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
             states.append(out.hidden_states[-1][b["attention_mask"].bool()])
     return torch.cat(states)
+
+
+def cut_down(large, tokenizer, layers: int, keep_last: int = 0, mlp_width: int = 0,
+             head: FactorisedHead | None = None):
+    """The unhealed small model: `large` truncated to `layers` (`keep_last` of them its last), each
+    MLP pruned to `mlp_width` neurons (0: whole), with a copy of `head` (None: the tied head)."""
+    small = truncate(large, layers, keep_last)
+    if mlp_width:
+        prune_mlp(small, mlp_width, mlp_importance(small, calibration_batches(tokenizer)))
+    if head is not None:
+        install_head(small, copy.deepcopy(head))
+    return small
 
 
 def prepare(root: Path | None = None, show_progress: bool = True, **overrides: Any) -> Path:
@@ -400,10 +473,8 @@ def prepare(root: Path | None = None, show_progress: bool = True, **overrides: A
     large.eval()
     for p in large.parameters():
         p.requires_grad_(False)
-    small = truncate(large, layers, keep_last)
     head = factorised_head(large, final_hidden_states(large, tokenizer), head_rank) if head_rank else None
-    if head is not None:
-        install_head(small, head)
+    small = cut_down(large, tokenizer, layers, keep_last, want["mlp_width"], head)
 
     progress = Progress(TextColumn(f"{NAME}: healing {layers} layers"), BarColumn(), TextColumn("loss {task.fields[kl]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
