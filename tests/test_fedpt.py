@@ -155,6 +155,15 @@ def test_mlp_pruning_keeps_the_neurons_that_carry_the_output(tmp_path):
         prune_mlp(small, width, mlp_importance(small, batches))
     with pytest.raises(ValueError, match="128 importance scores for 32 MLP neurons"):
         prune_mlp(small, 8, importance)
+    # the built-in recipe's pieces together: truncation, pruning read on suite examples, a head copy
+    from thinwire.models.small import FactorisedHead, cut_down
+
+    tiny, _, tok, _ = _pair()
+    head = FactorisedHead(config.hidden_size, 4, tiny.config.vocab_size)
+    cut = cut_down(tiny, tok, 1, mlp_width=16, head=head)
+    assert len(cut.model.layers) == 1 and cut.model.layers[0].mlp.up_proj.out_features == 16
+    assert cut.lm_head is not head and torch.equal(cut.lm_head.up.weight, head.up.weight)
+    assert tiny.config.intermediate_size == width and tiny.model.layers[0].mlp.up_proj.out_features == width
 
 
 def test_heal_loss_weighs_response_and_prompt_positions_and_healing_lowers_the_response_kl():
