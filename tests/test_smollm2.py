@@ -168,3 +168,37 @@ def test_greedy_answer_mentions_paris(reloaded):
         out = reloaded.model.generate(**inputs, max_new_tokens=12, do_sample=False)
     answer = reloaded.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_small_model_build_saves_what_it_healed(prepared, monkeypatch):
+    """A cheap recipe of `smollm2-small` built from the real model: the saved directory, loaded
+    back, is the healed model (pruned MLPs, healed factorised head), not the unhealed start."""
+    import torch
+
+    from thinwire.models import small
+
+    healed = {}
+    real_heal = small.heal
+
+    def spy(model, *args, **kwargs):
+        healed["model"], healed["head"] = model, model.lm_head  # both trained in place
+        return real_heal(model, *args, **kwargs)
+
+    monkeypatch.setattr(small, "heal", spy)
+    recipe = {"layers": 2, "keep_last": 1, "mlp_width": 32, "heal_steps": 2, "head_rank": 8}
+    directory = small.prepare(prepared.root, show_progress=False, **recipe)
+    assert small.is_ready(prepared.root, **recipe)
+    model, tokenizer = small.load_prepared(directory)
+    assert model.config.num_hidden_layers == 2 and model.model.layers[1].mlp.down_proj.in_features == 32
+    head = model.lm_head
+    assert isinstance(head, small.FactorisedHead) and head.down.out_features == 8
+    # healing moved the head off its starting point: the embedding times the kept directions
+    start = model.get_input_embeddings().weight @ head.down.weight.T
+    assert (head.up.weight - start).abs().max().item() > 1e-6
+    assert torch.equal(head.up.weight, healed["head"].up.weight)
+    assert torch.equal(head.down.weight, healed["head"].down.weight)
+    ids = tokenizer("Reverse the word: cat", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        got = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        want = healed["model"](input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    assert torch.allclose(got, want, atol=1e-5)

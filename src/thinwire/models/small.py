@@ -18,7 +18,7 @@
 Why width and not depth (BENCHMARKS.md, seventh session): at the same FLOPs, the earlier default
 kept the first 11 layers whole. After 60 healing steps from the same start its KL to the large
 model on held-out response positions was 2.35 (first 10 + last layer: 2.07; 15 layers with
-1024-neuron MLPs: 2.04; 20 with 640: 1.91), against 1.72 for all 30 layers with 256 neurons. The
+1024-neuron MLPs: 2.04; 20 with 640: 1.91), against 1.70 for all 30 layers with 256 neurons. The
 suite's tasks (copying, reformatting) live in attention that truncation throws away: trained
 centrally, the 11-layer expert reaches exact match 0.29 alone and proxy-tunes the large model to
 59% of FedIT-on-large's exact-match gain; the pruned one reaches 0.50 alone and 96%.
@@ -279,9 +279,9 @@ def describe(root: Path | None = None) -> dict[str, Any]:
     target = prepared_dir(root)
     info = _marker(target) if is_ready(root) else None
     ratio = info["flops_per_token"] / info["large_flops_per_token"] if info else None
+    shape = {k: info.get(k, RECIPE[k][2]) for k in RECIPE} if info else recipe()
     return {"name": NAME, "ready": info is not None, "path": str(target),
-            **{k: info.get(k, RECIPE[k][2]) if info else recipe()[k]
-               for k in ("layers", "keep_last", "mlp_width", "heal_focus", "head_rank")},
+            **{k: shape[k] for k in ("layers", "keep_last", "mlp_width", "heal_focus", "head_rank")},
             "parameters": info["parameters"] if info else None,
             "size_bytes": sum(f.stat().st_size for f in target.iterdir() if f.is_file()) if info else None,
             "compute_ratio": ratio}
@@ -491,6 +491,7 @@ def prepare(root: Path | None = None, show_progress: bool = True, **overrides: A
     flops = forward_flops_per_token(small)
     with building_dir(target, lambda: is_ready(root, **want)) as tmp:
         if head is not None:  # saved as a plain HF model with the tied head, the factors beside it
+            head = small.lm_head  # the healed copy that cut_down installed
             tied = torch.nn.Linear(head.down.in_features, head.out_features, bias=False)
             tied.weight = small.get_input_embeddings().weight
             small.lm_head, small.config.tie_word_embeddings = tied, True
@@ -520,19 +521,23 @@ def prepare(root: Path | None = None, show_progress: bool = True, **overrides: A
     return target
 
 
+def load_prepared(directory: Path):
+    """(model, tokenizer) of a prepared `smollm2-small` directory, its factorised head installed."""
+    from thinwire.models import _from_pretrained
+
+    model, tokenizer = _from_pretrained(str(directory), local_only=True)
+    if (directory / HEAD_FILE).is_file():
+        factors = load_file(str(directory / HEAD_FILE))
+        head = FactorisedHead(factors["down"].shape[1], factors["down"].shape[0], factors["up"].shape[0])
+        head.load_state_dict({"down.weight": factors["down"], "up.weight": factors["up"]})
+        install_head(model, head)
+    return model, tokenizer
+
+
 def load_small(name: str, seed: int):
     """(model, tokenizer) for `tiny-small` or `smollm2-small`."""
     if name == TINY_NAME:
         return build_tiny_small(seed)
     if name == NAME:
-        from thinwire.models import _from_pretrained
-
-        directory = prepare()
-        model, tokenizer = _from_pretrained(str(directory), local_only=True)
-        if (directory / HEAD_FILE).is_file():
-            factors = load_file(str(directory / HEAD_FILE))
-            head = FactorisedHead(factors["down"].shape[1], factors["down"].shape[0], factors["up"].shape[0])
-            head.load_state_dict({"down.weight": factors["down"], "up.weight": factors["up"]})
-            install_head(model, head)
-        return model, tokenizer
+        return load_prepared(prepare())
     raise ValueError(f"unknown small model {name!r}")
