@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from thinwire.cli import EXAMPLES
-from thinwire.compare import run_compare
+from thinwire.compare import parse_seeds, run_compare
 from thinwire.errors import UsageError
 from thinwire.report import PLOTS, render_report
+from thinwire.seeds import mean_std
 
 FAST = ["federation.rounds=2", "train.local_steps=2", "train.batch_size=2", "data.max_length=64",
         "eval.generate=false", "eval.max_examples=4",
@@ -144,6 +145,49 @@ def test_compare_runs_per_method_settings_and_named_variants(tmp_path):
     table = _csv_rows(out / "comparison.csv")
     assert set(table) == {"fedit (fedit)", "fedit (fedit-frozen)"}
     assert "train.lr" in (out / "comparison.md").read_text()
+
+
+def test_compare_over_seeds_reports_mean_and_std(compared, tmp_path):
+    with pytest.raises(UsageError, match="both --seeds and --set federation.seed"):
+        run_compare(EXAMPLES / "smoke.toml", ["fedit"], [*FAST, "federation.seed=3"], tmp_path / "x", seeds=[0, 1])
+    out = tmp_path / "out"
+    rows = run_compare(EXAMPLES / "smoke.toml", ["fedit"], [*FAST, "federation.rounds=1"], out, quiet=True,
+                       seeds=[0, 1, 2])
+    names = ["fedit-seed0", "fedit-seed1", "fedit-seed2"]
+    assert [(r["method"], r["status"]) for r in rows] == [(n, "ok") for n in names]
+    configs = [(out / n / "config.toml").read_text() for n in names]
+    assert [re.search(r"seed = (\d+)", c).group(1) for c in configs] == ["0", "1", "2"]
+    assert len({re.sub(r"seed = \d+", "", c) for c in configs}) == 1  # only the seed differs
+    summaries = [json.loads((out / n / "summary.json").read_text()) for n in names]
+    losses = [s["final_eval"]["loss"] for s in summaries]
+    assert len(set(losses)) == 3  # each seed draws its own data and sampling
+
+    with (out / "across_seeds.csv").open() as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["run"] == "fedit" and row["n"] == "3" and row["seeds"] == "0 1 2"
+    mean = sum(losses) / 3
+    std = (sum((x - mean) ** 2 for x in losses) / 2) ** 0.5
+    assert float(row["final_loss_mean"]) == pytest.approx(mean)
+    assert float(row["final_loss_std"]) == pytest.approx(std)
+    gains = [s["final_eval"]["loss"] - s["base_eval"]["loss"] for s in summaries]
+    assert float(row["gain_loss_mean"]) == pytest.approx(sum(gains) / 3)
+    assert f"{mean:.4f} ± {std:.4f}" in (out / "comparison.md").read_text()
+    assert 'id="seeds"' in (out / "report.html").read_text()
+
+    # Mixed with other settings: fedavg and fedit of the first compare are groups of one each.
+    mixed = render_report([out, compared[0]], tmp_path / "mixed")
+    assert [(r["run"], r["n"]) for r in mixed.seed_rows] == [("fedit", 3), ("fedavg", 1), ("fedit (fedit)", 1)]
+    assert mixed.seed_rows[1]["final_loss_std"] is None
+
+
+def test_seed_statistics_and_parsing():
+    mean, std = mean_std([1.0, 2.0, 4.0])
+    assert mean == pytest.approx(7 / 3) and std == pytest.approx((7 / 3) ** 0.5)
+    assert mean_std([5.0]) == (5.0, None) and mean_std([]) == (None, None)
+    assert parse_seeds("0, 1,2") == [0, 1, 2]
+    for bad in ("0,x", "1,1", ","):
+        with pytest.raises(UsageError, match="--seeds"):
+            parse_seeds(bad)
 
 
 def test_report_skips_incomplete_directories(compared, tmp_path):

@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="comma-separated methods or the config's [compare.<name>] variants "
                               "(default: every available method)")
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    compare.add_argument("--seeds", default="", metavar="N,N,...",
+                         help="run every method once per seed (DIR/<method>-seed<N>); the report adds mean ± std")
     compare.add_argument("--out", type=Path, required=True, help="directory for the runs and the report")
     compare.add_argument("--quiet", action="store_true")
     report = sub.add_parser("report", help="tables, plots and report.html from run directories")
@@ -125,10 +127,12 @@ def cmd_supernode(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from thinwire.compare import run_compare
+    from thinwire.compare import parse_seeds, run_compare
 
     methods = args.methods.split(",") if args.methods else []
-    rows = run_compare(args.config or default_config(), methods, args.overrides, args.out, quiet=args.quiet)
+    seeds = parse_seeds(args.seeds) if args.seeds else []
+    rows = run_compare(args.config or default_config(), methods, args.overrides, args.out, quiet=args.quiet,
+                       seeds=seeds)
     return 0 if all(row["status"] == "ok" for row in rows) else 1
 
 

@@ -3,7 +3,8 @@
 Only `method.name` differs between the runs: data, federation, client sampling and seed are the
 config's. Runs go one after another in this process (`out/<method>`); a method that fails is
 recorded with a one-line reason and the others still run. `out/compare.json` keeps the status
-of every method so that `thinwire report out` can list the failures again later.
+of every method so that `thinwire report out` can list the failures again later. With `seeds`
+every method runs once per seed (`out/<method>-seed<N>`) and the report adds mean ± std.
 """
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ def check_methods(methods: list[str], variants: list[str] = ()) -> list[str]:
         raise UsageError(f"unknown method {unknown[0]!r} in --methods; valid names: {', '.join(METHOD_NAMES)} "
                          f"(implemented now: {', '.join(available())}){defined}")
     return names or available()
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 0,1,2` -> [0, 1, 2]; anything but distinct integers is a UsageError."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        seeds = [int(item) for item in items]
+    except ValueError:
+        raise UsageError(f"--seeds {text!r} is not a comma-separated list of integers; pass e.g. --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {text!r} needs distinct integers; pass e.g. --seeds 0,1,2")
+    return seeds
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -86,11 +99,12 @@ class _RoundWatcher:
 
 
 def run_compare(config_path: str | Path | None, methods: list[str], overrides: list[str], out: Path,
-                quiet: bool = False) -> list[dict[str, Any]]:
-    """Run the experiment once per method into `out/<method>` and render the report into `out`.
+                quiet: bool = False, seeds: list[int] = ()) -> list[dict[str, Any]]:
+    """Run the experiment once per method (and seed) into `out/<method>` (`out/<method>-seed<N>`)
+    and render the report into `out`.
 
-    Returns one row per method: method, status ("ok" or "failed"), reason (None when ok),
-    run_dir, wall_s and, for finished runs, the run's summary. The report is `out/report.html`.
+    Returns one row per run: method (the run's name), status ("ok" or "failed"), reason (None when
+    ok), run_dir, wall_s and, for finished runs, the run's summary. The report is `out/report.html`.
     """
     from rich.markup import escape
 
@@ -98,10 +112,18 @@ def run_compare(config_path: str | Path | None, methods: list[str], overrides: l
     from thinwire.runtime.display import console, make_progress
     from thinwire.runtime.local import run_local
 
-    names = check_methods(list(methods), compare_variants(config_path))
-    configs = {name: load_config(config_path, [*overrides, *([f"method.name={name}"] if name in METHOD_NAMES else [])],
-                                 variant=name)
-               for name in names}  # a bad config fails once, up front
+    if seeds and any(item.split("=", 1)[0].strip() == "federation.seed" for item in overrides):
+        raise UsageError("both --seeds and --set federation.seed given; pass one of them")
+    variants = check_methods(list(methods), compare_variants(config_path))
+    configs = {}  # run name -> config; a bad config fails once, up front
+    for variant in variants:
+        chosen = [*overrides, *([f"method.name={variant}"] if variant in METHOD_NAMES else [])]
+        if not seeds:
+            configs[variant] = load_config(config_path, chosen, variant=variant)
+        for seed in seeds:
+            configs[f"{variant}-seed{seed}"] = load_config(config_path, [*chosen, f"federation.seed={seed}"],
+                                                           variant=variant)
+    names = list(configs)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a directory")
@@ -159,6 +181,8 @@ def run_compare(config_path: str | Path | None, methods: list[str], overrides: l
     result = render_report(ok, out, failures=failures)
     if not quiet:
         console.print(_status_table(rows))
+        if seeds and len(seeds) > 1:
+            console.print(_seeds_table(result.seed_rows))
         console.print(f"report: {result.html}")
     return rows
 
@@ -190,4 +214,18 @@ def _status_table(rows: list[dict[str, Any]]) -> Any:
             f"{final['rougeL']:.4f}" if "rougeL" in final else "-",
             f"{final['loss']:.4f}" if "loss" in final else "-",
             human_bytes(per_round) if per_round is not None else "-", f"{row['wall_s']:.1f} s")
+    return table
+
+
+def _seeds_table(seed_rows: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    from thinwire.seeds import format_mean_std
+
+    table = Table(title="across seeds (mean ± sample std)")
+    for column in ("setting", "seeds", "Rouge-L", "exact match", "loss"):
+        table.add_column(column, justify="left" if column in ("setting", "seeds") else "right")
+    for row in seed_rows:
+        table.add_row(row["run"], row["seeds"], *(format_mean_std(row.get(f"final_{k}_mean"), row.get(f"final_{k}_std"))
+                                                  for k in ("rougeL", "exact_match", "loss")))
     return table

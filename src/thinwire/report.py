@@ -1,5 +1,7 @@
 """Run directories -> a side-by-side comparison: `comparison.csv`, `comparison.md`, PNG plots and
 one self-contained `report.html` (plots embedded as data URIs, inline CSS, no script, no network).
+Runs of one setting over several seeds are also summarised as mean ± std (`across_seeds.csv`,
+seeds.py).
 
 Everything comes from what a run wrote (`summary.json`, `metrics.jsonl`, `config.toml`), so a
 report can be re-rendered at any time. A directory that is not a complete run (an interrupted
@@ -22,12 +24,14 @@ from typing import Any
 from thinwire.errors import UsageError
 from thinwire.runtime.display import human_bytes
 from thinwire.runtime.rundir import atomic_write
+from thinwire.seeds import format_mean_std, group_rows, seed_groups
 
 SUMMARY_KEYS = ("method", "model", "rounds", "base_eval", "final_eval", "uplink_bytes_total",
                 "downlink_bytes_total", "uplink_bytes_per_client_round",
                 "downlink_bytes_per_client_round", "wall_s", "peak_rss_mb")
 RUN_FILES = ("summary.json", "metrics.jsonl", "config.toml")
 COMPARE_FILE = "compare.json"
+SEEDS_CSV = "across_seeds.csv"
 PLOTS = ("quality_per_round.png", "quality_vs_bytes.png", "quality_vs_time.png")
 QUALITY_ORDER = ("rougeL", "exact_match", "loss")
 METRIC_LABELS = {"rougeL": "Rouge-L", "exact_match": "exact match", "loss": "loss"}
@@ -65,6 +69,8 @@ class ReportResult:
     plots: list[Path]
     rows: list[dict[str, Any]]  # one per usable run, as written to comparison.csv
     runs: list[Path]  # the run directories used, in row order
+    seeds_csv: Path | None = None
+    seed_rows: list[dict[str, Any]] = field(default_factory=list)  # one per setting, as in across_seeds.csv
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (directory, reason)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (method, reason) from compare
 
@@ -476,7 +482,7 @@ def _fact_text(value: Any) -> str:
 
 
 def write_markdown(runs: list[Run], rows: list[dict[str, Any]], skipped: list[tuple[Path, str]],
-                   failed: list[tuple[str, str]]) -> str:
+                   failed: list[tuple[str, str]], seed_rows: list[dict[str, Any]] = ()) -> str:
     keys = metric_keys(runs)
     common, differing = _facts(runs)
     lines = ["# thinwire comparison", ""]
@@ -484,8 +490,7 @@ def write_markdown(runs: list[Run], rows: list[dict[str, Any]], skipped: list[tu
         lines += ["; ".join(f"{label}: {value}" for label, value in common), ""]
     if differing:
         lines += ["Config keys that differ between runs (besides the method): " + ", ".join(differing), ""]
-    header = ["run"] + [METRIC_LABELS.get(k, k) if not k.startswith("heldout_")
-                        else "held-out " + METRIC_LABELS.get(k[8:], k[8:]) for k in keys]
+    header = ["run"] + [_metric_label(k) for k in keys]
     header += ["up / client-round", "down / client-round", "total traffic", "vs FedAvg",
                "round time (local + agg)", "peak RSS"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -500,12 +505,37 @@ def write_markdown(runs: list[Run], rows: list[dict[str, Any]], skipped: list[tu
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines.append("")
     lines.append(_reference_note(rows))
+    if _has_repeats(seed_rows):
+        header = ["setting", "seeds"] + [_metric_label(k) + " (gain)" for k in keys]
+        lines += ["", f"## Across seeds ({SEEDS_NOTE})", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in seed_rows:
+            cells = [row["run"], row["seeds"]] + [_seed_cell(row, k) for k in keys]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     if failed or skipped:
         lines += ["", "## Failed or skipped", ""]
         lines += [f"- {method}: failed: {reason}" for method, reason in failed]
         lines += [f"- {path}: skipped: {reason}" for path, reason in skipped]
     lines += ["", "Plots: " + ", ".join(PLOTS), ""]
     return "\n".join(lines)
+
+
+SEEDS_NOTE = "mean ± sample std over runs whose configs differ only in federation.seed"
+
+
+def _metric_label(key: str) -> str:
+    if key.startswith("heldout_"):
+        return "held-out " + METRIC_LABELS.get(key[8:], key[8:])
+    return METRIC_LABELS.get(key, key)
+
+
+def _has_repeats(seed_rows: list[dict[str, Any]]) -> bool:
+    return any(row["n"] > 1 for row in seed_rows)
+
+
+def _seed_cell(row: dict[str, Any], key: str) -> str:
+    final = format_mean_std(row[f"final_{key}_mean"], row[f"final_{key}_std"])
+    return f"{final} ({format_mean_std(row[f'gain_{key}_mean'], row[f'gain_{key}_std'])})"
 
 
 def _reference_note(rows: list[dict[str, Any]]) -> str:
@@ -576,7 +606,8 @@ def _delta_html(base: Any, final: Any, metric: str) -> str:
 
 
 def write_html(runs: list[Run], rows: list[dict[str, Any]], plots: dict[str, bytes],
-               skipped: list[tuple[Path, str]], failed: list[tuple[str, str]]) -> str:
+               skipped: list[tuple[Path, str]], failed: list[tuple[str, str]],
+               seed_rows: list[dict[str, Any]] = ()) -> str:
     keys = metric_keys(runs)
     common, differing = _facts(runs)
     models = sorted({str(r.summary["model"]) for r in runs})
@@ -595,8 +626,7 @@ def write_html(runs: list[Run], rows: list[dict[str, Any]], plots: dict[str, byt
     parts += ["<h2>Quality: before → after federated fine-tuning</h2>", '<div class="scroll"><table id="quality">',
               "<thead><tr><th class=\"name\">run</th>"]
     for key in keys:
-        name = METRIC_LABELS.get(key, key) if not key.startswith("heldout_") else \
-            "held-out " + METRIC_LABELS.get(key[8:], key[8:])
+        name = _metric_label(key)
         arrow = "↑" if _higher_is_better(key) else "↓"
         parts.append(f"<th>{_e(name)} {arrow}<br><small>base → final</small></th>")
     parts.append("</tr></thead><tbody>")
@@ -609,6 +639,15 @@ def write_html(runs: list[Run], rows: list[dict[str, Any]], plots: dict[str, byt
                              i in best[k]))
         parts.append("</tr>")
     parts.append("</tbody></table></div>")
+    if _has_repeats(seed_rows):
+        parts += ["<h2>Across seeds</h2>", '<div class="scroll"><table id="seeds">',
+                  '<thead><tr><th class="name">setting</th><th>seeds</th>']
+        parts += [f"<th>{_e(_metric_label(k))}<br><small>final (gain)</small></th>" for k in keys]
+        parts.append("</tr></thead><tbody>")
+        for row in seed_rows:
+            parts.append(f'<tr data-run="{_e(row["run"])}">' + _td(_e(row["run"]), cls="name")
+                         + _td(_e(row["seeds"])) + "".join(_td(_e(_seed_cell(row, k))) for k in keys) + "</tr>")
+        parts.append(f'</tbody></table></div><p class="note">{_e(SEEDS_NOTE)}.</p>')
 
     # Cost table
     cost_columns = [  # (column, header, formatter, lower is better)
@@ -710,7 +749,7 @@ def _label_runs(runs: list[Run]) -> None:
 
 
 def render_report(run_dirs: list[Path], out: Path, failures: list[tuple[str, str]] | None = None) -> ReportResult:
-    """Write report.html, comparison.csv, comparison.md and the PNG plots into `out`.
+    """Write report.html, comparison.csv, across_seeds.csv, comparison.md and the PNG plots into `out`.
 
     Each of `run_dirs` is a run directory or a directory of run directories (expanded one level).
     `failures` are (method, reason) pairs to list (compare passes the methods that failed).
@@ -735,6 +774,7 @@ def render_report(run_dirs: list[Path], out: Path, failures: list[tuple[str, str
                          "directories (each with summary.json and metrics.jsonl)")
     _label_runs(runs)
     rows = build_rows(runs)
+    seed_rows = group_rows(seed_groups(runs), metric_keys(runs))
     plots = render_plots(runs)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -745,8 +785,10 @@ def render_report(run_dirs: list[Path], out: Path, failures: list[tuple[str, str
         atomic_write(out / name, data)
         plot_paths.append(out / name)
     atomic_write(out / "comparison.csv", write_csv(rows))
-    atomic_write(out / "comparison.md", write_markdown(runs, rows, skipped, failed))
-    atomic_write(out / "report.html", write_html(runs, rows, plots, skipped, failed))
+    atomic_write(out / SEEDS_CSV, write_csv(seed_rows))
+    atomic_write(out / "comparison.md", write_markdown(runs, rows, skipped, failed, seed_rows))
+    atomic_write(out / "report.html", write_html(runs, rows, plots, skipped, failed, seed_rows))
     return ReportResult(out=out, html=out / "report.html", csv=out / "comparison.csv",
                         markdown=out / "comparison.md", plots=plot_paths, rows=rows,
-                        runs=[r.path for r in runs], skipped=skipped, failed=failed)
+                        runs=[r.path for r in runs], skipped=skipped, failed=failed,
+                        seeds_csv=out / SEEDS_CSV, seed_rows=seed_rows)
