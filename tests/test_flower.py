@@ -33,6 +33,7 @@ def assert_same_run(local, other):
     """Same weights (bytes), same metrics and traffic; only timings and Flower's extras differ."""
     assert (local / "final_state.safetensors").read_bytes() == (other / "final_state.safetensors").read_bytes()
     assert (local / "config.toml").read_text() == (other / "config.toml").read_text()
+    assert (local / "predictions.jsonl").read_text() == (other / "predictions.jsonl").read_text()
     a, b = _rounds(local), _rounds(other)
     # `aggregate` metrics may differ in the last bits: Payload.decode returns tensors in
     # safetensors' hash order (random per call), and e.g. FedAvg's update_norm sums per-tensor

@@ -46,7 +46,8 @@ def assert_same_run(a: Path, b: Path):
     assert _strip(_rounds(a)) == _strip(_rounds(b))
     assert _strip(json.loads((a / "summary.json").read_text())) == _strip(json.loads((b / "summary.json").read_text()))
     assert sorted(p.name for p in b.iterdir()) == ["config.toml", "final_state.safetensors", "metrics.jsonl",
-                                                  "summary.json"]
+                                                  "predictions.jsonl", "summary.json"]
+    assert (a / "predictions.jsonl").read_text() == (b / "predictions.jsonl").read_text()
 
 
 def _gain(summary):

@@ -106,6 +106,18 @@ def test_compare_runs_every_method_and_reports_the_failure(compared):
     markdown = (out / "comparison.md").read_text()
     for text in (html, markdown):
         assert FAILING in text and "boom in client fit" in text
+
+    # By task: each run's final predictions, scored per task (no generation here: loss only).
+    with (out / "by_task.csv").open() as handle:
+        by_task_rows = list(csv.DictReader(handle))
+    assert {(r["run"], r["task"]) for r in by_task_rows} == {(m, t) for m in ("fedavg", "fedit")
+                                                             for t in ("reverse-word", "uppercase", "add")}
+    for r in by_task_rows:
+        records = [json.loads(line) for line in (out / r["run"] / "predictions.jsonl").read_text().splitlines()]
+        mine = [x for x in records if x["task"] == r["task"]]
+        assert float(r["n"]) == len(mine)
+        assert float(r["loss"]) == pytest.approx(sum(x["loss_sum"] for x in mine) / sum(x["tokens"] for x in mine))
+    assert 'id="tasks"' in html and "## By task" in markdown
     assert f"{FAILING}.partial" not in html  # the failed method's own partial dir is not listed twice
     assert "<script" not in html and not re.search(r'(src|href)="(https?:)?//', html)
     assert html.count('src="data:image/png;base64,') == len(PLOTS)

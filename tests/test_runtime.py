@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from thinwire.errors import UsageError
+from thinwire.evaluate import by_task, exact_match, rouge_l, split_metrics, summarise
 from thinwire.methods.base import Workbench
 from thinwire.methods.fedavg import DeltaClient
 from thinwire.runtime.local import run_local, sample_clients
@@ -33,7 +34,32 @@ def test_end_to_end_learns_and_counts_bytes(tmp_path, smoke_config, method, lr, 
     assert summary["uplink_bytes_total"] == sum(r["uplink_bytes"] for r in rounds)
     assert summary["uplink_bytes_per_client_round"] == expected
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert files == ["config.toml", "final_state.safetensors", "metrics.jsonl", "summary.json"]
+    assert files == ["config.toml", "final_state.safetensors", "metrics.jsonl", "predictions.jsonl", "summary.json"]
+
+    # predictions.jsonl is the final evaluation, example by example
+    records = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == config.eval.max_examples
+    assert split_metrics(records) == pytest.approx(summary["final_eval"])
+    for r in records:
+        assert r["exact_match"] == exact_match(r["prediction"], r["reference"])
+        assert r["rougeL"] == rouge_l(r["prediction"], r["reference"]) and r["tokens"] > 0
+    assert set(by_task(records)) == set(config.data.tasks)
+
+
+def test_scores_by_task_are_token_weighted():
+    records = [{"split": "", "task": "a", "loss_sum": 3.0, "tokens": 1, "prediction": "x", "exact_match": 1.0,
+                "rougeL": 1.0},
+               {"split": "", "task": "a", "loss_sum": 3.0, "tokens": 3, "prediction": "y", "exact_match": 0.0,
+                "rougeL": 0.5},
+               {"split": "", "task": "b", "loss_sum": 8.0, "tokens": 2, "prediction": "z", "exact_match": 0.0,
+                "rougeL": 0.0},
+               {"split": "heldout_", "task": "c", "loss_sum": 1.0, "tokens": 1, "prediction": "w",
+                "exact_match": 1.0, "rougeL": 1.0}]
+    assert by_task(records) == {"a": {"n": 2.0, "loss": 1.5, "rougeL": 0.75, "exact_match": 0.5},
+                                "b": {"n": 1.0, "loss": 4.0, "rougeL": 0.0, "exact_match": 0.0}}
+    assert summarise(records[:3]) == {"loss": 14 / 6, "rougeL": 0.5, "exact_match": 1 / 3}
+    assert split_metrics(records) == {"loss": 14 / 6, "rougeL": 0.5, "exact_match": 1 / 3, "heldout_loss": 1.0,
+                                      "heldout_rougeL": 1.0, "heldout_exact_match": 1.0}
 
 
 def test_same_seed_same_weights_and_metrics(tmp_path, smoke_config):

@@ -1,4 +1,5 @@
-"""Held-out loss, batched greedy generation, Rouge-L F1 and exact match."""
+"""Held-out loss, batched greedy generation, Rouge-L F1 and exact match: per example (the records a
+run keeps in `predictions.jsonl`), per split and per task."""
 
 from __future__ import annotations
 
@@ -29,11 +30,11 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 
 @torch.no_grad()
-def held_out_loss(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[dict],
-                  batch_size: int, max_length: int) -> float:
-    """Mean per-token loss over response tokens of all examples (token-weighted)."""
+def example_losses(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[dict],
+                   batch_size: int, max_length: int) -> list[tuple[float, int]]:
+    """Per example: (summed loss over its response tokens, how many there are)."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    out = []
     for start in range(0, len(examples), batch_size):
         encoded = [encode_example(tokenizer, e, max_length) for e in examples[start : start + batch_size]]
         batch = {k: v.to(device) for k, v in collate(encoded, tokenizer.pad_token_id).items()}
@@ -41,10 +42,9 @@ def held_out_loss(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ex
         labels = batch["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum")
-        total += losses.item()
-        count += int((labels != IGNORE_INDEX).sum())
-    return total / max(count, 1)
+            ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
+        out.extend(zip(losses.sum(1).tolist(), (labels != IGNORE_INDEX).sum(1).tolist()))
+    return out
 
 
 @torch.no_grad()
@@ -69,22 +69,55 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, example
     return [o.strip() for o in outputs]
 
 
-def evaluate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[dict],
-             cfg: EvalConfig, max_length: int) -> dict[str, float]:
+def score_examples(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[dict],
+                   cfg: EvalConfig, max_length: int, split: str = "") -> list[dict]:
+    """One record per evaluated example (the first `cfg.max_examples`): its split, task, reference,
+    summed loss and response tokens; with generation also its prediction, exact match and Rouge-L."""
     examples = examples[: cfg.max_examples]
-    result = {"loss": held_out_loss(model, tokenizer, examples, cfg.batch_size, max_length)}
+    losses = example_losses(model, tokenizer, examples, cfg.batch_size, max_length)
+    records = [{"split": split, "task": e.get("task", ""), "instruction": e.get("instruction", ""),
+                "input": e.get("input", ""), "reference": e["output"], "loss_sum": total, "tokens": count}
+               for e, (total, count) in zip(examples, losses)]
     if cfg.generate:
-        predictions = generate(model, tokenizer, examples, cfg.batch_size, cfg.max_new_tokens)
-        references = [e["output"] for e in examples]
-        result["rougeL"] = sum(map(rouge_l, predictions, references)) / len(examples)
-        result["exact_match"] = sum(map(exact_match, predictions, references)) / len(examples)
+        for record, prediction in zip(records, generate(model, tokenizer, examples, cfg.batch_size,
+                                                        cfg.max_new_tokens)):
+            record.update(prediction=prediction, exact_match=exact_match(prediction, record["reference"]),
+                          rougeL=rouge_l(prediction, record["reference"]))
+    return records
+
+
+def summarise(records: list[dict]) -> dict[str, float]:
+    """Metrics of scored examples: token-weighted loss; mean Rouge-L and exact match if generated."""
+    result = {"loss": sum(r["loss_sum"] for r in records) / max(sum(r["tokens"] for r in records), 1)}
+    if records and "prediction" in records[0]:
+        result["rougeL"] = sum(r["rougeL"] for r in records) / len(records)
+        result["exact_match"] = sum(r["exact_match"] for r in records) / len(records)
+    return result
+
+
+def score_splits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, splits: dict[str, list[dict]],
+                 cfg: EvalConfig, max_length: int) -> list[dict]:
+    """`score_examples` over every split (records carry the split's prefix, e.g. "heldout_")."""
+    return [r for prefix, examples in splits.items()
+            for r in score_examples(model, tokenizer, examples, cfg, max_length, prefix)]
+
+
+def split_metrics(records: list[dict]) -> dict[str, float]:
+    """Each split's `summarise`, its keys carrying the split's prefix (e.g. heldout_rougeL)."""
+    result = {}
+    for prefix in dict.fromkeys(r["split"] for r in records):
+        result.update({prefix + k: v for k, v in summarise([r for r in records if r["split"] == prefix]).items()})
     return result
 
 
 def evaluate_splits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, splits: dict[str, list[dict]],
                     cfg: EvalConfig, max_length: int) -> dict[str, float]:
     """Evaluate every split; a split's metrics carry its prefix (e.g. heldout_rougeL)."""
-    result = {}
-    for prefix, examples in splits.items():
-        result.update({prefix + k: v for k, v in evaluate(model, tokenizer, examples, cfg, max_length).items()})
-    return result
+    return split_metrics(score_splits(model, tokenizer, splits, cfg, max_length))
+
+
+def by_task(records: list[dict]) -> dict[str, dict[str, float]]:
+    """`summarise` per task of the main split's records (examples without a task are left out)."""
+    tasks = dict.fromkeys(r["task"] for r in records if r["split"] == "" and r["task"])
+    return {t: {"n": float(len(rs)), **summarise(rs)}
+            for t in tasks for rs in [[r for r in records if r["split"] == "" and r["task"] == t]]}

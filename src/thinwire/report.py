@@ -1,7 +1,7 @@
 """Run directories -> a side-by-side comparison: `comparison.csv`, `comparison.md`, PNG plots and
 one self-contained `report.html` (plots embedded as data URIs, inline CSS, no script, no network).
 Runs of one setting over several seeds are also summarised as mean ± std (`across_seeds.csv`,
-seeds.py).
+seeds.py); runs that kept their final predictions are broken down by task (`by_task.csv`).
 
 Everything comes from what a run wrote (`summary.json`, `metrics.jsonl`, `config.toml`), so a
 report can be re-rendered at any time. A directory that is not a complete run (an interrupted
@@ -23,7 +23,7 @@ from typing import Any
 
 from thinwire.errors import UsageError
 from thinwire.runtime.display import human_bytes
-from thinwire.runtime.rundir import atomic_write
+from thinwire.runtime.rundir import PREDICTIONS_FILE, atomic_write
 from thinwire.seeds import format_mean_std, group_rows, seed_groups
 
 SUMMARY_KEYS = ("method", "model", "rounds", "base_eval", "final_eval", "uplink_bytes_total",
@@ -32,6 +32,7 @@ SUMMARY_KEYS = ("method", "model", "rounds", "base_eval", "final_eval", "uplink_
 RUN_FILES = ("summary.json", "metrics.jsonl", "config.toml")
 COMPARE_FILE = "compare.json"
 SEEDS_CSV = "across_seeds.csv"
+TASKS_CSV = "by_task.csv"
 PLOTS = ("quality_per_round.png", "quality_vs_bytes.png", "quality_vs_time.png")
 QUALITY_ORDER = ("rougeL", "exact_match", "loss")
 METRIC_LABELS = {"rougeL": "Rouge-L", "exact_match": "exact match", "loss": "loss"}
@@ -54,6 +55,7 @@ class Run:
     rounds: list[dict[str, Any]]
     config: dict[str, Any]  # flattened `section.key` -> value ({} when config.toml is unreadable)
     label: str = ""
+    by_task: dict[str, dict[str, float]] = field(default_factory=dict)  # from predictions.jsonl, if any
 
     @property
     def method(self) -> str:
@@ -175,7 +177,17 @@ def load_run(path: Path) -> Run | str:
         rounds.append(record)
     if not rounds:
         return "metrics.jsonl holds no rounds"
-    return Run(path, summary, sorted(rounds, key=lambda r: r["round"]), _read_config(path))
+    return Run(path, summary, sorted(rounds, key=lambda r: r["round"]), _read_config(path), by_task=_read_by_task(path))
+
+
+def _read_by_task(path: Path) -> dict[str, dict[str, float]]:
+    """Final scores per task from predictions.jsonl ({} when absent or unreadable: older runs)."""
+    from thinwire.evaluate import by_task
+
+    try:
+        return by_task([json.loads(line) for line in (path / PREDICTIONS_FILE).read_text().splitlines() if line])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _check_summary(summary: dict[str, Any]) -> str | None:
@@ -292,6 +304,29 @@ def build_rows(runs: list[Run]) -> list[dict[str, Any]]:
         })
         rows.append(row)
     return rows
+
+
+def task_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """One row per (run, task) of the runs' final evaluations, as in by_task.csv."""
+    return [{"run": run.label, "task": task, **scores} for run in runs for task, scores in run.by_task.items()]
+
+
+def _task_table(runs: list[Run]) -> tuple[list[str], list[Run], list[list[str]]]:
+    """(tasks, runs with per-task scores, cells[task][run]): exact match / Rouge-L, or loss."""
+    with_tasks = [run for run in runs if run.by_task]
+    tasks = list(dict.fromkeys(t for run in with_tasks for t in run.by_task))
+
+    def cell(scores: dict[str, float] | None) -> str:
+        if scores is None:
+            return "-"
+        if "exact_match" in scores:
+            return f"{scores['exact_match']:.2f} / {scores['rougeL']:.2f}"
+        return f"loss {scores['loss']:.3f}"
+
+    return tasks, with_tasks, [[cell(run.by_task.get(t)) for run in with_tasks] for t in tasks]
+
+
+TASKS_NOTE = "final evaluation per task (predictions.jsonl): exact match / Rouge-L"
 
 
 def _series(run: Run, metric: str) -> dict[str, list[float]]:
@@ -430,8 +465,8 @@ def _csv_value(value: Any) -> Any:
 
 def write_csv(rows: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
-    columns = list(rows[0]) if rows else []
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: _csv_value(v) for k, v in row.items()})
@@ -512,6 +547,11 @@ def write_markdown(runs: list[Run], rows: list[dict[str, Any]], skipped: list[tu
         for row in seed_rows:
             cells = [row["run"], row["seeds"]] + [_seed_cell(row, k) for k in keys]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    tasks, with_tasks, cells = _task_table(runs)
+    if tasks:
+        lines += ["", f"## By task ({TASKS_NOTE})", "", "| task | " + " | ".join(r.label for r in with_tasks) + " |",
+                  "|" + "---|" * (len(with_tasks) + 1)]
+        lines += ["| " + " | ".join([task, *row]) + " |" for task, row in zip(tasks, cells)]
     if failed or skipped:
         lines += ["", "## Failed or skipped", ""]
         lines += [f"- {method}: failed: {reason}" for method, reason in failed]
@@ -648,6 +688,14 @@ def write_html(runs: list[Run], rows: list[dict[str, Any]], plots: dict[str, byt
             parts.append(f'<tr data-run="{_e(row["run"])}">' + _td(_e(row["run"]), cls="name")
                          + _td(_e(row["seeds"])) + "".join(_td(_e(_seed_cell(row, k))) for k in keys) + "</tr>")
         parts.append(f'</tbody></table></div><p class="note">{_e(SEEDS_NOTE)}.</p>')
+    tasks, with_tasks, cells = _task_table(runs)
+    if tasks:
+        parts += ["<h2>By task</h2>", '<div class="scroll"><table id="tasks">', '<thead><tr><th class="name">task</th>']
+        parts += [f"<th>{_e(run.label)}</th>" for run in with_tasks]
+        parts.append("</tr></thead><tbody>")
+        parts += [f"<tr>{_td(_e(task), cls='name')}" + "".join(_td(_e(c)) for c in row) + "</tr>"
+                  for task, row in zip(tasks, cells)]
+        parts.append(f'</tbody></table></div><p class="note">{_e(TASKS_NOTE)}.</p>')
 
     # Cost table
     cost_columns = [  # (column, header, formatter, lower is better)
@@ -749,7 +797,8 @@ def _label_runs(runs: list[Run]) -> None:
 
 
 def render_report(run_dirs: list[Path], out: Path, failures: list[tuple[str, str]] | None = None) -> ReportResult:
-    """Write report.html, comparison.csv, across_seeds.csv, comparison.md and the PNG plots into `out`.
+    """Write report.html, comparison.csv, across_seeds.csv, by_task.csv, comparison.md and the PNG
+    plots into `out`.
 
     Each of `run_dirs` is a run directory or a directory of run directories (expanded one level).
     `failures` are (method, reason) pairs to list (compare passes the methods that failed).
@@ -786,6 +835,7 @@ def render_report(run_dirs: list[Path], out: Path, failures: list[tuple[str, str
         plot_paths.append(out / name)
     atomic_write(out / "comparison.csv", write_csv(rows))
     atomic_write(out / SEEDS_CSV, write_csv(seed_rows))
+    atomic_write(out / TASKS_CSV, write_csv(task_rows(runs)))
     atomic_write(out / "comparison.md", write_markdown(runs, rows, skipped, failed, seed_rows))
     atomic_write(out / "report.html", write_html(runs, rows, plots, skipped, failed, seed_rows))
     return ReportResult(out=out, html=out / "report.html", csv=out / "comparison.csv",

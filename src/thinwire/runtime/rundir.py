@@ -1,4 +1,5 @@
 """The run directory: `config.toml`, `metrics.jsonl`, `summary.json`, `final_state.safetensors`,
+`predictions.jsonl` (the final evaluation, one record per example: reference, prediction, scores)
 and whatever artifacts the method writes (a FedPT proxy to generate from, a CG-FedLLM autoencoder).
 
 A run writes into `<out>.partial` and renames it to `<out>` only when it finishes, so a
@@ -19,6 +20,8 @@ from thinwire.errors import UsageError
 
 if TYPE_CHECKING:
     from thinwire.methods.base import ServerSide
+
+PREDICTIONS_FILE = "predictions.jsonl"
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -59,6 +62,10 @@ class RunDir:
     def log_round(self, record: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(record, sort_keys=True) + "\n")
         self._metrics.flush()
+
+    def save_predictions(self, records: list[dict[str, Any]]) -> None:
+        """The latest evaluation's per-example records (the final one survives into `<out>`)."""
+        atomic_write(self.partial / PREDICTIONS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
     def finish(self, summary: dict[str, Any], server: ServerSide) -> Path:
         """Write the server's final state, its artifacts and the summary; then publish `<out>`."""
