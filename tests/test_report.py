@@ -190,6 +190,10 @@ def test_compare_over_seeds_reports_mean_and_std(compared, tmp_path):
     mixed = render_report([out, compared[0]], tmp_path / "mixed")
     assert [(r["run"], r["n"]) for r in mixed.seed_rows] == [("fedit", 3), ("fedavg", 1), ("fedit (fedit)", 1)]
     assert mixed.seed_rows[1]["final_loss_std"] is None
+    # A second run of a seed (here a copy) is not another seed: it starts a group of its own.
+    shutil.copytree(out / "fedit-seed1", tmp_path / "again" / "fedit-seed1")
+    repeated = render_report([out, tmp_path / "again"], tmp_path / "repeated")
+    assert [(r["seeds"], r["n"]) for r in repeated.seed_rows] == [("0 1 2", 3), ("1", 1)]
 
 
 def test_seed_statistics_and_parsing():

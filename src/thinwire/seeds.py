@@ -27,21 +27,32 @@ class SeedGroup:
 
     @property
     def seeds(self) -> list[Any]:
-        return [run.config.get(SEED_KEY, run.summary.get("seed")) for run in self.runs]
+        return [_seed(run) for run in self.runs]
+
+
+def _seed(run: Run) -> Any:
+    return run.config.get(SEED_KEY, run.summary.get("seed"))
 
 
 def seed_groups(runs: list[Run]) -> list[SeedGroup]:
-    """Runs grouped by setting, in first-seen order. A run without a readable config is its own group.
+    """Runs grouped by setting, in first-seen order, one run per seed in a group (a second run of a
+    seed, which differs in something the config does not record, such as the environment, starts
+    another group). A run without a readable config is its own group.
 
     A group is labelled by its runs' directory name without a `-seed<N>` suffix when they share one,
     else by its first run's label; repeated labels get ` #2`, ` #3`.
     """
-    members: dict[str, list[Run]] = {}
+    members: dict[str, list[list[Run]]] = {}
     for run in runs:
         setting = {k: v for k, v in run.config.items() if k != SEED_KEY} if run.config else str(run.path)
-        members.setdefault(json.dumps(setting, sort_keys=True, default=str), []).append(run)
+        same = members.setdefault(json.dumps(setting, sort_keys=True, default=str), [])
+        free = [g for g in same if _seed(run) not in {_seed(r) for r in g}]
+        if free:
+            free[0].append(run)
+        else:
+            same.append([run])
     groups, used = [], {}
-    for group in members.values():
+    for group in (g for same in members.values() for g in same):
         names = {_SEED_SUFFIX.sub("", run.path.name) for run in group}
         label = names.pop() if len(group) > 1 and len(names) == 1 else group[0].label
         used[label] = used.get(label, 0) + 1
