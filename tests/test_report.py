@@ -181,8 +181,8 @@ def test_compare_over_seeds_reports_mean_and_std(compared, tmp_path):
     std = (sum((x - mean) ** 2 for x in losses) / 2) ** 0.5
     assert float(row["final_loss_mean"]) == pytest.approx(mean)
     assert float(row["final_loss_std"]) == pytest.approx(std)
-    gains = [s["final_eval"]["loss"] - s["base_eval"]["loss"] for s in summaries]
-    assert float(row["gain_loss_mean"]) == pytest.approx(sum(gains) / 3)
+    changes = [s["final_eval"]["loss"] - s["base_eval"]["loss"] for s in summaries]
+    assert float(row["change_loss_mean"]) == pytest.approx(sum(changes) / 3)
     assert f"{mean:.4f} ± {std:.4f}" in (out / "comparison.md").read_text()
     assert 'id="seeds"' in (out / "report.html").read_text()
 

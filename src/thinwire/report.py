@@ -541,7 +541,7 @@ def write_markdown(runs: list[Run], rows: list[dict[str, Any]], skipped: list[tu
     lines.append("")
     lines.append(_reference_note(rows))
     if _has_repeats(seed_rows):
-        header = ["setting", "seeds"] + [_metric_label(k) + " (gain)" for k in keys]
+        header = ["setting", "seeds"] + [_metric_label(k) + " (change from base)" for k in keys]
         lines += ["", f"## Across seeds ({SEEDS_NOTE})", "",
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in seed_rows:
@@ -575,7 +575,7 @@ def _has_repeats(seed_rows: list[dict[str, Any]]) -> bool:
 
 def _seed_cell(row: dict[str, Any], key: str) -> str:
     final = format_mean_std(row[f"final_{key}_mean"], row[f"final_{key}_std"])
-    return f"{final} ({format_mean_std(row[f'gain_{key}_mean'], row[f'gain_{key}_std'])})"
+    return f"{final} ({format_mean_std(row[f'change_{key}_mean'], row[f'change_{key}_std'])})"
 
 
 def _reference_note(rows: list[dict[str, Any]]) -> str:
@@ -682,7 +682,7 @@ def write_html(runs: list[Run], rows: list[dict[str, Any]], plots: dict[str, byt
     if _has_repeats(seed_rows):
         parts += ["<h2>Across seeds</h2>", '<div class="scroll"><table id="seeds">',
                   '<thead><tr><th class="name">setting</th><th>seeds</th>']
-        parts += [f"<th>{_e(_metric_label(k))}<br><small>final (gain)</small></th>" for k in keys]
+        parts += [f"<th>{_e(_metric_label(k))}<br><small>final (change from base)</small></th>" for k in keys]
         parts.append("</tr></thead><tbody>")
         for row in seed_rows:
             parts.append(f'<tr data-run="{_e(row["run"])}">' + _td(_e(row["run"]), cls="name")

@@ -71,22 +71,22 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def group_rows(groups: list[SeedGroup], metrics: list[str]) -> list[dict[str, Any]]:
-    """One row per group: seeds, and mean/std of each metric's final value and gain over the base
+    """One row per group: seeds, and mean/std of each metric's final value and change from the base
     model, and of the up+down bytes per client-round (runs lacking a metric are left out of it)."""
     rows = []
     for group in groups:
         row: dict[str, Any] = {"run": group.label, "method": group.runs[0].method, "n": len(group.runs),
                                "seeds": " ".join(str(s) for s in group.seeds)}
         for key in metrics:
-            finals, gains = [], []
+            finals, changes = [], []
             for run in group.runs:
                 final, base = run.summary["final_eval"].get(key), run.summary["base_eval"].get(key)
                 if final is not None:
                     finals.append(float(final))
                     if base is not None:
-                        gains.append(float(final) - float(base))
+                        changes.append(float(final) - float(base))
             row[f"final_{key}_mean"], row[f"final_{key}_std"] = mean_std(finals)
-            row[f"gain_{key}_mean"], row[f"gain_{key}_std"] = mean_std(gains)
+            row[f"change_{key}_mean"], row[f"change_{key}_std"] = mean_std(changes)
         traffic = [float(r.summary["uplink_bytes_per_client_round"] + r.summary["downlink_bytes_per_client_round"])
                    for r in group.runs]
         row["bytes_per_client_round_mean"] = mean_std(traffic)[0]
