@@ -29,7 +29,10 @@ take most of a third of the large model's compute. The final hidden states live 
 low-dimensional subspace: projecting them on their top-96 principal directions before the tied
 head changes SmolLM2-135M's next-token distribution by KL 0.088 (top-64: 0.244, top-128: 0.035).
 So the head is `up(down(h))` with `down` = those 96 directions (96 x 576) and `up` = the embedding
-matrix times them (49152 x 96): 4.8M multiply-adds. The cached directory is a plain Hugging Face
+matrix times them (49152 x 96): 4.8M multiply-adds. (Rank 96 does limit what LoRA learns on
+copying families through the large model's body, `benchmarks/head_rank.py`; but trading MLP width
+for rank, 96 neurons and rank 256, made FedIT on the small model worse: BENCHMARKS.md, eighth
+session.) The cached directory is a plain Hugging Face
 model (the pruned layers with the tied head) plus `lowrank_head.safetensors`; `load_small`
 installs the factorised head from it.
 
