@@ -34,6 +34,10 @@ def gain(final: dict[str, float], base: dict[str, float]) -> dict[str, float]:
             if m in final and m in base}
 
 
+def mean(gains: list[dict[str, float]]) -> dict[str, float]:
+    return {m: sum(g[m] for g in gains) / len(gains) for m in gains[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reference", nargs="+", type=Path, required=True, help="reference run directories")
@@ -61,7 +65,6 @@ def main() -> None:
         for seed, mine in per_seed.items():
             row(name, str(seed), mine, reference[seed][1])
         if len(per_seed) > 1:
-            mean = lambda runs: {m: sum(r[m] for r in runs) / len(runs) for m in runs[0]}  # noqa: E731
             row(name, "mean", mean(list(per_seed.values())), mean([reference[s][1] for s in per_seed]))
     Console().print(table)
 

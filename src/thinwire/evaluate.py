@@ -102,12 +102,16 @@ def score_splits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, spl
             for r in score_examples(model, tokenizer, examples, cfg, max_length, prefix)]
 
 
+def _grouped(records: list[dict], key: str) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(record[key], []).append(record)
+    return groups
+
+
 def split_metrics(records: list[dict]) -> dict[str, float]:
     """Each split's `summarise`, its keys carrying the split's prefix (e.g. heldout_rougeL)."""
-    result = {}
-    for prefix in dict.fromkeys(r["split"] for r in records):
-        result.update({prefix + k: v for k, v in summarise([r for r in records if r["split"] == prefix]).items()})
-    return result
+    return {prefix + k: v for prefix, group in _grouped(records, "split").items() for k, v in summarise(group).items()}
 
 
 def evaluate_splits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, splits: dict[str, list[dict]],
@@ -118,6 +122,5 @@ def evaluate_splits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
 
 def by_task(records: list[dict]) -> dict[str, dict[str, float]]:
     """`summarise` per task of the main split's records (examples without a task are left out)."""
-    tasks = dict.fromkeys(r["task"] for r in records if r["split"] == "" and r["task"])
-    return {t: {"n": float(len(rs)), **summarise(rs)}
-            for t in tasks for rs in [[r for r in records if r["split"] == "" and r["task"] == t]]}
+    main = [r for r in records if r["split"] == "" and r["task"]]
+    return {task: {"n": float(len(group)), **summarise(group)} for task, group in _grouped(main, "task").items()}

@@ -72,6 +72,7 @@ class ReportResult:
     rows: list[dict[str, Any]]  # one per usable run, as written to comparison.csv
     runs: list[Path]  # the run directories used, in row order
     seeds_csv: Path | None = None
+    tasks_csv: Path | None = None
     seed_rows: list[dict[str, Any]] = field(default_factory=list)  # one per setting, as in across_seeds.csv
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (directory, reason)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (method, reason) from compare
@@ -528,7 +529,7 @@ def write_markdown(runs: list[Run], rows: list[dict[str, Any]], skipped: list[tu
     header = ["run"] + [_metric_label(k) for k in keys]
     header += ["up / client-round", "down / client-round", "total traffic", "vs FedAvg",
                "round time (local + agg)", "peak RSS"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [_md_row(header), "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["run"]]
         cells += [f"{_fmt_metric(row[f'base_{k}'])} → {_fmt_metric(row[f'final_{k}'])}" for k in keys]
@@ -537,27 +538,28 @@ def write_markdown(runs: list[Run], rows: list[dict[str, Any]], skipped: list[tu
                   _fmt_ratio(row["traffic_ratio_vs_fedavg"]),
                   f"{_fmt_s(row['round_s_mean'])} ({_fmt_s(row['local_s_mean'])} + "
                   f"{_fmt_s(row['aggregate_s_mean'])})", f"{row['peak_rss_mb']:,.0f} MB"]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append(_md_row(cells))
     lines.append("")
     lines.append(_reference_note(rows))
     if _has_repeats(seed_rows):
         header = ["setting", "seeds"] + [_metric_label(k) + " (change from base)" for k in keys]
-        lines += ["", f"## Across seeds ({SEEDS_NOTE})", "",
-                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for row in seed_rows:
-            cells = [row["run"], row["seeds"]] + [_seed_cell(row, k) for k in keys]
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines += ["", f"## Across seeds ({SEEDS_NOTE})", "", _md_row(header), "|" + "---|" * len(header)]
+        lines += [_md_row([row["run"], row["seeds"], *(_seed_cell(row, k) for k in keys)]) for row in seed_rows]
     tasks, with_tasks, cells = _task_table(runs)
     if tasks:
-        lines += ["", f"## By task ({TASKS_NOTE})", "", "| task | " + " | ".join(r.label for r in with_tasks) + " |",
+        lines += ["", f"## By task ({TASKS_NOTE})", "", _md_row(["task", *(r.label for r in with_tasks)]),
                   "|" + "---|" * (len(with_tasks) + 1)]
-        lines += ["| " + " | ".join([task, *row]) + " |" for task, row in zip(tasks, cells)]
+        lines += [_md_row([task, *row]) for task, row in zip(tasks, cells)]
     if failed or skipped:
         lines += ["", "## Failed or skipped", ""]
         lines += [f"- {method}: failed: {reason}" for method, reason in failed]
         lines += [f"- {path}: skipped: {reason}" for path, reason in skipped]
     lines += ["", "Plots: " + ", ".join(PLOTS), ""]
     return "\n".join(lines)
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
 
 SEEDS_NOTE = "mean ± sample std over runs whose configs differ only in federation.seed"
@@ -841,4 +843,4 @@ def render_report(run_dirs: list[Path], out: Path, failures: list[tuple[str, str
     return ReportResult(out=out, html=out / "report.html", csv=out / "comparison.csv",
                         markdown=out / "comparison.md", plots=plot_paths, rows=rows,
                         runs=[r.path for r in runs], skipped=skipped, failed=failed,
-                        seeds_csv=out / SEEDS_CSV, seed_rows=seed_rows)
+                        seeds_csv=out / SEEDS_CSV, tasks_csv=out / TASKS_CSV, seed_rows=seed_rows)

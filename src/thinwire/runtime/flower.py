@@ -228,7 +228,6 @@ def serve(grid: Grid, config: Config, out: Path, quiet: bool = True, runtime: st
 
 
 def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
-    from thinwire.evaluate import score_splits, split_metrics
     from thinwire.methods.base import Reply, RunContext, Workbench
     from thinwire.runtime import records
     from thinwire.runtime.display import make_progress
@@ -247,10 +246,7 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
     link = _Link(grid, RecordDict({META: ConfigRecord({"config": text, "config-sha": digest})}), timeout_s)
 
     def evaluate_global() -> dict[str, float]:
-        scored = score_splits(server.eval_model(), workbench.tokenizer, federation.eval_splits(),
-                              config.eval, config.data.max_length)
-        run_dir.save_predictions(scored)
-        return split_metrics(scored)
+        return records.evaluate_global(config, server, workbench.tokenizer, federation, run_dir)
 
     progress = make_progress()
     rounds: list[dict[str, Any]] = []

@@ -36,7 +36,6 @@ import numpy as np
 from thinwire.config import Config
 from thinwire.data import Federation, build_federation
 from thinwire.errors import UsageError
-from thinwire.evaluate import score_splits, split_metrics
 from thinwire.methods import MethodSpec, get_method
 from thinwire.methods.base import ClientState, Reply, RunContext, ServerSide, Workbench
 from thinwire.methods.validate import reason as short_reason
@@ -129,10 +128,7 @@ def _federate(config: Config, spec: MethodSpec, federation: Federation, run_dir:
     checkpoint = Checkpoint(run_dir.partial)
 
     def evaluate_global() -> dict[str, float]:
-        scored = score_splits(server.eval_model(), workbench.tokenizer, federation.eval_splits(),
-                              config.eval, config.data.max_length)
-        run_dir.save_predictions(scored)
-        return split_metrics(scored)
+        return records.evaluate_global(config, server, workbench.tokenizer, federation, run_dir)
 
     progress = make_progress()
     rounds: list[dict[str, Any]] = []

@@ -12,12 +12,21 @@ from collections.abc import Callable
 from typing import Any
 
 from thinwire.config import Config
+from thinwire.evaluate import score_splits, split_metrics
 from thinwire.runtime.rundir import peak_rss_mb
 
 
 def too_few_reason(accepted: int, needed: int) -> str:
     """Why a reply that arrived was not used: its round fell short of `federation.min_replies`."""
     return f"reply discarded: {accepted} of the {needed} replies the round needs (federation.min_replies)"
+
+
+def evaluate_global(config: Config, server: Any, tokenizer: Any, federation: Any, run_dir: Any) -> dict[str, float]:
+    """Score the server's current model on every evaluation split, keep the per-example records in
+    the run directory (`predictions.jsonl`) and return the metrics (both runtimes)."""
+    scored = score_splits(server.eval_model(), tokenizer, federation.eval_splits(), config.eval, config.data.max_length)
+    run_dir.save_predictions(scored)
+    return split_metrics(scored)
 
 
 def close_round(config: Config, server: Any, rnd: int, replies: list[Any], skipped: bool,
