@@ -87,12 +87,13 @@ class FederationConfig:
 class MethodConfig:
     name: str = opt("fedit", "federated method", choices=METHOD_NAMES)
     weighting: str = opt("examples", "how client updates are weighted", choices=("examples", "equal"))
-    server_optimizer: str = opt("none", "server optimizer over the mean update",
-                                choices=("none", "fedavgm", "fedadam"))
+    server_optimizer: str = opt("none", "server optimizer over the mean update (fedexp: a step of "
+                                "server_lr x max(1, mean client |update|^2 / (2 |mean update|^2)))",
+                                choices=("none", "fedavgm", "fedadam", "fedexp"))
     server_lr: float = opt(1.0, "server learning rate", low=0)
     server_momentum: float = opt(0.9, "FedAvgM momentum / FedAdam beta1", low=0, high=0.999999)
     server_beta2: float = opt(0.99, "FedAdam beta2", low=0, high=0.999999)
-    server_tau: float = opt(1e-3, "FedAdam adaptivity (epsilon)", low=0)
+    server_tau: float = opt(1e-3, "FedAdam adaptivity / FedExP epsilon", low=0)
     aggregation: str = opt("mean", "how client updates are combined: weighted mean, or coordinate-wise "
                            "median / trimmed mean (unweighted; robust to a few hostile clients)",
                            choices=("mean", "median", "trimmed-mean"))

@@ -261,6 +261,9 @@ class CGFedLLMServer(_Rule, FedITServer):
         if self.options.paper_sum and self.config.method.aggregation != "mean":
             raise UsageError("method.cgfedllm.paper_sum replaces the mean; it cannot be combined with "
                              f"method.aggregation = {self.config.method.aggregation!r}")
+        if self.options.paper_sum and self.config.method.server_optimizer == "fedexp":
+            raise UsageError("method.cgfedllm.paper_sum sums the decoded objects, so FedExP has no client updates "
+                             "to scale by: set method.server_optimizer to none, fedavgm or fedadam")
         super().setup()
         o = self.options
         self.ae_version = 0
@@ -395,17 +398,20 @@ class CGFedLLMServer(_Rule, FedITServer):
             self.client_ae[reply.client_id] = int(reply.payload.scalars.get("ae_version", 0))
             self.accepted[reply.client_id] = rnd
         cfg = self.config.method
+        updates, weights = [], []
         if self.options.paper_sum:
             update = self.to_update(weighted_mean([self._object(r) for r in replies], [1.0] * len(replies)),
                                     self.weights)
         else:
             factors = [self.clip_factor(r) for r in replies]
             updates = [robust.scale(self._update_of(r), f) for r, f in zip(replies, factors)]
-            update = robust.combine_tensors(updates, client_weights(replies, cfg.weighting), cfg.aggregation,
-                                            cfg.trim_fraction)
+            weights = client_weights(replies, cfg.weighting)
+            update = robust.combine_tensors(updates, weights, cfg.aggregation, cfg.trim_fraction)
             if cfg.clip_update_norm > 0:
                 metrics["clipped"] = float(sum(f < 1.0 for f in factors))
-        self.optimizer.step(self.weights, update)
+        lr = self.optimizer.step(self.weights, update, updates, weights)
+        if cfg.server_optimizer == "fedexp":
+            metrics["server_lr"] = lr
         self._objects.clear()
         metrics["update_norm"] = robust.l2_norm(update, self.weights)
         if self.learned and ((phase == "tgap" and rnd == self.options.tgap_rounds) or phase == "calibrate"):
