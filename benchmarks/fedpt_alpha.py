@@ -4,7 +4,12 @@ With `method.fedpt.distill = false` (FedAvg+PT) α enters only at evaluation, so
 what a run at that α would report. With distillation α also shaped the adapter during training,
 so the sweep shows the evaluation-time effect only. α = 0 is the large model alone.
 
+A FedIT run on the small model is FedAvg+PT's training exactly (the same clients, steps and
+aggregation; FedAvg+PT only evaluates differently), so its final adapter is proxy-tuned as the
+expert of a FedAvg+PT run with the default large model: no second run needed.
+
     python benchmarks/fedpt_alpha.py runs/variants/fedavg-pt --alphas 0,0.5,1,1.5
+    python benchmarks/fedpt_alpha.py runs/variants/fedit-small --alphas 1
 """
 
 from __future__ import annotations
@@ -26,16 +31,22 @@ from thinwire.methods.base import RunContext, Workbench
 from thinwire.methods.fedpt import FedPTServer
 from thinwire.wire import Payload
 
+SMALL_MODELS = ("smollm2-small", "tiny-small")
+
 
 def adapters(final: Payload, prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in final.tensors.items() if k.startswith(prefix)}
 
 
 def fedpt_config(run_dir: Path) -> Config:
-    """The resolved config of a FedPT run directory (SystemExit for any other method)."""
+    """The resolved config of a FedPT run directory, or of the FedAvg+PT run a FedIT run on a small
+    model trained for (SystemExit for any other run)."""
     config = load_config(run_dir / "config.toml")
+    if config.method.name == "fedit" and config.model.name in SMALL_MODELS:
+        return load_config(run_dir / "config.toml", ["method.name='fedpt'", "method.fedpt.distill=false"])
     if config.method.name != "fedpt":
-        raise SystemExit(f"{run_dir} is a {config.method.name} run; pass a fedpt run directory")
+        raise SystemExit(f"{run_dir} is a {config.method.name} run on {config.model.name}; pass a fedpt run "
+                         f"directory or a fedit one on {' or '.join(SMALL_MODELS)}")
     return config
 
 
@@ -57,7 +68,7 @@ def main() -> None:
     config = fedpt_config(args.run_dir)
     final = Payload.decode((args.run_dir / "final_state.safetensors").read_bytes())
     workbench, server = fedpt_server(config)
-    server.expert = adapters(final, "expert/")
+    server.expert = adapters(final, "expert/") or dict(final.tensors)  # a FedIT run's state is the adapter
     server.anti_weights = adapters(final, "anti/") or None
     splits = build_federation(config).eval_splits()
 
