@@ -27,7 +27,7 @@ def test_weighted_mean_by_hand():
 
 def test_plain_server_step():
     w = {"w": torch.tensor([1.0, 1.0])}
-    ServerOptimizer(MethodConfig(server_lr=0.5)).step(w, {"w": torch.tensor([2.0, -4.0])})
+    assert ServerOptimizer(MethodConfig(server_lr=0.5)).step(w, {"w": torch.tensor([2.0, -4.0])}) == {}
     assert torch.allclose(w["w"], torch.tensor([0.0, 3.0]))
 
 
@@ -63,8 +63,8 @@ def test_fedexp_step_applies_server_lr_times_scale():
     basis = [{"w": torch.eye(4)[i]} for i in range(4)]
     w = {"w": torch.zeros(4)}
     opt = ServerOptimizer(MethodConfig(server_optimizer="fedexp", server_lr=0.5, server_tau=0.0))
-    lr = opt.step(w, weighted_mean(basis, [0.25] * 4), basis, [0.25] * 4)
-    assert lr == pytest.approx(1.0)
+    metrics = opt.step(w, weighted_mean(basis, [0.25] * 4), basis, [0.25] * 4)
+    assert metrics == {"server_lr": pytest.approx(1.0)}
     assert torch.allclose(w["w"], torch.full((4,), -0.25))
     with pytest.raises(ValueError, match="clients' updates"):
         opt.step(w, {"w": torch.ones(4)})

@@ -409,9 +409,7 @@ class CGFedLLMServer(_Rule, FedITServer):
             update = robust.combine_tensors(updates, weights, cfg.aggregation, cfg.trim_fraction)
             if cfg.clip_update_norm > 0:
                 metrics["clipped"] = float(sum(f < 1.0 for f in factors))
-        lr = self.optimizer.step(self.weights, update, updates, weights)
-        if cfg.server_optimizer == "fedexp":
-            metrics["server_lr"] = lr
+        metrics.update(self.optimizer.step(self.weights, update, updates, weights))
         self._objects.clear()
         metrics["update_norm"] = robust.l2_norm(update, self.weights)
         if self.learned and ((phase == "tgap" and rnd == self.options.tgap_rounds) or phase == "calibrate"):

@@ -44,10 +44,8 @@ class DeltaServer(WeightsServer):
         factors = [self.clip_factor(r) for r in replies]
         updates = [robust.scale(r.payload.tensors, f) for r, f in zip(replies, factors)]
         mean = robust.combine_tensors(updates, weights, cfg.aggregation, cfg.trim_fraction)
-        lr = self.optimizer.step(self.weights, mean, updates, weights)
-        metrics = {"update_norm": robust.l2_norm(mean, self.weights)}
-        if cfg.server_optimizer == "fedexp":
-            metrics["server_lr"] = lr
+        metrics = self.optimizer.step(self.weights, mean, updates, weights)
+        metrics["update_norm"] = robust.l2_norm(mean, self.weights)
         if cfg.clip_update_norm > 0:
             metrics["clipped"] = float(sum(f < 1.0 for f in factors))
         return metrics

@@ -34,9 +34,9 @@ class ServerOptimizer:
 
     @torch.no_grad()
     def step(self, weights: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
-             updates: list[dict[str, torch.Tensor]] = (), client_weights: list[float] = ()) -> float:
+             updates: list[dict[str, torch.Tensor]] = (), client_weights: list[float] = ()) -> dict[str, float]:
         """Apply the aggregated `delta`; FedExP also reads the clients' `updates` and their
-        aggregation weights. Returns the learning rate applied (server_lr × FedExP's scale)."""
+        aggregation weights. Returns the round's metrics: FedExP's learning rate (server_lr × scale)."""
         cfg = self.cfg
         lr = cfg.server_lr
         if cfg.server_optimizer == "fedexp":
@@ -56,4 +56,4 @@ class ServerOptimizer:
                 m.mul_(cfg.server_momentum).add_(d, alpha=1 - cfg.server_momentum)
                 v.mul_(cfg.server_beta2).addcmul_(d, d, value=1 - cfg.server_beta2)
                 weights[name].sub_(cfg.server_lr * m / (v.sqrt() + cfg.server_tau))
-        return lr
+        return {"server_lr": lr} if cfg.server_optimizer == "fedexp" else {}
