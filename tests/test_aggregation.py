@@ -111,3 +111,14 @@ def test_cgfedllm_paper_sum_refuses_fedexp(tmp_path, smoke_config):
     with pytest.raises(UsageError, match="paper_sum .* FedExP"):
         run_local(config, tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["ferret", "fedkseed"])
+def test_history_methods_refuse_a_server_optimizer(tmp_path, smoke_config, method):
+    from thinwire.errors import UsageError
+    from thinwire.runtime.local import run_local
+
+    config = smoke_config(f"method.name='{method}'", "method.server_optimizer='fedexp'")
+    with pytest.raises(UsageError, match="does not apply to"):
+        run_local(config, tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()

@@ -35,6 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from thinwire.errors import UsageError
 from thinwire.methods import validate
 from thinwire.methods.base import ClientSide, ClientState, Reply, WeightsServer, check_tensors, load_into, snapshot
 from thinwire.wire import Payload, PayloadError
@@ -69,6 +70,11 @@ class UpdateRule:
 
 class HistoryServer(UpdateRule, WeightsServer):
     def setup(self) -> None:
+        method = self.config.method
+        if method.server_optimizer != "none":
+            raise UsageError(f"method.server_optimizer = {method.server_optimizer!r} does not apply to {method.name}: "
+                             "its clients replay the server's per-round updates, which no server optimizer "
+                             "shapes; set method.server_optimizer = 'none'")
         _, params = self.ctx.workbench.trainable(self.lora)
         self.weights = snapshot(params)
         self.history: list[Payload] = []
