@@ -29,9 +29,8 @@ from thinwire.evaluate import evaluate_splits
 from thinwire.methods import get_method
 from thinwire.methods.base import RunContext, Workbench
 from thinwire.methods.fedpt import FedPTServer
+from thinwire.models import SMALL_MODELS
 from thinwire.wire import Payload
-
-SMALL_MODELS = ("smollm2-small", "tiny-small")
 
 
 def adapters(final: Payload, prefix: str) -> dict[str, torch.Tensor]:

@@ -49,12 +49,15 @@ def load_model(cfg: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTrained
     return model, tokenizer
 
 
+SMALL_MODELS = ("tiny-small", "smollm2-small")  # built-in device models that share a large model's vocabulary
+
+
 def _load(name: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if name == "tiny":
         from thinwire.models.tiny import build_tiny
 
         return build_tiny(seed)
-    if name in ("tiny-small", "smollm2-small"):
+    if name in SMALL_MODELS:
         from thinwire.models.small import load_small
 
         return load_small(name, seed)
