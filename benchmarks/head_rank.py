@@ -39,6 +39,27 @@ def response_loss(model: torch.nn.Module, tokenizer, examples: list[dict]) -> to
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
 
+def lora_learnability(model: torch.nn.Module, tokenizer, model_config, tasks: list[str], steps: int,
+                      batch_size: int = 4, lr: float = 2e-3) -> tuple[float, float]:
+    """Held-out response loss on `tasks` before and after `steps` LoRA steps (`model_config`'s
+    adapter) on a copy of `model`: how much a device's few local steps can teach it."""
+    model = add_lora(copy.deepcopy(model), model_config, 0)
+    train, test = generate_suite(40, 5, tasks), generate_suite(8, 77, tasks)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    order = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        before = response_loss(model, tokenizer, test).item()
+    for _ in range(steps):
+        picks = torch.randint(len(train), (batch_size,), generator=order)
+        response_loss(model, tokenizer, [train[i] for i in picks]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        after = response_loss(model, tokenizer, test).item()
+    return before, after
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", default="uppercase,last-item,capital-of")
@@ -53,7 +74,6 @@ def main() -> None:
     large, tokenizer = load_model(dataclasses.replace(config.model, name="smollm2-135m"), 0)
     hidden = final_hidden_states(large, tokenizer)
     tasks = args.tasks.split(",")
-    train, test = generate_suite(40, 5, tasks), generate_suite(8, 77, tasks)
 
     table = Table(title=f"SmolLM2-135M through a rank-r head: LoRA ({config.model.lora_rank}, "
                         f"{'/'.join(config.model.lora_targets)}) for {args.steps} steps on {', '.join(tasks)}")
@@ -66,19 +86,7 @@ def main() -> None:
             install_head(model, factorised_head(large, hidden, rank))
         head = model.get_output_embeddings()
         macs = sum(m.weight.numel() for m in head.modules() if isinstance(m, torch.nn.Linear))
-        model = add_lora(model, config.model, 0)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-        order = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            before = response_loss(model, tokenizer, test).item()
-        for _ in range(args.steps):
-            picks = torch.randint(len(train), (args.batch_size,), generator=order)
-            response_loss(model, tokenizer, [train[i] for i in picks]).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            after = response_loss(model, tokenizer, test).item()
+        before, after = lora_learnability(model, tokenizer, config.model, tasks, args.steps, args.batch_size, args.lr)
         table.add_row(f"rank {rank}" if rank else "full (tied)", f"{macs / 1e6:.1f}M", f"{before:.3f}",
                       f"{after:.3f}", f"{time.perf_counter() - started:.0f}")
     Console().print(table)

@@ -12,6 +12,10 @@ defaults to the built-in's, 0 keeps the full tied head).
     python benchmarks/small_model.py --heal-steps 60 --recipes 11:0:0,11:1:0,15:1:1024,20:1:640,30:0:256
     python benchmarks/small_model.py --heal-steps 60 --recipes 30:0:256:96,30:0:160:192
     python benchmarks/small_model.py --heal-steps 60 --recipes 11:0:0,11:1:0 --focus all,response
+    python benchmarks/small_model.py --heal-steps 60 --recipes 30:0:256:96,24:4:256:256 --lora-steps 30
+
+`--lora-steps N` adds what matters to a device: the held-out response loss on `--lora-tasks` (the
+families the small model's clients fail to learn) after N LoRA steps (`head_rank.lora_learnability`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from head_rank import CONFIG, lora_learnability  # benchmarks/ is on sys.path when a script runs
+from thinwire.config import load_config
 from thinwire.models import small as S
 
 PROBE_SEED = 999
@@ -35,6 +41,8 @@ def main() -> None:
                         help="comma-separated layers:keep_last:mlp_width[:head_rank]")
     parser.add_argument("--focus", default="all", help="comma-separated healing foci (all, response)")
     parser.add_argument("--per-family", type=int, default=S.HEAL_PER_FAMILY, help="healing examples per family")
+    parser.add_argument("--lora-steps", type=int, default=0, help="also LoRA-tune each model this many steps")
+    parser.add_argument("--lora-tasks", default="uppercase,last-item,capital-of", help="families LoRA tunes on")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -54,7 +62,7 @@ def main() -> None:
         info = S.describe()
         rows.append((f"cached {S.NAME}: {info['layers']} layers, last {info['keep_last']} kept, "
                      f"MLP {info['mlp_width'] or 'whole'}, focus {info['heal_focus']}",
-                     S.closeness(model.eval(), large, probe), float("nan")))
+                     model.eval(), float("nan")))
     else:
         hidden = S.final_hidden_states(large, tokenizer)
         for recipe in args.recipes.split(","):
@@ -67,13 +75,18 @@ def main() -> None:
                 S.heal(model, large, tokenizer, args.heal_steps, per_family=args.per_family, focus=focus)
                 rows.append((f"{layers} layers, last {keep_last} kept, MLP {width or 'whole'}, head rank "
                              f"{rank or 'full'}, focus {focus}, {args.heal_steps} steps, {ratio:.3f} of the FLOPs",
-                             S.closeness(model, large, probe), time.perf_counter() - started))
+                             model, time.perf_counter() - started))
+    lora_config = load_config(CONFIG).model
+    lora_tasks = args.lora_tasks.split(",")
     table = Table(title="small model against SmolLM2-135M on held-out suite examples")
-    for column in ("model", "KL response", "KL prompt", "CE small", "CE large", "heal s"):
+    lora_columns = ("LoRA loss before", f"after {args.lora_steps} steps") if args.lora_steps else ()
+    for column in ("model", "KL response", "KL prompt", "CE small", "CE large", *lora_columns, "heal s"):
         table.add_column(column, justify="right")
-    for label, c, seconds in rows:
+    for label, model, seconds in rows:
+        c = S.closeness(model, large, probe)
+        lora = lora_learnability(model, tokenizer, lora_config, lora_tasks, args.lora_steps) if args.lora_steps else ()
         table.add_row(label, *(f"{c[k]:.3f}" for k in ("kl_response", "kl_prompt", "ce_small", "ce_large")),
-                      f"{seconds:.0f}")
+                      *(f"{v:.3f}" for v in lora), f"{seconds:.0f}")
     Console().print(table)
 
 
