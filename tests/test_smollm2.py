@@ -189,7 +189,8 @@ def test_small_model_build_saves_what_it_healed(prepared, monkeypatch):
     # batch is a forward pass of the full large model, and the test checks what is saved, not how well
     calibrate, probe = small.calibration_batches, small.probe_batches
     monkeypatch.setattr(small, "calibration_batches", lambda tokenizer, **kw: calibrate(tokenizer, batches=1))
-    monkeypatch.setattr(small, "probe_batches", lambda tokenizer, seed, max_length=96: probe(tokenizer, seed, max_length, 1))
+    monkeypatch.setattr(small, "probe_batches",
+                        lambda tokenizer, seed, max_length=small.HEAL_MAX_LENGTH: probe(tokenizer, seed, max_length, 1))
     recipe = {"layers": 2, "keep_last": 1, "mlp_width": 32, "heal_steps": 2, "head_rank": 8}
     directory = small.prepare(prepared.root, show_progress=False, **recipe)
     assert small.is_ready(prepared.root, **recipe)
