@@ -42,8 +42,9 @@ def response_loss(model: torch.nn.Module, tokenizer, examples: list[dict]) -> to
 def lora_learnability(model: torch.nn.Module, tokenizer, model_config, tasks: list[str], steps: int,
                       batch_size: int = 4, lr: float = 2e-3) -> tuple[float, float]:
     """Held-out response loss on `tasks` before and after `steps` LoRA steps (`model_config`'s
-    adapter) on a copy of `model`: how much a device's few local steps can teach it."""
-    model = add_lora(copy.deepcopy(model), model_config, 0)
+    adapter): how much a device's few local steps can teach `model`. Adds the adapter to `model`
+    in place: pass a model you no longer need."""
+    model = add_lora(model, model_config, 0)
     train, test = generate_suite(40, 5, tasks), generate_suite(8, 77, tasks)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
