@@ -16,6 +16,7 @@ loaded once and reused, so simulating many clients never holds many models.
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,6 +108,14 @@ class RunContext:
     config: Config
     workbench: Workbench
     on_step: Callable[[], None] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, message: str) -> None:
+        """Say something about the run once: on stderr now, and in the next round's record of
+        metrics.jsonl (the runtime drains `warnings`)."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+            print(f"warning: {message}", file=sys.stderr)
 
 
 class ServerSide(ABC):
