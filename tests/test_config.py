@@ -29,13 +29,28 @@ def test_compare_tables_apply_to_their_method_only(tmp_path):
     path.write_text('[train]\nlr = 1e-4\nlocal_steps = 7\n'
                     '[compare.fedit.train]\nlr = 2e-3\n'
                     '[compare.fedpt.model]\nname = "tiny"\n[compare.fedpt.method.fedpt]\nalpha = 0.5\n')
-    assert load_config(path).train.lr == 1e-4  # `thinwire run` ignores [compare]
+    assert load_config(path).train.lr == 2e-3  # the default method, fedit, runs with its table
+    assert load_config(path, ["method.name=fedavg"]).train.lr == 1e-4
+    assert load_config(path, ["method.name=fedavg", "method.name=fedit"]).train.lr == 2e-3  # the last --set wins
     assert load_config(path, variant="fedavg").train.lr == 1e-4
     fedit = load_config(path, ["method.name=fedit"], variant="fedit")
     assert fedit.train.lr == 2e-3 and fedit.train.local_steps == 7
     assert load_config(path, ["train.lr=0.5"], variant="fedit").train.lr == 0.5  # the command line wins
     fedpt = load_config(path, ["method.name=fedpt"], variant="fedpt")
     assert fedpt.model.name == "tiny" and fedpt.method.options["fedpt"]["alpha"] == 0.5
+
+
+def test_method_train_defaults_apply_where_the_config_is_silent(tmp_path):
+    ferret = load_config(None, ["method.name=ferret"])
+    assert ferret.train.optimizer == "sgd"  # the released code's local optimizer
+    assert load_config(None, ["method.name=fedavg"]).train.optimizer == "adamw"
+    assert load_config(None, ["method.name=ferret", "train.optimizer='adamw'"]).train.optimizer == "adamw"
+    path = tmp_path / "c.toml"
+    path.write_text('[train]\noptimizer = "adamw"\n')
+    assert load_config(path, ["method.name=ferret"]).train.optimizer == "adamw"  # a key in the file wins
+    recorded = tmp_path / "resolved.toml"
+    recorded.write_text(to_toml(ferret))
+    assert 'optimizer = "sgd"' in recorded.read_text() and load_config(recorded) == ferret
 
 
 def test_named_variants_set_their_method(tmp_path):

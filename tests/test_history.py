@@ -9,8 +9,8 @@ from thinwire.methods.base import ClientState, Reply, RunContext, Workbench
 from thinwire.wire import Payload
 
 # label → settings under which the tiny model learns in a few rounds (the method is the label's first word)
-SETTINGS = {"fedkseed": [], "fedkseed-pro": [], "ferret": ["method.server_lr=0.3"],
-            "ferret sketch": ["method.server_lr=0.3", "method.ferret.basis='sketch'"]}
+SETTINGS = {"fedkseed": [], "fedkseed-pro": [], "ferret": [],
+            "ferret sketch": ["method.ferret.basis='sketch'"]}
 HISTORY_METHODS = list(SETTINGS)
 
 

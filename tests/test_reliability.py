@@ -24,7 +24,7 @@ from thinwire.wire import Payload
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "examples" / "smoke.toml"
 # per method: settings under which the tiny model learns in a few rounds (as in test_history.py)
-LEARNS = {"fedavg": [], "fedit": ["train.lr=5e-2"], "ferret": ["method.server_lr=0.3"], "fedkseed": []}
+LEARNS = {"fedavg": [], "fedit": ["train.lr=5e-2"], "ferret": [], "fedkseed": []}
 TIMING = {"time_s", "wall_s", "peak_rss_mb", "train_s"}
 
 

@@ -144,19 +144,34 @@ VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 def load_config(path: str | Path | None, overrides: list[str] = (), variant: str | None = None) -> Config:
     """Read a TOML file (or start from defaults), apply `section.key=value` overrides, validate.
 
-    A file may hold settings for `thinwire compare` in `[compare.<name>.<section>]` tables:
-    per-method settings when <name> is a method (e.g. a higher lr for LoRA methods), or a named
-    variant when the table sets `method.name` (e.g. [compare.fedpt-a0.5] running fedpt with
-    another alpha). `variant` names the table merged in, before the overrides; without it,
-    `[compare]` is only checked.
+    A file may hold per-run settings in `[compare.<name>.<section>]` tables: per-method settings
+    when <name> is a method (e.g. a higher lr for LoRA methods), or a named variant when the
+    table sets `method.name` (e.g. [compare.fedpt-a0.5] running fedpt with another alpha).
+    `variant` names the table merged in, before the overrides; without it, the table of the
+    method that runs (after the overrides) is merged, so `thinwire run FILE --set method.name=X`
+    runs X exactly as `thinwire compare FILE --methods X` does.
+
+    Keys that neither the file nor the overrides set take their defaults; for `[train]`, the
+    running method's own defaults (`ServerSide.train_defaults`, e.g. Ferret's SGD) come first.
     """
     table = _read_table(path)
     per_run = _compare_tables(table.pop("compare", {}))
-    if variant in per_run:
-        _merge_tables(table, per_run[variant])
+    chosen = variant if variant is not None else _method_name(table, overrides)
+    if chosen in per_run:
+        _merge_tables(table, per_run[chosen])
     for item in overrides:
         _apply_override(table, item)
     return from_dict(table)
+
+
+def _method_name(table: dict[str, Any], overrides: list[str]) -> Any:
+    """The method a run of this file with these overrides uses (its [compare.<method>] settings apply)."""
+    probe = {"method": dict(table.get("method", {})) if isinstance(table.get("method"), dict) else {}}
+    for item in overrides:
+        if item.split("=", 1)[0].strip() == "method.name":
+            _apply_override(probe, item)
+    name = probe["method"].get("name", MethodConfig.name)
+    return name if name in METHOD_NAMES else None
 
 
 def compare_variants(path: str | Path | None) -> list[str]:
@@ -221,6 +236,9 @@ def from_dict(table: dict[str, Any]) -> Config:
             options = {k: raw.pop(k) for k in list(raw) if isinstance(raw[k], dict)}
             section = parse_section(cls, raw, name)
             section.options = _method_options(section.name, options)
+        elif name == "train":
+            method = sections["method"]
+            section = parse_section(cls, {**_method_train_defaults(method.name, method.options), **raw}, name)
         else:
             section = parse_section(cls, raw, name)
         sections[name] = section
@@ -296,6 +314,13 @@ def _method_options(method: str, options: dict[str, dict]) -> dict[str, Any]:
     if method in classes and method not in parsed:
         parsed[method] = dataclasses.asdict(classes[method]())
     return parsed
+
+
+def _method_train_defaults(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The `[train]` values `method` is meant to run with when the config does not set them."""
+    from thinwire.methods import train_defaults
+
+    return train_defaults(method, options)
 
 
 def method_options(config: Config, method: str, cls: type) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import Any
 
 from thinwire.config import METHOD_NAMES
 from thinwire.errors import UsageError
@@ -46,3 +47,10 @@ def get_method(name: str) -> MethodSpec:
 def option_classes() -> dict[str, type]:
     """Options dataclass of every method that has one (config validates `[method.<name>]`)."""
     return {name: spec.options for name in _REGISTRY if (spec := get_method(name)).options is not None}
+
+
+def train_defaults(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The `[train]` values method `name` runs with unless the config sets them (an unknown name: none)."""
+    if name not in _REGISTRY:
+        return {}
+    return get_method(name).server.train_defaults(options)

@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -123,8 +124,21 @@ class ServerSide(ABC):
         self.ctx = ctx
         self.config = ctx.config
 
+    @classmethod
+    def train_defaults(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """`[train]` values this method is meant to run with (its paper's or released code's local
+        optimizer), applied where the config does not set the key; `options` holds the validated
+        `[method.<name>]` tables. Default: none, the global defaults apply."""
+        return {}
+
     def setup(self) -> None:
         """Runs once before round 1."""
+
+    def phase(self, rnd: int) -> str | None:
+        """The name of the phase round `rnd` belongs to, for methods whose rounds differ in kind
+        (CG-FedLLM: "tgap" then "faf"); recorded in each round record, and summary.json and the
+        report give traffic per phase. Default: None (one kind of round)."""
+        return None
 
     @abstractmethod
     def download(self, rnd: int, client_id: int) -> Payload:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,6 +33,11 @@ from thinwire.methods import robust, validate
 from thinwire.methods.base import Reply, Upload, client_weights, snapshot
 from thinwire.methods.history import HistoryServer, ReplicaClient
 from thinwire.wire import Payload, PayloadError
+
+ADAMW_NOISE = (
+    "ferret runs with train.optimizer = 'adamw', which amplifies the projection noise: an AdamW step moves "
+    "every weight by about lr, so |Δ_l| ≈ lr·T·√d_l and the noise, ≈ √(d_l/K_l)·|Δ_l| per block, becomes "
+    "≈ lr·T·√(d_l/K_l) per weight; the released code trains with SGD (train.optimizer = 'sgd', see docs/ferret.md)")
 
 WIRE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -57,7 +63,8 @@ class FerretOptions:
                      "error, O(d) instead of O(K·d) per block)",
                      choices=("uniform", "uniform8", "sign", "trunc_normal", "sketch"))
     fixed_bases: bool = opt(False, "reuse one basis pool every round (the released code) instead of fresh bases")
-    clip: float = opt(0.0, "clip each reconstructed (basis, block) piece to this norm (code: 10; 0: off)", low=0)
+    clip: float = opt(10.0, "clip each reconstructed (basis, block) piece to this norm, in the released "
+                      "code's units (its d/K scaling; 0: off)", low=0)
     momentum: float = opt(0.0, "server momentum on coordinates (needs fixed_bases)", low=0, high=0.999)
     lr_schedule: str = opt("constant", "server learning-rate schedule over rounds",
                            choices=("constant", "cosine", "linear"))
@@ -85,6 +92,13 @@ class _FerretRule:
                                  "(the code's d/K scaling is defined for dense bases)")
         self.codec = make_codec(self.blocks, seed, options.basis, k_max=options.k_max, threads=threads)
 
+    def clip_threshold(self) -> float | None:
+        """`clip` in this run's coordinate scaling: the unbiased pieces are 1/(ρ_l·d_l) ≈ 3 times the
+        code's (to 2/(15 d_l) relative), so the same pieces get clipped under either scaling."""
+        if not self.options.clip:
+            return None
+        return self.options.clip * (3.0 if self.options.scaling == "unbiased" else 1.0)
+
     def basis_round(self, version: int) -> int:
         return 0 if self.options.fixed_bases else version
 
@@ -98,16 +112,23 @@ class _FerretRule:
             raise PayloadError(f"Ferret update has {len(coords)} blocks or too many coordinates")
         lr = float(update.scalars["lr"])
         for block, flat in self.codec.iter_reconstruct(coords, self.basis_round(version),
-                                                       clip=self.options.clip or None):
+                                                       clip=self.clip_threshold()):
             for name, piece in block.split(flat).items():
                 weights[name].sub_(piece.to(weights[name].device, weights[name].dtype), alpha=lr)
 
 
 class FerretServer(_FerretRule, HistoryServer):
+    @classmethod
+    def train_defaults(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The released code's local optimizer: plain SGD, momentum 0 (docs/ferret.md says why)."""
+        return {"optimizer": "sgd"}
+
     def setup(self) -> None:
         self._setup_rule()
         super().setup()
         self.momentum: list[torch.Tensor] | None = None
+        if self.config.train.optimizer == "adamw":
+            self.ctx.warn(ADAMW_NOISE)
 
     def server_lr(self, rnd: int) -> float:
         base, rounds = self.config.method.server_lr, self.config.federation.rounds
