@@ -1,32 +1,86 @@
 """Held-out loss, batched greedy generation, Rouge-L F1 and exact match: per example (the records a
-run keeps in `predictions.jsonl`), per split and per task."""
+run keeps in `predictions.jsonl`), per split and per task.
+
+Scores measure the task as written, case included:
+
+- ``exact_match``: prediction and reference are equal character for character after whitespace
+  normalisation only (runs of whitespace become one space, ends stripped). "Tiger Parrot" is not
+  an exact match for "TIGER PARROT".
+- ``rougeL``: Rouge-L F1 over case-preserving tokens (ROUGE-1.5.5's tokenisation, runs of ASCII
+  letters and digits, without its lowercasing), so "Tiger" and "TIGER" are different tokens.
+- ``exact_match_folded`` / ``rougeL_folded``: the same scores after lowercasing both sides (the
+  rouge_score default tokenizer). They are kept as separate, clearly named metrics because they say
+  how close an answer came up to case; they are not the task's score: echoing the input scores 1.0
+  folded on ``uppercase`` and ``swap-case`` and 0.0 exactly. A folded score equals the exact score
+  of the lowercased texts.
+"""
 
 from __future__ import annotations
 
 import re
 
 import torch
-from rouge_score import rouge_scorer
+from rouge_score import rouge_scorer, tokenizers
 from transformers import PreTrainedTokenizerBase
 
 from thinwire.config import EvalConfig
 from thinwire.data.template import IGNORE_INDEX, collate, encode_example, render_prompt
 
-_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+class CaseTokenizer(tokenizers.Tokenizer):
+    """ROUGE-1.5.5's tokenisation (rouge_score's default: runs of ASCII letters and digits, every
+    other character a separator) without lowercasing."""
+
+    _SEPARATORS = re.compile(r"[^A-Za-z0-9]+")
+
+    def tokenize(self, text: str) -> list[str]:
+        return [t for t in self._SEPARATORS.split(text) if t]
+
+
+_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=CaseTokenizer())
+_FOLDED_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)  # lowercases both sides
 
 
 def normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().lower()
+    """Whitespace normalisation only: runs of whitespace become one space, ends are stripped."""
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def fold(text: str) -> str:
+    """`normalise`, then lowercase: what the ``*_folded`` metrics compare."""
+    return normalise(text).lower()
 
 
 def exact_match(prediction: str, reference: str) -> float:
+    """1.0 if equal case and character for character after whitespace normalisation, else 0.0."""
     return float(normalise(prediction) == normalise(reference))
 
 
-def rouge_l(prediction: str, reference: str) -> float:
+def exact_match_folded(prediction: str, reference: str) -> float:
+    """`exact_match` of the lowercased texts (case ignored; not the task's score)."""
+    return float(fold(prediction) == fold(reference))
+
+
+def _rouge(scorer: rouge_scorer.RougeScorer, prediction: str, reference: str) -> float:
     if not normalise(reference):
         return float(not normalise(prediction))
-    return _SCORER.score(reference, prediction)["rougeL"].fmeasure
+    return scorer.score(reference, prediction)["rougeL"].fmeasure
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """Rouge-L F1 over case-preserving tokens (see `CaseTokenizer`)."""
+    return _rouge(_SCORER, prediction, reference)
+
+
+def rouge_l_folded(prediction: str, reference: str) -> float:
+    """Rouge-L F1 with rouge_score's default, lowercasing tokenizer (case ignored)."""
+    return _rouge(_FOLDED_SCORER, prediction, reference)
+
+
+def score_prediction(prediction: str, reference: str) -> dict[str, float]:
+    """Every per-example score of one prediction, exact and folded."""
+    return {"exact_match": exact_match(prediction, reference), "rougeL": rouge_l(prediction, reference),
+            "exact_match_folded": exact_match_folded(prediction, reference),
+            "rougeL_folded": rouge_l_folded(prediction, reference)}
 
 
 @torch.no_grad()
@@ -72,7 +126,8 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, example
 def score_examples(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[dict],
                    cfg: EvalConfig, max_length: int, split: str = "") -> list[dict]:
     """One record per evaluated example (the first `cfg.max_examples`): its split, task, reference,
-    summed loss and response tokens; with generation also its prediction, exact match and Rouge-L."""
+    summed loss and response tokens; with generation also its prediction and `score_prediction`'s
+    scores (exact match and Rouge-L, exact and case-folded)."""
     examples = examples[: cfg.max_examples]
     losses = example_losses(model, tokenizer, examples, cfg.batch_size, max_length)
     records = [{"split": split, "task": e.get("task", ""), "instruction": e.get("instruction", ""),
@@ -81,17 +136,21 @@ def score_examples(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, e
     if cfg.generate:
         for record, prediction in zip(records, generate(model, tokenizer, examples, cfg.batch_size,
                                                         cfg.max_new_tokens)):
-            record.update(prediction=prediction, exact_match=exact_match(prediction, record["reference"]),
-                          rougeL=rouge_l(prediction, record["reference"]))
+            record.update(prediction=prediction, **score_prediction(prediction, record["reference"]))
     return records
 
 
+_SCORE_KEYS = ("rougeL", "exact_match", "rougeL_folded", "exact_match_folded")
+
+
 def summarise(records: list[dict]) -> dict[str, float]:
-    """Metrics of scored examples: token-weighted loss; mean Rouge-L and exact match if generated."""
+    """Metrics of scored examples: token-weighted loss; if generated, the mean Rouge-L and exact match
+    (case-exact) and, where the records carry them, their case-folded means (`*_folded`)."""
     result = {"loss": sum(r["loss_sum"] for r in records) / max(sum(r["tokens"] for r in records), 1)}
     if records and "prediction" in records[0]:
-        result["rougeL"] = sum(r["rougeL"] for r in records) / len(records)
-        result["exact_match"] = sum(r["exact_match"] for r in records) / len(records)
+        for key in _SCORE_KEYS:
+            if all(key in r for r in records):
+                result[key] = sum(r[key] for r in records) / len(records)
     return result
 
 
