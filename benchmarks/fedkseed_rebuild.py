@@ -28,6 +28,7 @@ from thinwire.train.zeroth_order import (
     apply_seed_scalars,
     zo_estimate,
     zo_parameters,
+    zo_step,
 )
 
 K = 4096
@@ -83,8 +84,7 @@ def memory_child(mode: str, layers: int, seq: int, threads: int) -> None:
             float(model(**batch, use_cache=False).loss)
     else:
         pool = SeedPool(K, 0)
-        est = zo_estimate(model, params, pool.seed(7), EPS, batch, threads=threads)
-        apply_seed_scalars(params, pool, {7: est.g}, LR, threads=threads)
+        zo_step(model, params, pool.seed(7), EPS, LR, batch, threads=threads)
     print(json.dumps({"base_kb": base, "peak_kb": status_kb("VmHWM")}))
 
 

@@ -250,6 +250,24 @@ def test_zo_train_reduces_loss_and_is_deterministic():
                  generator=torch.Generator())
 
 
+def test_zo_step_draws_z_once_with_the_bits_of_the_three_draw_route(monkeypatch):
+    import thinwire.train.zeroth_order as zo
+
+    data = torch.randint(0, 16, (2, 16), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": data, "labels": data}
+    pool = SeedPool(16, 1)
+    slow, fast = tiny(), tiny()
+    est = zo_estimate(slow, zo_parameters(slow), pool.seed(5), 1e-3, batch)
+    apply_seed_scalars(zo_parameters(slow), pool, {5: est.g}, lr=1e-2)
+    draws = []
+    monkeypatch.setattr(zo, "_fill_block", lambda out, gen, key, block, real=zo._fill_block:
+                        draws.append((key, block)) or real(out, gen, key, block))
+    step = zo.zo_step(fast, zo_parameters(fast), pool.seed(5), 1e-3, 1e-2, batch)
+    assert step == est
+    assert all(torch.equal(a, b) for a, b in zip(zo_parameters(slow), zo_parameters(fast)))
+    assert len(draws) == len(set(draws)) == sum(-(-p.numel() // zo.BLOCK) for p in zo_parameters(fast))
+
+
 def test_pro_probabilities_by_hand():
     h = SeedHistory.empty(4)
     assert torch.allclose(h.probabilities(), torch.full((4,), 0.25, dtype=torch.float64))

@@ -9,7 +9,9 @@ Everything here works on seeds and scalars, never on stored directions:
   weights; the original tensor is kept and put back afterwards, so restoring is exact (bit
   identical) and the extra memory is one weight tensor, not a model copy.
 * `apply_seed_scalars` does ``w <- w - lr * sum_s G_s z_s`` in a fixed, documented order, so every
-  party that applies the same scalars gets the same bits. A local ZO step uses it with one seed.
+  party that applies the same scalars gets the same bits.
+* `zo_step` is one local step: z drawn once (`draw_directions`) serves both forwards and the
+  update, with the bits `apply_seed_scalars` would give for that one seed.
 * `SeedHistory` turns the per-seed |g| history into FedKSeed-Pro sampling probabilities.
 
 Determinism contract (what "the same z" means): the bits of z depend only on (pool seed, tensor
@@ -24,7 +26,9 @@ collision makes two 32K-element blocks of different directions equal, which is h
 
 Memory: a ZO estimate costs inference memory plus a perturbed copy of the tensors in use; a tied
 embedding stays perturbed for the whole forward, so the extra is about the largest weight tensor
-(+108 MiB on a 513 MiB SmolLM2-135M, see benchmarks/fedkseed_rebuild.py).
+(+108 MiB on a 513 MiB SmolLM2-135M, see benchmarks/fedkseed_rebuild.py). A local step
+(`zo_step`) also keeps its z, 4 bytes per trained weight, so that it draws z once instead of three
+times (benchmarks/zo_step.py measures the step against its floor, two forward passes).
 """
 
 from __future__ import annotations
@@ -202,9 +206,34 @@ def _perturbed_copy(orig: torch.Tensor, key: int, scale: float, threads: int) ->
     return out
 
 
+def draw_directions(params: Sequence[torch.nn.Parameter], seed: int,
+                    threads: int | None = None) -> list[torch.Tensor]:
+    """z(seed) for every tensor, drawn once (same bits as `direction`), on each tensor's device.
+
+    Why: a ZO step reads z three times (w + εz, w − εz, the update); drawing it once and keeping
+    it costs 4 bytes per weight for the step instead of two more regenerations of d normals.
+    """
+    nthreads = _resolve_threads(threads)
+    out, tasks = [], []
+    for ti, p in enumerate(params):
+        z = torch.empty(p.numel(), dtype=torch.float32)
+        key = _tensor_key(seed, ti)
+
+        def task(chunk: list[tuple[int, int, int]], z: torch.Tensor = z, key: int = key) -> None:
+            gen, _, _ = _scratch(0)
+            for b, s, e in chunk:
+                _fill_block(z[s:e], gen, key, b)
+
+        tasks.extend(lambda c=c, task=task: task(c) for c in _group_blocks(_blocks(z.numel()), nthreads))
+        out.append(z)
+    _run(tasks, nthreads)
+    return [z.view(p.shape).to(p.device) for z, p in zip(out, params)]
+
+
 @contextmanager
 def perturbed(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], seed: int,
-              scale: float, threads: int | None = None) -> Iterator[None]:
+              scale: float, threads: int | None = None,
+              directions: Sequence[torch.Tensor] | None = None) -> Iterator[None]:
     """Within the block, every forward of `model` sees ``w + scale * z(seed)`` for `params`.
 
     Why hooks: a module's weights are swapped for a perturbed copy just before that module runs
@@ -213,6 +242,7 @@ def perturbed(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], seed
     Parameters owned by several modules (tied input/output embeddings) stay perturbed until the
     block exits. Use under ``torch.no_grad()``. Caveat: a parameter read outside the forward of a
     module that owns it (e.g. ``F.linear(x, other_module.weight)``) would be seen unperturbed.
+    `directions` (from `draw_directions(params, seed)`) saves regenerating z: same bits.
     """
     nthreads = _resolve_threads(threads)
     index = {id(p): i for i, p in enumerate(params)}
@@ -235,7 +265,10 @@ def perturbed(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], seed
         for p in mine:
             if id(p) not in active:
                 orig = p.data
-                new = _perturbed_copy(orig, _tensor_key(seed, index[id(p)]), scale, nthreads)
+                if directions is None:
+                    new = _perturbed_copy(orig, _tensor_key(seed, index[id(p)]), scale, nthreads)
+                else:
+                    new = torch.add(orig.float(), directions[index[id(p)]], alpha=scale).to(orig.dtype)
                 active[id(p)] = (p, orig)
                 p.data = new
 
@@ -275,17 +308,40 @@ def causal_lm_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) ->
 @torch.no_grad()
 def zo_estimate(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], seed: int,
                 eps: float, batch: Batch, loss_fn: LossFn = causal_lm_loss,
-                threads: int | None = None) -> ZOEstimate:
+                threads: int | None = None,
+                directions: Sequence[torch.Tensor] | None = None) -> ZOEstimate:
     """Two-point estimate of the directional derivative along z(seed) on one mini-batch.
 
     The model must be deterministic across the two forwards (eval mode / no dropout). Weights are
-    bit-identical before and after.
+    bit-identical before and after. Without `directions`, z is regenerated for each forward.
     """
-    with perturbed(model, params, seed, eps, threads):
+    with perturbed(model, params, seed, eps, threads, directions):
         lp = float(loss_fn(model, batch))
-    with perturbed(model, params, seed, -eps, threads):
+    with perturbed(model, params, seed, -eps, threads, directions):
         lm = float(loss_fn(model, batch))
     return ZOEstimate((lp - lm) / (2.0 * eps), lp, lm)
+
+
+@torch.no_grad()
+def zo_step(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], seed: int, eps: float,
+            lr: float, batch: Batch, loss_fn: LossFn = causal_lm_loss,
+            threads: int | None = None) -> ZOEstimate:
+    """One local ZO step, ``w <- w - lr * g * z``, drawing z once for both forwards and the update.
+
+    Bit-identical to `zo_estimate` followed by `apply_seed_scalars(params, pool, {k: g}, lr)`:
+    the same float32 products in the same order, without the two extra regenerations.
+    """
+    directions = draw_directions(params, seed, threads)
+    est = zo_estimate(model, params, seed, eps, batch, loss_fn, threads, directions)
+    g32 = float(torch.tensor(est.g, dtype=torch.float32))
+    if g32 != 0.0:
+        for p, z in zip(params, directions):
+            step = torch.mul(z, g32)
+            if p.dtype == torch.float32:
+                p.data.add_(step, alpha=-float(lr))
+            else:
+                p.data.copy_(p.data.float().add_(step, alpha=-float(lr)))
+    return est
 
 
 # --------------------------------------------------------------------------- rebuild / update
@@ -420,8 +476,7 @@ def zo_train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], pool:
         if isinstance(batch, Mapping):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         k = sample_seed_index(generator, pool.size, probabilities)
-        est = zo_estimate(model, params, pool.seed(k), eps, batch, loss_fn, threads)
-        apply_seed_scalars(params, pool, {k: est.g}, lr, threads)
+        est = zo_step(model, params, pool.seed(k), eps, lr, batch, loss_fn, threads)
         scalars[k] += est.g
         counts[k] += 1
         result.steps.append((k, est.g))
@@ -480,7 +535,8 @@ def pro_probabilities(importance: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "BLOCK", "SeedPool", "direction", "direction_fingerprint", "zo_parameters", "perturbed",
-    "ZOEstimate", "causal_lm_loss", "zo_estimate", "apply_seed_scalars", "sample_seed_index",
+    "ZOEstimate", "causal_lm_loss", "zo_estimate", "zo_step", "draw_directions", "apply_seed_scalars",
+    "sample_seed_index",
     "ZOResult", "zo_train", "SeedHistory", "pro_probabilities",
 ]
 
