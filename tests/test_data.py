@@ -89,3 +89,15 @@ def test_file_federation_and_missing_category(tmp_path, smoke_config):
     assert sum(map(len, fed.clients)) + len(fed.eval) == 40
     with pytest.raises(UsageError, match="category_field"):
         build_federation(smoke_config(f"data.source='{path}'", "data.partition='dirichlet'"))
+
+
+@pytest.mark.parametrize("heldout", [[], ["swap-case"]])
+def test_validation_split_is_disjoint_from_test_and_training(smoke_config, heldout):
+    test = build_federation(smoke_config(f"data.heldout_tasks={heldout}"))
+    val = build_federation(smoke_config(f"data.heldout_tasks={heldout}", "data.eval_split='validation'"))
+    key = lambda rows: {(e["task"], e["input"]) for e in rows}  # noqa: E731
+    assert test.clients == val.clients  # tuning trains on exactly what the reported run trains on
+    trained = key(e for c in val.clients for e in c)
+    assert len(val.eval) == len(test.eval) and not key(val.eval) & (key(test.eval) | trained)
+    assert {e["task"] for e in val.eval} == {e["task"] for e in test.eval}
+    assert len(val.heldout) == len(test.heldout) and not key(val.heldout) & key(test.heldout)

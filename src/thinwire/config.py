@@ -56,6 +56,9 @@ class DataConfig:
     heldout_tasks: list[str] = opt([], "tasks kept out of training, evaluated apart (generalisation)")
     examples_per_client: int = opt(64, "training examples generated per client (built-in suite)", low=1)
     eval_examples: int = opt(32, "held-out evaluation examples", low=1)
+    eval_split: str = opt("test", "what the run evaluates on: the reported test split, or a validation "
+                          "split disjoint from it and from training (for tuning: benchmarks/tune.py)",
+                          choices=("test", "validation"))
     partition: str = opt("iid", "how examples are split over clients",
                          choices=("iid", "dirichlet", "by-task"))
     dirichlet_alpha: float = opt(0.5, "Dirichlet concentration over categories", low=1e-6)

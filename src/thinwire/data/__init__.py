@@ -55,6 +55,11 @@ def _from_suite(config: Config) -> tuple[list[dict], list[dict], list[dict]]:
     heldout = []
     if data.heldout_tasks:
         heldout = _unseen([], list(data.heldout_tasks), data.eval_examples, derive_seed(fed.seed, "heldout-data"))
+    if data.eval_split == "validation":  # fresh inputs, none a client trains on or the test split holds
+        eval_rows = _unseen(train + eval_rows, families, data.eval_examples, derive_seed(fed.seed, "validation-data"))
+        if data.heldout_tasks:
+            heldout = _unseen(heldout, list(data.heldout_tasks), data.eval_examples,
+                              derive_seed(fed.seed, "heldout-validation-data"))
     return train, eval_rows, heldout
 
 
@@ -84,7 +89,14 @@ def _from_source(config: Config) -> tuple[list[dict], list[dict], list[dict]]:
     if n_eval < 1 or len(examples) - n_eval < fed.clients:
         raise UsageError(f"data source {data.source} has {len(examples)} usable records: too few for "
                          f"{fed.clients} clients and a held-out split; add records or lower federation.clients")
-    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]], heldout
+    test, train = order[:n_eval], order[n_eval:]
+    if data.eval_split == "validation":
+        # the test split stays out; validation comes off the training records (training loses them)
+        if len(train) - n_eval < fed.clients:
+            raise UsageError(f"data source {data.source} has too few records for a validation split beside "
+                             f"the test split; add records or use data.eval_split = 'test'")
+        test, train, heldout = train[:n_eval], train[n_eval:], []  # held-out records are all test
+    return [examples[i] for i in train], [examples[i] for i in test], heldout
 
 
 def _partition(config: Config, train: list[dict]) -> list[list[int]]:
