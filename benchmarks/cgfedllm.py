@@ -84,13 +84,12 @@ def summarise(name: str, out: Path, wall: float) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     faf = [r for r in rounds if r["aggregate"].get("phase") == "faf"]
-    faf_clients = [c for r in faf for c in r["clients"]]
     mean = lambda key: sum(r["aggregate"][key] for r in faf) / len(faf) if faf else None  # noqa: E731
     return {
         "variant": name, "base_loss": summary["base_eval"]["loss"], "final_loss": summary["final_eval"]["loss"],
         "best_loss": min(r["eval"]["loss"] for r in rounds if r.get("eval")),
         "up_all": summary["uplink_bytes_per_client_round"],
-        "up_faf": sum(c["uplink_bytes"] for c in faf_clients) / len(faf_clients) if faf_clients else None,
+        "up_faf": summary["phases"].get("faf", {}).get("uplink_bytes_per_client_round"),
         "down_total": summary["downlink_bytes_total"],
         "rel_err": mean("rel_err"), "cos": mean("cos"), "snr_db": mean("snr_db"),
         "u_rel_err": mean("update_rel_err"), "u_cos": mean("update_cos"), "u_snr_db": mean("update_snr_db"),

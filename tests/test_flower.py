@@ -29,6 +29,14 @@ def _rounds(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _strip_clients(rounds):
+    """The rounds' client records without timings and Flower's extras (in the record or its metrics)."""
+    def strip(record):
+        return {k: strip(v) if k == "metrics" else v for k, v in record.items() if k not in CLIENT_TIMING}
+
+    return [[strip(c) for c in r["clients"]] for r in rounds]
+
+
 def assert_same_run(local, other):
     """Same weights (bytes), same metrics and traffic; only timings and Flower's extras differ."""
     assert (local / "final_state.safetensors").read_bytes() == (other / "final_state.safetensors").read_bytes()
@@ -47,8 +55,7 @@ def assert_same_run(local, other):
     skip = FLOWER_ONLY_ROUND | {"aggregate"}
     assert [{k: v for k, v in r.items() if k not in skip} for r in a] == \
            [{k: v for k, v in r.items() if k not in skip} for r in b]
-    strip = lambda rs: [[{k: v for k, v in c.items() if k not in CLIENT_TIMING} for c in r["clients"]] for r in rs]  # noqa: E731
-    assert strip(a) == strip(b)
+    assert _strip_clients(a) == _strip_clients(b)
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (local, other))
     assert {k: v for k, v in sa.items() if k not in FLOWER_ONLY_SUMMARY} == \
            {k: v for k, v in sb.items() if k not in FLOWER_ONLY_SUMMARY}
@@ -124,7 +131,13 @@ def _faulty_client_app(bad_client: int, bad_round: int, fault: str) -> ClientApp
     return app
 
 
-def test_client_failure_costs_its_update_not_the_run(tmp_path, smoke_config):
+def test_client_failure_costs_its_update_not_the_run(tmp_path, smoke_config, monkeypatch):
+    """A client that raises costs its update; its download counts. (And a warning the server side
+    raises in setup lands in round 1's record.)"""
+    from thinwire.methods.fedavg import DeltaServer
+
+    setup = DeltaServer.setup
+    monkeypatch.setattr(DeltaServer, "setup", lambda self: (self.ctx.warn("from setup"), setup(self))[1])
     config = smoke_config("eval.generate=false")
     bad = sample_clients(config, 1)[-1]
     summary = flower.run_flower_sim(config, tmp_path / "run", quiet=True, num_cpus=1,
@@ -132,10 +145,17 @@ def test_client_failure_costs_its_update_not_the_run(tmp_path, smoke_config):
     first, second = _rounds(tmp_path / "run")
     assert first["clients_sampled"] == 2 and first["clients_ok"] == 1
     assert [c["client"] for c in first["clients"]] == [c for c in sample_clients(config, 1) if c != bad]
-    assert first["failures"] == [{"client": bad, "reason": first["failures"][0]["reason"]}]
+    # the failed client's download crossed the wire and counts; it sent nothing back
+    (ok,) = first["clients"]
+    assert first["failures"] == [{"client": bad, "downlink_bytes": ok["downlink_bytes"],
+                                  "reason": first["failures"][0]["reason"]}]
     assert f"RuntimeError: disk full on client {bad}" in first["failures"][0]["reason"]
-    assert first["uplink_bytes"] == first["clients"][0]["uplink_bytes"]
+    assert first["uplink_bytes"] == first["uplink_bytes_accepted"] == ok["uplink_bytes"]
+    assert first["downlink_bytes"] == 2 * ok["downlink_bytes"] == 2 * first["downlink_bytes_accepted"]
+    assert first["clients_contacted"] == 2 and summary["client_rounds"] == 4
+    assert summary["downlink_bytes_total"] == sum(r["downlink_bytes"] for r in (first, second))
     assert second["clients_ok"] == 2 and second["failures"] == []
+    assert (first["warnings"], second["warnings"]) == (["from setup"], [])
     assert summary["failures_total"] == 1 and summary["rounds"] == 2
     assert (tmp_path / "run" / "final_state.safetensors").exists()
 
@@ -150,6 +170,11 @@ def test_a_poisoned_update_is_rejected_as_if_it_never_came(tmp_path, smoke_confi
     first = _rounds(tmp_path / "sim")[0]
     assert [r["client"] for r in first["rejected"]] == [bad] and "non-finite" in first["rejected"][0]["reason"]
     assert first["clients_ok"] == 1 and first["failures"] == [] and first["skipped"] is False
+    # the rejected upload and its download count (a NaN payload is as long as an honest one)
+    (ok,) = first["clients"]
+    assert first["rejected"][0]["uplink_bytes"] == ok["uplink_bytes"]
+    assert first["rejected"][0]["downlink_bytes"] == ok["downlink_bytes"]
+    assert first["uplink_bytes"] == 2 * ok["uplink_bytes"] == 2 * first["uplink_bytes_accepted"]
 
     client = get_method(config.method.name).client
     fit = client.fit

@@ -147,6 +147,59 @@ def test_stragglers_simulated_and_real(tmp_path, smoke_config):
     assert summary["final_eval"] == summary["base_eval"]
 
 
+def test_every_byte_sent_is_counted_whatever_became_of_the_client(tmp_path, smoke_config, monkeypatch):
+    """Failures, stragglers, a crash, rejected uploads and retried rounds: each round's traffic is
+    exactly the sum of the payloads encoded for it (every attempt), the accepted figures are the
+    aggregated clients' alone, and the summary's totals and per-client-round figures follow."""
+    spec = get_method("fedavg")
+    download, fit = spec.server.download, spec.client.fit
+    sent = {"down": {}, "up": {}}  # round -> encoded sizes
+
+    def counted_download(self, rnd, cid):
+        payload = download(self, rnd, cid)
+        sent["down"].setdefault(rnd, []).append(len(payload.encode()))
+        return payload
+
+    def counted_fit(self, rnd, cid, *args):
+        if (rnd, cid) == (2, sample_clients(config, 2)[0]):
+            raise RuntimeError("client crashed")
+        upload = fit(self, rnd, cid, *args)
+        if cid == 0:  # every upload of client 0 is rejected
+            upload = Upload(_hostile(upload.payload, "fedavg", "nan"), upload.num_examples, upload.metrics)
+        sent["up"].setdefault(rnd, []).append(len(upload.payload.encode()))
+        return upload
+
+    monkeypatch.setattr(spec.server, "download", counted_download)
+    monkeypatch.setattr(spec.client, "fit", counted_fit)
+    config = smoke_config("federation.failure_rate=0.25", "federation.straggler_rate=0.25", "federation.rounds=4",
+                          "federation.clients=4", "federation.clients_per_round=3", "federation.min_replies=2",
+                          "federation.on_too_few='retry'", "federation.max_retries=2", "federation.seed=3",
+                          "eval.generate=false", "train.local_steps=1")
+    summary = run_local(config, tmp_path / "run", quiet=True)
+    rounds = _rounds(tmp_path / "run")
+    reasons = " ".join(f["reason"] for r in rounds for f in r["failures"])
+    for kind in ("simulated failure", "simulated straggler", "client crashed", "reply discarded"):
+        assert kind in reasons, kind  # the seed above exercises every fault
+    assert any(r["rejected"] for r in rounds) and summary["retries_total"] > 0
+    for r in rounds:
+        assert r["downlink_bytes"] == sum(sent["down"].get(r["round"], []))
+        assert r["uplink_bytes"] == sum(sent["up"].get(r["round"], []))
+        assert r["clients_contacted"] == len(sent["down"].get(r["round"], []))
+        assert r["uplink_bytes_accepted"] == sum(c["uplink_bytes"] for c in r["clients"])
+        assert r["downlink_bytes_accepted"] == sum(c["downlink_bytes"] for c in r["clients"])
+    everything = {d: sum(sum(sizes) for sizes in sent[d].values()) for d in ("down", "up")}
+    assert summary["downlink_bytes_total"] == everything["down"] > summary["downlink_bytes_accepted_total"]
+    assert summary["uplink_bytes_total"] == everything["up"] > summary["uplink_bytes_accepted_total"]
+    assert summary["uplink_bytes_accepted_total"] == sum(r["uplink_bytes_accepted"] for r in rounds)
+    downloads = sum(len(sizes) for sizes in sent["down"].values())
+    assert summary["client_rounds"] == downloads
+    assert summary["client_rounds_accepted"] == sum(r["clients_ok"] for r in rounds)
+    assert summary["downlink_bytes_per_client_round"] == everything["down"] / downloads
+    assert summary["uplink_bytes_per_client_round"] == everything["up"] / downloads
+    assert summary["uplink_bytes_per_accepted_client_round"] == \
+        summary["uplink_bytes_accepted_total"] / summary["client_rounds_accepted"]
+
+
 # --- hostile updates ---------------------------------------------------------------------------
 
 

@@ -95,12 +95,9 @@ def test_compare_runs_every_method_and_reports_the_failure(compared):
         metrics = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
         local_mean = sum(m["time_s"]["local"] for m in metrics) / len(metrics)
         assert float(row["local_s_mean"]) == pytest.approx(local_mean)
-        assert row["traffic_reference"] == "measured fedavg run"
-    per_round = {m: s["uplink_bytes_per_client_round"] + s["downlink_bytes_per_client_round"]
-                 for m, s in summaries.items()}
-    assert float(table["fedavg"]["traffic_ratio_vs_fedavg"]) == 1.0
-    assert float(table["fedit"]["traffic_ratio_vs_fedavg"]) == pytest.approx(per_round["fedit"] / per_round["fedavg"])
-    assert float(table["fedit"]["traffic_ratio_vs_fedavg"]) < 0.5
+        # each is its own baseline (FedAvg for full weights, FedIT for LoRA): measured, ratio 1
+        assert row["traffic_baseline"] == method and float(row["traffic_ratio_vs_baseline"]) == 1.0
+    assert "fedavg_bytes_per_client_round" not in summaries["fedit"]
 
     html = (out / "report.html").read_text()
     markdown = (out / "comparison.md").read_text()
@@ -133,8 +130,8 @@ def test_compare_checks_method_names_and_output(compared, tmp_path):
         run_compare(EXAMPLES / "smoke.toml", ["fedavg", "fedsgd"], FAST, tmp_path / "a", quiet=True)
     assert not (tmp_path / "a").exists()
     out, _ = compared
-    with pytest.raises(UsageError, match="already exists"):
-        run_compare(EXAMPLES / "smoke.toml", ["fedavg"], FAST, out, quiet=True)
+    with pytest.raises(UsageError, match=r"finished run of another config: train\.lr = 0\.003 there, 0\.001 now"):
+        run_compare(EXAMPLES / "smoke.toml", ["fedavg"], [*FAST, "train.lr=1e-3"], out, quiet=True)
     with pytest.raises(UsageError, match="unknown config key"):
         run_compare(EXAMPLES / "smoke.toml", ["fedavg"], ["train.lrr=1"], tmp_path / "b", quiet=True)
 
@@ -236,18 +233,87 @@ def test_report_skips_incomplete_directories(compared, tmp_path):
     for name in reasons:
         assert name in html
 
-    # No fedavg run here: the ratio uses the summary's estimate, and says so.
-    summary = json.loads((out / "fedit" / "summary.json").read_text())
-    row = result.rows[0]
-    assert row["traffic_reference"] == "2 x fedavg_bytes_per_client_round"
-    assert row["traffic_ratio_vs_fedavg"] == pytest.approx(
-        row["bytes_per_client_round"] / (2 * summary["fedavg_bytes_per_client_round"]))
-    assert "estimated" in html
+    assert "estimate" not in html.replace("never an estimate", "")
 
     with pytest.raises(UsageError) as info:
         render_report([runs / "garbage", runs / "interrupted.partial"], tmp_path / "nothing")
     assert "no usable run directory" in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "nothing").exists()
+
+
+def test_compare_keeps_finished_runs_and_resumes_the_rest(compared, tmp_path):
+    """A compare into a directory that holds finished runs of the same config keeps them as they
+    are and runs only what is missing; the report covers both."""
+    out = tmp_path / "out"
+    shutil.copytree(compared[0] / "fedavg", out / "fedavg")
+    before = (out / "fedavg" / "summary.json").read_bytes()
+    rows = run_compare(EXAMPLES / "smoke.toml", ["fedavg", "fedit"], FAST, out, quiet=True)
+    assert [(r["method"], r["status"], r.get("reused", False)) for r in rows] == \
+        [("fedavg", "ok", True), ("fedit", "ok", False)]
+    assert (out / "fedavg" / "summary.json").read_bytes() == before  # not run again
+    assert rows[0]["summary"] == json.loads(before)
+    assert set(_csv_rows(out / "comparison.csv")) == {"fedavg", "fedit"}
+    # the run that was missing is the same as in the first compare (deterministic)
+    fresh, first = (json.loads((d / "fedit" / "summary.json").read_text()) for d in (out, compared[0]))
+    assert fresh["final_eval"] == first["final_eval"] and fresh["uplink_bytes_total"] == first["uplink_bytes_total"]
+    # continuing once more runs nothing
+    again = run_compare(EXAMPLES / "smoke.toml", ["fedavg", "fedit"], FAST, out, quiet=True)
+    assert all(r.get("reused") for r in again)
+    # a directory in the way that is not a finished run is refused
+    (out / "fedit" / "summary.json").unlink()
+    with pytest.raises(UsageError, match="holds no finished run"):
+        run_compare(EXAMPLES / "smoke.toml", ["fedit"], FAST, out, quiet=True)
+
+
+def _as_method(src: Path, dst: Path, method: str, phases: dict | None = None) -> None:
+    """A copy of a finished run that claims another method (report-only checks)."""
+    shutil.copytree(src, dst)
+    summary = json.loads((dst / "summary.json").read_text())
+    summary["method"] = method
+    if phases is not None:
+        summary["phases"] = phases
+    (dst / "summary.json").write_text(json.dumps(summary))
+
+
+def test_report_ratios_against_a_measured_baseline_and_per_phase(compared, tmp_path):
+    """LoRA methods are compared with the FedIT run, full-parameter ones with the FedAvg run, both
+    measured in the same report; without that run there is no ratio and the report says so.
+    Per-phase traffic is reported as such."""
+    out, _ = compared
+    fedit = json.loads((out / "fedit" / "summary.json").read_text())
+    faf = {"rounds": 1, "client_rounds": 2, "uplink_bytes_total": 200, "downlink_bytes_total": 4000,
+           "uplink_bytes_per_client_round": 100.0, "downlink_bytes_per_client_round": 2000.0}
+    tgap = {**faf, "uplink_bytes_total": 8000, "uplink_bytes_per_client_round": 4000.0}
+    runs = tmp_path / "runs"
+    _as_method(out / "fedit", runs / "cg", "cgfedllm", {"tgap": tgap, "faf": faf})
+    _as_method(out / "fedavg", runs / "kseed", "fedkseed")
+    shutil.copytree(out / "fedavg", runs / "fedavg")
+
+    alone = render_report([runs], tmp_path / "alone")  # no FedIT run: no ratio for the LoRA method
+    rows = {r["run"]: r for r in alone.rows}
+    assert rows["cgfedllm"]["traffic_ratio_vs_baseline"] is None
+    assert rows["cgfedllm"]["traffic_baseline"] == "no ratio: no fedit run of tiny in this comparison"
+    assert rows["fedkseed"]["traffic_baseline"] == "fedavg" and rows["fedkseed"]["traffic_ratio_vs_baseline"] == 1.0
+    markdown = (tmp_path / "alone" / "comparison.md").read_text()
+    assert "no fedit run of tiny in this comparison" in markdown and "FedAvg would" not in markdown
+
+    shutil.copytree(out / "fedit", runs / "fedit")
+    both = render_report([runs], tmp_path / "both")
+    rows = {r["run"]: r for r in both.rows}
+    cg = rows["cgfedllm"]
+    assert cg["traffic_baseline"] == "fedit"
+    assert cg["traffic_ratio_vs_baseline"] == pytest.approx(1.0)  # a copy of the FedIT run's figures
+    assert rows["fedavg"]["traffic_baseline"] == "fedavg"
+    assert cg["phase_faf_uplink_bytes_per_client_round"] == 100.0 and cg["phase_tgap_rounds"] == 1
+    assert [(p["run"], p["phase"]) for p in both.phase_rows] == [("cgfedllm", "tgap"), ("cgfedllm", "faf")]
+    assert both.phase_rows[1]["uplink_ratio_vs_baseline"] == pytest.approx(
+        100.0 / fedit["uplink_bytes_per_client_round"])
+    with (tmp_path / "both" / "by_phase.csv").open() as handle:
+        assert [(r["run"], r["phase"], r["uplink_bytes_total"]) for r in csv.DictReader(handle)] == \
+            [("cgfedllm", "tgap", "8000"), ("cgfedllm", "faf", "200")]
+    markdown = (tmp_path / "both" / "comparison.md").read_text()
+    html = (tmp_path / "both" / "report.html").read_text()
+    assert "## Traffic by phase" in markdown and 'id="phases"' in html
 
 
 def test_report_with_many_runs_labels_them_apart(compared, tmp_path):

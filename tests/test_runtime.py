@@ -103,3 +103,81 @@ def test_existing_output_is_refused(tmp_path, smoke_config):
     (tmp_path / "run").mkdir()
     with pytest.raises(UsageError, match="already exists"):
         run_local(smoke_config(), tmp_path / "run", quiet=True)
+
+
+# --- honest records: measured fields, warnings, phases ------------------------------------------
+
+
+def test_client_metrics_cannot_replace_measured_fields(tmp_path, smoke_config, monkeypatch):
+    """A client that reports traffic, its id or its example count in its metrics changes nothing
+    measured: its claims stay under `metrics`."""
+    original = DeltaClient.fit
+    claims = {"uplink_bytes": 1, "downlink_bytes": 2, "client": 77, "examples": 10**6, "train_loss": 0.5}
+
+    def fit(self, *args):
+        upload = original(self, *args)
+        upload.metrics.update(claims)
+        return upload
+
+    monkeypatch.setattr(DeltaClient, "fit", fit)
+    config = smoke_config("federation.rounds=1", "eval.generate=false")
+    summary = run_local(config, tmp_path / "run", quiet=True)
+    (record,) = _rounds(tmp_path / "run")
+    _, params = Workbench(config).trainable(lora=False)
+    expected = len(Payload(tensors={n: torch.zeros_like(p) for n, p in params.items()}).encode())
+    assert [c["client"] for c in record["clients"]] == sample_clients(config, 1)
+    for c in record["clients"]:
+        assert (c["uplink_bytes"], c["downlink_bytes"]) == (expected, expected) and c["examples"] < 10**6
+        assert c["metrics"] == {**c["metrics"], **claims}  # kept, apart
+    assert record["uplink_bytes"] == record["downlink_bytes"] == 2 * expected
+    assert record["train_loss"] == 0.5  # the round's mean of what clients report as train_loss
+    assert summary["uplink_bytes_total"] == 2 * expected
+
+
+def test_warnings_land_in_the_next_round_record(tmp_path, smoke_config, monkeypatch):
+    """A warning raised in server.setup() lands in round 1's record, one a client raises in round 2
+    in round 2's; each once; the summary lists them all."""
+    from thinwire.methods.fedavg import DeltaServer
+
+    setup, fit = DeltaServer.setup, DeltaClient.fit
+
+    def warned_setup(self):
+        self.ctx.warn("from setup")
+        setup(self)
+
+    def warned_fit(self, rnd, *args):
+        if rnd == 2:
+            self.ctx.warn("from a client")
+        return fit(self, rnd, *args)
+
+    monkeypatch.setattr(DeltaServer, "setup", warned_setup)
+    monkeypatch.setattr(DeltaClient, "fit", warned_fit)
+    summary = run_local(smoke_config("federation.rounds=3", "eval.generate=false"), tmp_path / "run", quiet=True)
+    assert [r["warnings"] for r in _rounds(tmp_path / "run")] == [["from setup"], ["from a client"], []]
+    assert summary["warnings"] == ["from setup", "from a client"]
+
+
+def test_rounds_carry_their_phase_and_the_summary_traffic_per_phase(tmp_path, smoke_config):
+    """CG-FedLLM (sign codec): a TGAP round then FAF rounds; each record names its phase, and the
+    summary's per-phase totals add up to the whole run's, FAF's uplink far below TGAP's."""
+    config = smoke_config("method.name='cgfedllm'", "method.cgfedllm.codec='signs'", "method.cgfedllm.tgap_rounds=1",
+                          "federation.rounds=3", "eval.generate=false")
+    summary = run_local(config, tmp_path / "run", quiet=True)
+    rounds = _rounds(tmp_path / "run")
+    assert [r["phase"] for r in rounds] == ["tgap", "faf", "faf"]
+    phases = summary["phases"]
+    assert list(phases) == ["tgap", "faf"] and [phases[p]["rounds"] for p in phases] == [1, 2]
+    for key in ("uplink_bytes_total", "downlink_bytes_total", "client_rounds"):
+        assert sum(p[key] for p in phases.values()) == summary[key]
+    faf = phases["faf"]
+    faf_up = sum(c["uplink_bytes"] for r in rounds[1:] for c in r["clients"])
+    assert faf["uplink_bytes_total"] == faf_up
+    assert faf["uplink_bytes_per_client_round"] == faf_up / sum(r["clients_contacted"] for r in rounds[1:])
+    assert faf["uplink_bytes_per_client_round"] * 20 < phases["tgap"]["uplink_bytes_per_client_round"]
+    # the whole run's figure is what it is: between the two phases'
+    assert faf["uplink_bytes_per_client_round"] < summary["uplink_bytes_per_client_round"] \
+        < phases["tgap"]["uplink_bytes_per_client_round"]
+    # methods without phases record none
+    run_local(smoke_config("federation.rounds=1", "eval.generate=false"), tmp_path / "plain", quiet=True)
+    assert _rounds(tmp_path / "plain")[0]["phase"] is None
+    assert json.loads((tmp_path / "plain" / "summary.json").read_text())["phases"] == {}

@@ -5,6 +5,17 @@ config's. Runs go one after another in this process (`out/<method>`); a method t
 recorded with a one-line reason and the others still run. `out/compare.json` keeps the status
 of every method so that `thinwire report out` can list the failures again later. With `seeds`
 every method runs once per seed (`out/<method>-seed<N>`) and the report adds mean ± std.
+
+A comparison can be continued (a long one across sessions): a run already finished in `out`
+(`out/<name>` with its summary.json) is kept and not run again, provided its config.toml is the
+config that would run now (compared after parsing, so formatting does not matter); a finished run
+of another config is an error naming the first key that differs (remove that directory or pass
+another --out), never silently mixed in. An interrupted run (`out/<name>.partial`) of the same
+config resumes from its last checkpoint (runtime/checkpoint.py); of another config it starts over.
+
+The console table gives whole-run traffic per client-round and each method's ratio against its
+baseline measured in the same comparison (report.py: FedIT for LoRA methods, FedAvg for
+full-parameter ones), then per-phase traffic for methods with phases (CG-FedLLM's TGAP and FAF).
 """
 
 from __future__ import annotations
@@ -13,12 +24,13 @@ import gc
 import json
 import threading
 import time
+import tomllib
 import traceback
 from pathlib import Path
 from typing import Any
 
 from thinwire.errors import UsageError
-from thinwire.report import COMPARE_FILE, render_report
+from thinwire.report import COMPARE_FILE, ReportResult, render_report
 from thinwire.runtime.rundir import atomic_write
 
 
@@ -55,6 +67,58 @@ def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, UsageError):
         return lines[0] if lines else "usage error"
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def config_difference(path: Path, config: Any) -> str | None:
+    """None when the run config at `path` (a config.toml) is `config`, else what differs (one line)."""
+    from thinwire.config import from_dict, to_toml
+
+    try:
+        old = tomllib.loads(path.read_text())
+        if to_toml(from_dict(old)) == to_toml(config):
+            return None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        return f"its config.toml cannot be read ({exc})"
+    except UsageError as exc:
+        return f"its config.toml is not valid for this thinwire ({exc})"
+    new = tomllib.loads(to_toml(config))
+
+    def flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in table.items():
+            out |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
+        return out
+
+    a, b = flat(old), flat(new)
+    key = next((k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)), None)
+    if key is None:
+        return "its config.toml differs in form"
+    return f"{key} = {a.get(key, '(absent)')!r} there, {b.get(key, '(absent)')!r} now"
+
+
+def _plan(out: Path, configs: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """(summaries of runs already finished in `out` with the same config, names whose interrupted
+    `.partial` run has the same config and resumes); a finished run of another config, or a
+    directory that is not a finished run, is a UsageError."""
+    done, resume = {}, set()
+    for name, config in configs.items():
+        run_dir, partial = out / name, out / f"{name}.partial"
+        if run_dir.exists():
+            if not (run_dir / "summary.json").is_file():
+                raise UsageError(f"output directory {run_dir} already exists and holds no finished run; "
+                                 "pass a new --out or remove it")
+            differs = config_difference(run_dir / "config.toml", config)
+            if differs:
+                raise UsageError(f"{run_dir} holds a finished run of another config: {differs}; remove it to run "
+                                 "it again, or pass a new --out")
+            try:
+                done[name] = json.loads((run_dir / "summary.json").read_text())
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"{run_dir}/summary.json cannot be read ({exc}); remove {run_dir} to run it "
+                                 "again") from None
+        elif partial.is_dir() and config_difference(partial / "config.toml", config) is None:
+            resume.add(name)
+    return done, resume
 
 
 def _reset_peak_rss() -> None:
@@ -127,9 +191,7 @@ def run_compare(config_path: str | Path | None, methods: list[str], overrides: l
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a directory")
-    taken = [m for m in names if (out / m).exists()]
-    if taken:
-        raise UsageError(f"output directory {out / taken[0]} already exists; pass a new --out or remove it")
+    done, resume = _plan(out, configs)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -149,10 +211,18 @@ def run_compare(config_path: str | Path | None, methods: list[str], overrides: l
                 run_dir = out / name
                 watcher.paths = (run_dir.with_name(name + ".partial") / "metrics.jsonl", run_dir / "metrics.jsonl")
                 row: dict[str, Any] = {"method": name, "status": "ok", "reason": None, "run_dir": None}
+                if name in done:  # finished earlier with this very config: kept as it is
+                    row.update(run_dir=str(run_dir), summary=done[name], wall_s=done[name].get("wall_s", 0.0),
+                               reused=True)
+                    rows.append(row)
+                    if not quiet:
+                        progress.console.print(f"{name}: finished earlier, kept ({run_dir})", highlight=False)
+                    progress.advance(methods_bar)
+                    continue
                 started = time.perf_counter()
                 _reset_peak_rss()
                 try:
-                    row["summary"] = run_local(configs[name], run_dir, quiet=True)
+                    row["summary"] = run_local(configs[name], run_dir, quiet=True, resume=name in resume)
                     row["run_dir"] = str(run_dir)
                 except Exception as exc:  # noqa: BLE001 -- one method failing must not stop the others
                     row.update(status="failed", reason=failure_reason(exc))
@@ -180,7 +250,9 @@ def run_compare(config_path: str | Path | None, methods: list[str], overrides: l
         raise UsageError("every method failed: " + "; ".join(f"{m}: {r}" for m, r in failures))
     result = render_report(ok, out, failures=failures)
     if not quiet:
-        console.print(_status_table(rows))
+        console.print(_status_table(rows, result))
+        if result.phase_rows:
+            console.print(_phases_table(result.phase_rows))
         if seeds and len(seeds) > 1:
             console.print(_seeds_table(result.seed_rows))
         console.print(f"report: {result.html}")
@@ -196,24 +268,47 @@ def _write_status(out: Path, config_path: str | Path | None, names: list[str], o
     atomic_write(out / COMPARE_FILE, json.dumps(record, indent=2, sort_keys=True))
 
 
-def _status_table(rows: list[dict[str, Any]]) -> Any:
+def _status_table(rows: list[dict[str, Any]], result: ReportResult) -> Any:
     from rich.table import Table
 
+    from thinwire.report import _fmt_ratio
     from thinwire.runtime.display import human_bytes
 
-    table = Table(title="compare")
-    for column in ("method", "status", "Rouge-L", "loss", "bytes / client-round", "wall"):
+    by_dir = {row["run_dir"]: row for row in result.rows}
+    table = Table(title="compare (traffic: whole run, every byte sent)")
+    for column in ("method", "status", "Rouge-L", "loss", "up / down per client-round", "total sent",
+                   "vs baseline (up+down)", "wall"):
         table.add_column(column, justify="left" if column in ("method", "status") else "right")
     for row in rows:
         summary = row.get("summary") or {}
         final = summary.get("final_eval", {})
-        per_round = (summary["uplink_bytes_per_client_round"] + summary["downlink_bytes_per_client_round"]
-                     if summary else None)
+        report = by_dir.get(row["run_dir"]) or {}
+        ratio = report.get("traffic_ratio_vs_baseline")
+        status = "ok" if row["status"] == "ok" else f"failed: {row['reason']}"
         table.add_row(
-            row["method"], "ok" if row["status"] == "ok" else f"failed: {row['reason']}",
+            row["method"], status + (" (kept)" if row.get("reused") else ""),
             f"{final['rougeL']:.4f}" if "rougeL" in final else "-",
             f"{final['loss']:.4f}" if "loss" in final else "-",
-            human_bytes(per_round) if per_round is not None else "-", f"{row['wall_s']:.1f} s")
+            f"{human_bytes(summary['uplink_bytes_per_client_round'])} / "
+            f"{human_bytes(summary['downlink_bytes_per_client_round'])}" if summary else "-",
+            human_bytes(summary["uplink_bytes_total"] + summary["downlink_bytes_total"]) if summary else "-",
+            f"{_fmt_ratio(ratio)} {report['traffic_baseline']}" if ratio is not None
+            else (report.get("traffic_baseline") or "-"),
+            f"{row['wall_s']:.1f} s")
+    return table
+
+
+def _phases_table(phases: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    from thinwire.report import PHASES_NOTE, _phase_cells
+
+    table = Table(title="traffic by phase", caption=PHASES_NOTE)
+    for column in ("run", "phase", "rounds", "client-rounds", "up / client-round", "down / client-round",
+                   "up total", "down total", "up vs baseline"):
+        table.add_column(column, justify="left" if column in ("run", "phase") else "right")
+    for row in phases:
+        table.add_row(*_phase_cells(row))
     return table
 
 

@@ -3,6 +3,11 @@ one self-contained `report.html` (plots embedded as data URIs, inline CSS, no sc
 Runs of one setting over several seeds are also summarised as mean ± std (`across_seeds.csv`,
 seeds.py); runs that kept their final predictions are broken down by task (`by_task.csv`).
 
+Traffic is whole-run (every byte sent, summary.json); methods with phases (CG-FedLLM's TGAP and
+FAF rounds) also get it per phase (`by_phase.csv`), labelled as such. Each run's traffic is
+compared with its baseline run measured in the same report (FedIT for LoRA methods, FedAvg for
+full-parameter ones); without that run there is no ratio, and the report says so.
+
 Everything comes from what a run wrote (`summary.json`, `metrics.jsonl`, `config.toml`), so a
 report can be re-rendered at any time. A directory that is not a complete run (an interrupted
 `<x>.partial`, missing or unparsable files, an unknown format) is skipped with its reason.
@@ -33,6 +38,7 @@ RUN_FILES = ("summary.json", "metrics.jsonl", "config.toml")
 COMPARE_FILE = "compare.json"
 SEEDS_CSV = "across_seeds.csv"
 TASKS_CSV = "by_task.csv"
+PHASES_CSV = "by_phase.csv"
 PLOTS = ("quality_per_round.png", "quality_vs_bytes.png", "quality_vs_time.png")
 QUALITY_ORDER = ("rougeL", "exact_match", "loss")
 METRIC_LABELS = {"rougeL": "Rouge-L", "exact_match": "exact match", "loss": "loss"}
@@ -74,6 +80,7 @@ class ReportResult:
     seeds_csv: Path | None = None
     tasks_csv: Path | None = None
     seed_rows: list[dict[str, Any]] = field(default_factory=list)  # one per setting, as in across_seeds.csv
+    phase_rows: list[dict[str, Any]] = field(default_factory=list)  # one per (run, phase), as in by_phase.csv
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (directory, reason)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (method, reason) from compare
 
@@ -252,20 +259,66 @@ def _mean(values: list[Any]) -> float | None:
     return sum(numbers) / len(numbers) if numbers else None
 
 
-def _fedavg_references(runs: list[Run]) -> dict[str, float]:
-    """Measured up+down bytes per client-round of a FedAvg run, by model (first one wins)."""
-    refs: dict[str, float] = {}
+# Each method's traffic baseline: FedIT for methods that train a LoRA adapter, FedAvg for those
+# that train every weight (Ferret: by `method.ferret.trainable`).
+LORA_METHODS = ("fedit", "cgfedllm", "fedpt")
+FULL_METHODS = ("fedavg", "fedkseed", "fedkseed-pro")
+
+
+def baseline_method(run: Run) -> str | None:
+    """The method `run`'s traffic is compared against (None: no baseline defined for it)."""
+    if run.method == "ferret":
+        trainable = run.config.get("method.ferret.trainable")
+        return None if trainable is None else "fedit" if trainable == "lora" else "fedavg"
+    return "fedit" if run.method in LORA_METHODS else "fedavg" if run.method in FULL_METHODS else None
+
+
+def find_baseline(run: Run, runs: list[Run]) -> tuple[Run | None, str]:
+    """The measured baseline run for `run` among `runs`, or None and why there is none.
+
+    A run of the baseline method on the same model; of the same seed where there is one; the run
+    named after the method (`fedit`, `fedit-seed1`) before a variant of it."""
+    method = baseline_method(run)
+    if method is None:
+        why = ("config.toml lacks method.ferret.trainable" if run.method == "ferret"
+               else f"none defined for {run.method}")
+        return None, f"no baseline: {why}"
+    model, seed = run.summary["model"], run.summary.get("seed")
+    pool = [b for b in runs if b.method == method and b.summary["model"] == model]
+    pool = [b for b in pool if b.summary.get("seed") == seed] or pool
+    if not pool:
+        return None, f"no ratio: no {method} run of {model} in this comparison"
+    plain = [b for b in pool if b.path.name in (method, f"{method}-seed{seed}")]
+    return (plain or pool)[0], method
+
+
+def _ratio(value: Any, reference: Any) -> float | None:
+    return value / reference if _is_number(value) and _is_number(reference) and reference else None
+
+
+def _per_round(figures: dict[str, Any]) -> float:
+    return figures["uplink_bytes_per_client_round"] + figures["downlink_bytes_per_client_round"]
+
+
+def phase_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """One row per (run, phase) of the runs whose method has phases (summary.json `phases`): the
+    phase's traffic, and its uplink per client-round against the baseline's whole run."""
+    rows = []
     for run in runs:
-        if run.method == "fedavg":
-            s = run.summary
-            refs.setdefault(str(s["model"]),
-                            s["uplink_bytes_per_client_round"] + s["downlink_bytes_per_client_round"])
-    return refs
+        base, _ = find_baseline(run, runs)
+        for phase, figures in (run.summary.get("phases") or {}).items():
+            rows.append({"run": run.label, "phase": phase, **figures,
+                         "uplink_ratio_vs_baseline": _ratio(figures.get("uplink_bytes_per_client_round"),
+                                                            base and base.summary["uplink_bytes_per_client_round"]),
+                         "baseline": base.label if base else None})
+    return rows
 
 
 def build_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """One row per run. Traffic is whole-run (every byte sent, summary.json); per client-round is
+    all bytes sent / downloads sent; ratios compare per-client-round figures with the baseline run
+    measured in the same comparison (`find_baseline`), and are empty when it is absent."""
     keys = metric_keys(runs)
-    refs = _fedavg_references(runs)
     rows = []
     for run in runs:
         s = run.summary
@@ -277,24 +330,25 @@ def build_rows(runs: list[Run]) -> list[dict[str, Any]]:
         for key in keys:
             row[f"base_{key}"] = s["base_eval"].get(key)
             row[f"final_{key}"] = s["final_eval"].get(key)
-        per_round = s["uplink_bytes_per_client_round"] + s["downlink_bytes_per_client_round"]
-        if str(s["model"]) in refs:
-            reference, how = refs[str(s["model"])], "measured fedavg run"
-        elif _is_number(s.get("fedavg_bytes_per_client_round")):
-            reference, how = 2 * s["fedavg_bytes_per_client_round"], "2 x fedavg_bytes_per_client_round"
-        else:
-            reference, how = None, "none"
+        base, how = find_baseline(run, runs)
+        b = base.summary if base else {}
         times = [r.get("time_s") if isinstance(r.get("time_s"), dict) else {} for r in run.rounds]
         row.update({
             "uplink_bytes_per_client_round": s["uplink_bytes_per_client_round"],
             "downlink_bytes_per_client_round": s["downlink_bytes_per_client_round"],
-            "bytes_per_client_round": per_round,
+            "bytes_per_client_round": _per_round(s),
+            "client_rounds": s.get("client_rounds"),
             "uplink_bytes_total": s["uplink_bytes_total"],
             "downlink_bytes_total": s["downlink_bytes_total"],
             "bytes_total": s["uplink_bytes_total"] + s["downlink_bytes_total"],
-            "fedavg_reference_bytes_per_client_round": reference,
-            "traffic_ratio_vs_fedavg": per_round / reference if reference else None,
-            "traffic_reference": how,
+            "uplink_bytes_accepted_total": s.get("uplink_bytes_accepted_total"),
+            "downlink_bytes_accepted_total": s.get("downlink_bytes_accepted_total"),
+            "traffic_baseline": base.label if base else how,
+            "uplink_ratio_vs_baseline": _ratio(s["uplink_bytes_per_client_round"],
+                                               b.get("uplink_bytes_per_client_round")),
+            "downlink_ratio_vs_baseline": _ratio(s["downlink_bytes_per_client_round"],
+                                                 b.get("downlink_bytes_per_client_round")),
+            "traffic_ratio_vs_baseline": _ratio(_per_round(s), base and _per_round(b)),
             "round_s_mean": _mean([t.get("total") for t in times]),
             "local_s_mean": _mean([t.get("local") for t in times]),
             "aggregate_s_mean": _mean([t.get("aggregate") for t in times]),
@@ -303,6 +357,10 @@ def build_rows(runs: list[Run]) -> list[dict[str, Any]]:
             "peak_rss_mb": s["peak_rss_mb"],
             "trainable_parameters": s.get("trainable_parameters"),
         })
+        for phase, figures in (s.get("phases") or {}).items():
+            for key in ("rounds", "uplink_bytes_per_client_round", "downlink_bytes_per_client_round",
+                        "uplink_bytes_total", "downlink_bytes_total"):
+                row[f"phase_{phase}_{key}"] = figures.get(key)
         rows.append(row)
     return rows
 
@@ -527,7 +585,7 @@ def write_markdown(runs: list[Run], rows: list[dict[str, Any]], skipped: list[tu
     if differing:
         lines += ["Config keys that differ between runs (besides the method): " + ", ".join(differing), ""]
     header = ["run"] + [_metric_label(k) for k in keys]
-    header += ["up / client-round", "down / client-round", "total traffic", "vs FedAvg",
+    header += ["up / client-round", "down / client-round", "total traffic (whole run)", "up+down vs baseline",
                "round time (local + agg)", "peak RSS"]
     lines += [_md_row(header), "|" + "---|" * len(header)]
     for row in rows:
@@ -535,12 +593,21 @@ def write_markdown(runs: list[Run], rows: list[dict[str, Any]], skipped: list[tu
         cells += [f"{_fmt_metric(row[f'base_{k}'])} → {_fmt_metric(row[f'final_{k}'])}" for k in keys]
         cells += [human_bytes(row["uplink_bytes_per_client_round"]),
                   human_bytes(row["downlink_bytes_per_client_round"]), human_bytes(row["bytes_total"]),
-                  _fmt_ratio(row["traffic_ratio_vs_fedavg"]),
+                  _ratio_cell(row),
                   f"{_fmt_s(row['round_s_mean'])} ({_fmt_s(row['local_s_mean'])} + "
                   f"{_fmt_s(row['aggregate_s_mean'])})", f"{row['peak_rss_mb']:,.0f} MB"]
         lines.append(_md_row(cells))
     lines.append("")
     lines.append(_reference_note(rows))
+    phases = phase_rows(runs)
+    if phases:
+        header = ["run", "phase", "rounds", "client-rounds", "up / client-round", "down / client-round",
+                  "up total", "down total", "up vs baseline"]
+        lines += ["", f"## Traffic by phase ({PHASES_NOTE})", "", _md_row(header), "|" + "---|" * len(header)]
+        lines += [_md_row(_phase_cells(row)) for row in phases]
+    warned = [(run.label, w) for run in runs for w in run.summary.get("warnings") or []]
+    if warned:
+        lines += ["", "## Warnings", ""] + [f"- {label}: {w}" for label, w in warned]
     if _has_repeats(seed_rows):
         header = ["setting", "seeds"] + [_metric_label(k) + " (change from base)" for k in keys]
         lines += ["", f"## Across seeds ({SEEDS_NOTE})", "", _md_row(header), "|" + "---|" * len(header)]
@@ -581,12 +648,29 @@ def _seed_cell(row: dict[str, Any], key: str) -> str:
 
 
 def _reference_note(rows: list[dict[str, Any]]) -> str:
-    hows = {row["traffic_reference"] for row in rows}
-    if hows == {"measured fedavg run"}:
-        return "Traffic ratio: up+down bytes per client-round against the FedAvg run's measured bytes."
-    return ("Traffic ratio: up+down bytes per client-round against FedAvg's — measured where a FedAvg "
-            "run of the same model is in the report, else estimated as 2 × 4 bytes × base parameters "
-            "(summary.json fedavg_bytes_per_client_round, upload + download).")
+    missing = sorted({row["traffic_baseline"] for row in rows if row["traffic_ratio_vs_baseline"] is None})
+    note = ("Traffic counts every byte sent, failed, late and rejected clients included; per client-round = "
+            "bytes sent / downloads sent, over the whole run. Ratios: per client-round, against the baseline "
+            "run measured in this comparison (FedIT for LoRA methods, FedAvg for full-parameter ones), never "
+            "an estimate.")
+    return note + (" " + "; ".join(missing) + "." if missing else "")
+
+
+PHASES_NOTE = ("methods whose rounds differ in kind, e.g. CG-FedLLM's TGAP and FAF rounds; each phase's "
+               "uplink per client-round against its baseline's whole run")
+
+
+def _ratio_cell(row: dict[str, Any]) -> str:
+    ratio = row["traffic_ratio_vs_baseline"]
+    return f"{_fmt_ratio(ratio)} {row['traffic_baseline']}" if _is_number(ratio) else "-"
+
+
+def _phase_cells(row: dict[str, Any]) -> list[str]:
+    ratio = row["uplink_ratio_vs_baseline"]
+    return [row["run"], row["phase"], str(row["rounds"]), str(row.get("client_rounds", "-")),
+            human_bytes(row["uplink_bytes_per_client_round"]), human_bytes(row["downlink_bytes_per_client_round"]),
+            human_bytes(row["uplink_bytes_total"]), human_bytes(row["downlink_bytes_total"]),
+            f"{_fmt_ratio(ratio)} {row['baseline']}" if _is_number(ratio) else "-"]
 
 
 CSS = """
@@ -703,9 +787,10 @@ def write_html(runs: list[Run], rows: list[dict[str, Any]], plots: dict[str, byt
     cost_columns = [  # (column, header, formatter, lower is better)
         ("uplink_bytes_per_client_round", "uplink<br><small>per client-round</small>", human_bytes),
         ("downlink_bytes_per_client_round", "downlink<br><small>per client-round</small>", human_bytes),
-        ("uplink_bytes_total", "uplink<br><small>total</small>", human_bytes),
-        ("downlink_bytes_total", "downlink<br><small>total</small>", human_bytes),
-        ("traffic_ratio_vs_fedavg", "traffic vs FedAvg<br><small>up+down per client-round</small>", _fmt_ratio),
+        ("uplink_bytes_total", "uplink<br><small>whole run</small>", human_bytes),
+        ("downlink_bytes_total", "downlink<br><small>whole run</small>", human_bytes),
+        ("uplink_ratio_vs_baseline", "uplink vs baseline<br><small>per client-round</small>", _fmt_ratio),
+        ("traffic_ratio_vs_baseline", "up+down vs baseline<br><small>per client-round</small>", _fmt_ratio),
         ("round_s_mean", "time / round<br><small>mean, all</small>", _fmt_s),
         ("local_s_mean", "local<br><small>mean / round</small>", _fmt_s),
         ("aggregate_s_mean", "aggregation<br><small>mean / round</small>", _fmt_s),
@@ -715,14 +800,15 @@ def write_html(runs: list[Run], rows: list[dict[str, Any]], plots: dict[str, byt
     parts += ["<h2>Cost: traffic, time, memory</h2>", '<div class="scroll"><table id="cost">',
               '<thead><tr><th class="name">run</th>']
     parts += [f"<th>{header} ↓</th>" for _, header, _ in cost_columns]
-    parts.append("</tr></thead><tbody>")
+    parts.append("<th>baseline</th></tr></thead><tbody>")
     cost_best = {c: _best(rows, c, False) for c, _, _ in cost_columns}
     for i, row in enumerate(rows):
         parts.append(f'<tr data-run="{_e(row["run"])}">' + _td(_e(row["run"]), cls="name"))
         for column, _, formatter in cost_columns:
             value = row[column]
             parts.append(_td(_e(formatter(value)) if _is_number(value) else "-", i in cost_best[column]))
-        parts.append("</tr>")
+        measured = _is_number(row["traffic_ratio_vs_baseline"])
+        parts.append(_td(_e(row["traffic_baseline"]) if measured else "-", cls="name") + "</tr>")
     parts.append("</tbody></table></div>")
     parts.append(f'<p class="note">{_e(_reference_note(rows))} Best value per column highlighted. '
                  "Time per round includes evaluation; local time is the sum over the round's clients, "
@@ -730,6 +816,21 @@ def write_html(runs: list[Run], rows: list[dict[str, Any]], plots: dict[str, byt
     if differing:
         parts.append('<p class="note">Config keys that differ between runs besides the method: '
                      + ", ".join(f"<code>{_e(k)}</code>" for k in differing) + ".</p>")
+    phases = phase_rows(runs)
+    if phases:
+        head = ["run", "phase", "rounds", "client-rounds", "uplink / client-round", "downlink / client-round",
+                "uplink total", "downlink total", "uplink vs baseline"]
+        parts += ["<h2>Traffic by phase</h2>", '<div class="scroll"><table id="phases"><thead><tr>']
+        parts += [f'<th{" class=name" if i < 2 else ""}>{_e(h)}</th>' for i, h in enumerate(head)]
+        parts.append("</tr></thead><tbody>")
+        parts += ["<tr>" + "".join(_td(_e(c), cls="name" if i < 2 else "") for i, c in enumerate(_phase_cells(row)))
+                  + "</tr>" for row in phases]
+        parts.append(f'</tbody></table></div><p class="note">Per phase: {_e(PHASES_NOTE)}.</p>')
+    warned = [(run.label, w) for run in runs for w in run.summary.get("warnings") or []]
+    if warned:
+        parts += ["<h2>Warnings</h2>", '<ul class="problems" id="warnings">']
+        parts += [f"<li><b>{_e(label)}</b>: {_e(w)}</li>" for label, w in warned]
+        parts.append("</ul>")
 
     # Plots
     parts += ["<h2>Plots</h2>", '<div class="grid">']
@@ -762,12 +863,15 @@ def write_html(runs: list[Run], rows: list[dict[str, Any]], plots: dict[str, byt
 def _round_details(run: Run) -> str:
     evals = sorted({k for r in run.rounds if isinstance(r.get("eval"), dict) for k in r["eval"]},
                    key=_metric_order)
-    head = ["round", "clients ok", "uplink", "downlink", "train loss", *evals, "local", "aggregate", "total"]
+    phased = any(r.get("phase") is not None for r in run.rounds)
+    head = ["round", *(["phase"] if phased else []), "clients ok", "uplink sent", "downlink sent", "train loss",
+            *evals, "local", "aggregate", "total"]
     rows = []
     for r in run.rounds:
         t = r.get("time_s") if isinstance(r.get("time_s"), dict) else {}
         e = r.get("eval") if isinstance(r.get("eval"), dict) else {}
-        cells = [r["round"], f"{r.get('clients_ok', '-')}/{r.get('clients_sampled', '-')}",
+        cells = [r["round"], *([r.get("phase") or "-"] if phased else []),
+                 f"{r.get('clients_ok', '-')}/{r.get('clients_sampled', '-')}",
                  human_bytes(r["uplink_bytes"]) if _is_number(r.get("uplink_bytes")) else "-",
                  human_bytes(r["downlink_bytes"]) if _is_number(r.get("downlink_bytes")) else "-",
                  _fmt_metric(r.get("train_loss")), *(_fmt_metric(e.get(k)) for k in evals),
@@ -799,8 +903,8 @@ def _label_runs(runs: list[Run]) -> None:
 
 
 def render_report(run_dirs: list[Path], out: Path, failures: list[tuple[str, str]] | None = None) -> ReportResult:
-    """Write report.html, comparison.csv, across_seeds.csv, by_task.csv, comparison.md and the PNG
-    plots into `out`.
+    """Write report.html, comparison.csv, across_seeds.csv, by_task.csv, by_phase.csv (runs of methods
+    with phases only), comparison.md and the PNG plots into `out`.
 
     Each of `run_dirs` is a run directory or a directory of run directories (expanded one level).
     `failures` are (method, reason) pairs to list (compare passes the methods that failed).
@@ -838,9 +942,13 @@ def render_report(run_dirs: list[Path], out: Path, failures: list[tuple[str, str
     atomic_write(out / "comparison.csv", write_csv(rows))
     atomic_write(out / SEEDS_CSV, write_csv(seed_rows))
     atomic_write(out / TASKS_CSV, write_csv(task_rows(runs)))
+    phases = phase_rows(runs)
+    if phases:
+        atomic_write(out / PHASES_CSV, write_csv(phases))
     atomic_write(out / "comparison.md", write_markdown(runs, rows, skipped, failed, seed_rows))
     atomic_write(out / "report.html", write_html(runs, rows, plots, skipped, failed, seed_rows))
     return ReportResult(out=out, html=out / "report.html", csv=out / "comparison.csv",
                         markdown=out / "comparison.md", plots=plot_paths, rows=rows,
                         runs=[r.path for r in runs], skipped=skipped, failed=failed,
-                        seeds_csv=out / SEEDS_CSV, tasks_csv=out / TASKS_CSV, seed_rows=seed_rows)
+                        seeds_csv=out / SEEDS_CSV, tasks_csv=out / TASKS_CSV, seed_rows=seed_rows,
+                        phase_rows=phases)

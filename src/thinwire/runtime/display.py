@@ -31,7 +31,9 @@ def _fmt(value: Any) -> str:
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
-    """Base vs final quality, and bytes moved next to what plain FedAvg would have moved."""
+    """Base vs final quality, and the bytes the run moved: whole run, then per phase (if any).
+
+    Per client-round = all bytes sent / downloads sent (summary.json `client_rounds`)."""
     table = Table(title=f"{summary['method']} on {summary['model']}: {summary['rounds']} rounds, "
                         f"{summary['wall_s']:.1f} s")
     table.add_column("metric")
@@ -41,10 +43,15 @@ def summary_table(summary: dict[str, Any]) -> Table:
     for key in ("rougeL", "exact_match", "loss"):
         if key in final:
             table.add_row(key, _fmt(base.get(key)), _fmt(final.get(key)))
-    per_round = summary["uplink_bytes_per_client_round"] + summary["downlink_bytes_per_client_round"]
-    fedavg = 2 * summary["fedavg_bytes_per_client_round"]
-    table.add_row("bytes / client-round (up+down)", "", human_bytes(per_round))
-    table.add_row("  plain FedAvg would move", "", human_bytes(fedavg))
-    table.add_row("total bytes moved", "", human_bytes(summary["uplink_bytes_total"] + summary["downlink_bytes_total"]))
+    table.add_row("up / down per client-round, whole run", "", _up_down(summary))
+    for phase, figures in (summary.get("phases") or {}).items():
+        table.add_row(f"  {phase} rounds ({figures['rounds']})", "", _up_down(figures))
+    table.add_row("total bytes sent (up + down), whole run", "",
+                  human_bytes(summary["uplink_bytes_total"] + summary["downlink_bytes_total"]))
     table.add_row("peak RSS", "", f"{summary['peak_rss_mb']:,.0f} MB")
     return table
+
+
+def _up_down(figures: dict[str, Any]) -> str:
+    return (f"{human_bytes(figures['uplink_bytes_per_client_round'])} / "
+            f"{human_bytes(figures['downlink_bytes_per_client_round'])}")

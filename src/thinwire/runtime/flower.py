@@ -28,10 +28,15 @@ same evaluation, the same run directory (records.py, RunDir). What changes is tr
 - The ClientApp decodes, runs `client.fit` with the client's `ClientState` (kept in
   `Context.state` as encoded Payload bytes, the same Array form) and replies with the upload
   bytes, the example count and the client's metrics (a MetricRecord).
-- Traffic is thinwire's payload bytes, counted exactly as the local runtime counts them. Flower's
-  own size of each message (every object of the message tree as deflated for transport: message
-  header, records, array metadata and chunks) is logged beside it as `flower_downlink_bytes` /
-  `flower_uplink_bytes`, so the framing overhead is visible.
+- Traffic is thinwire's payload bytes, counted exactly as the local runtime counts them
+  (records.py): every download the SuperLink accepted counts, whatever became of the client, and
+  every reply that arrived (malformed, rejected or discarded for a round with too few included);
+  a reply that never arrived before the deadline is not seen, so not counted. Flower's own size
+  of each message (every object of the message tree as deflated for transport: message header,
+  records, array metadata and chunks) is logged beside it as `flower_downlink_bytes` /
+  `flower_uplink_bytes` (per round: all messages; per client: that client's), so the framing
+  overhead is visible. Warnings the server side raises (`RunContext.warn`) land in the round
+  record; a client's stay in its process's stderr.
 - A client whose ClientApp raises, whose node is gone, or that does not answer within
   `federation.round_timeout_s` costs that client's update for the round; it is logged in the
   round record under `failures` and the run goes on. A round in which no client answered skips
@@ -240,6 +245,7 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
     timeout_s = round_timeout(config)
     workbench = Workbench(config)
     ctx = RunContext(config, workbench)
+    warnings = records.Warnings(ctx)  # the server's (a client's warnings stay in its process)
     server = spec.server(ctx)
     text = to_toml(config)
     digest = config_digest(text)
@@ -269,7 +275,7 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
             messages, targets, sent = [], [], {}
             for cid in sampled:
                 if cid not in link.nodes:
-                    failures.append({"client": cid, "reason": "no SuperNode owns this partition"})
+                    failures.append(records.failure(cid, "no SuperNode owns this partition"))
                     continue
                 down = server.download(rnd, cid).encode()
                 content = RecordDict({PAYLOAD: pack(down), META: ConfigRecord(
@@ -285,9 +291,12 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
             local_s = time.perf_counter() - t0
             del messages
             accepted: list[tuple[int, Reply, dict[str, Any]]] = []
+            flower_down = sum(sent[cid][1] for index, cid in enumerate(targets) if index not in push_failed)
+            flower_up = sum(flower_bytes(reply) for reply in replies.values())
             for index, cid in enumerate(targets):
                 reply = replies.pop(index, None)  # drop each reply's bytes once decoded
-                reason = None
+                reason, up = None, None
+                down_len = None if index in push_failed else sent[cid][0]  # the download left the server
                 if index in push_failed:
                     reason = "the SuperLink did not accept the message"
                 elif reply is None:
@@ -297,7 +306,7 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
                     log(logging.DEBUG, "thinwire: client %d error: %s", cid, reply.error.reason)
                 if reason is None:
                     try:
-                        up = unpack(reply.content[PAYLOAD])
+                        up = unpack(reply.content[PAYLOAD])  # bytes that arrived count, malformed or not
                         meta = reply.content[META]
                         if int(meta["client"]) != cid:
                             raise ValueError(f"reply is for client {meta['client']}")
@@ -306,22 +315,20 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
                     except Exception as exc:  # a malformed reply costs that client, not the run
                         reason = f"malformed reply: {exc}"
                 if reason is not None:
-                    failures.append({"client": cid, "reason": reason[:1000]})
+                    failures.append(records.failure(cid, reason[:1000], down_len, None if up is None else len(up)))
                     link.forget(cid)  # ask its node again when next sampled (it may have restarted)
                     continue
-                down_len, flower_down = sent[cid]
                 try:  # the same checks as the local runtime: size cap, then the method's validation
                     decoded = Payload.decode(up, max_bytes=server.max_upload_bytes() + (1 << 20))
                     server.validate(Reply(cid, decoded, examples, metrics))
                 except PayloadError as exc:
-                    rejected.append({"client": cid, "reason": rejection_reason(exc), "downlink_bytes": down_len,
-                                     "uplink_bytes": len(up)})
+                    rejected.append(records.failure(cid, rejection_reason(exc), down_len, len(up)))
                     continue
-                record = {"client": cid, "downlink_bytes": down_len, "uplink_bytes": len(up),
-                          "examples": examples, **metrics, "node": reply.metadata.src_node_id,
-                          "flower_downlink_bytes": flower_down, "flower_uplink_bytes": flower_bytes(reply),
-                          "clientapp_age_s": float(meta.get("process-age-s", -1.0)),
-                          "import_s": float(meta.get("import-s", 0.0)), "setup_s": float(meta.get("setup-s", 0.0))}
+                record = records.client_record(
+                    cid, down_len, len(up), examples, metrics, node=reply.metadata.src_node_id,
+                    flower_downlink_bytes=sent[cid][1], flower_uplink_bytes=flower_bytes(reply),
+                    clientapp_age_s=float(meta.get("process-age-s", -1.0)), import_s=float(meta.get("import-s", 0.0)),
+                    setup_s=float(meta.get("setup-s", 0.0)))
                 accepted.append((cid, Reply(cid, decoded, examples, metrics), record))
                 del reply, up
             accepted.sort(key=lambda item: item[0])  # aggregate in client order, as the local runtime does
@@ -330,9 +337,8 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
                 log(logging.WARNING, "thinwire: round %d: client %d failed: %s", rnd, failure["client"],
                     failure["reason"])
             skipped = len(accepted) < max(fed.min_replies, 1)
-            if skipped and accepted:  # their bytes crossed the wire; their updates are not used
-                failures.extend({"client": cid, "reason": records.too_few_reason(len(accepted), fed.min_replies)}
-                                for cid, _, _ in accepted)
+            if skipped and accepted:
+                failures.extend(records.discarded([record for _, _, record in accepted], fed.min_replies))
                 accepted = []
             aggregate, round_eval, times = records.close_round(
                 config, server, rnd, [r for _, r, _ in accepted], skipped, evaluate_global, local_s, round_start)
@@ -340,10 +346,9 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
                 evaluation = round_eval
             clients = [record for _, _, record in accepted]
             rounds.append(records.round_record(
-                rnd, spec.name, sampled, clients, aggregate, round_eval, times,
-                failures=failures, rejected=rejected, skipped=skipped,
-                flower_downlink_bytes=sum(sent[c["client"]][1] for c in clients),
-                flower_uplink_bytes=sum(c["flower_uplink_bytes"] for c in clients),
+                rnd, spec.name, sampled, clients, aggregate, round_eval, times, phase=server.phase(rnd),
+                failures=failures, rejected=rejected, skipped=skipped, warnings=warnings.take(),
+                flower_downlink_bytes=flower_down, flower_uplink_bytes=flower_up,
                 flower_control_bytes=link.flower_bytes - hello_bytes))
             run_dir.log_round(rounds[-1])
             log(logging.INFO, "thinwire: round %d/%d: %d/%d clients ok, %d B down, %d B up%s", rnd, fed.rounds,
@@ -352,7 +357,7 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
             progress.advance(rounds_bar)
     summary = records.summary(
         config, spec.name, rounds, base_eval, evaluation, server.trainable_parameters(),
-        workbench.base_parameters(), time.perf_counter() - started, runtime=runtime,
+        time.perf_counter() - started, runtime=runtime,
         flower_downlink_bytes_total=sum(r["flower_downlink_bytes"] for r in rounds),
         flower_uplink_bytes_total=sum(r["flower_uplink_bytes"] for r in rounds),
         flower_control_bytes_total=link.flower_bytes,

@@ -18,6 +18,12 @@ Faults (all logged in the round record of metrics.jsonl):
   or, with `on_too_few = "retry"`, resampled from the stream (seed, "sample", round, "retry", i)
   up to `max_retries` times (`retries`).
 
+Traffic counts every byte sent (records.py): a simulated failure is a client the server cannot
+reach (nothing is sent); a straggler got its download; a client over the deadline got its download
+and sent its upload too late; rejected replies and replies of a round with too few, every attempt
+of a retried round included, count both ways. The round record's `*_accepted` fields count the
+aggregated clients alone.
+
 With `federation.checkpoint` (default on) the server's complete state is committed after every
 round (runtime/checkpoint.py) and `resume_local` continues an interrupted run bit-identically.
 The simulated deadline measures a client's wall time, the one input that is not a function of
@@ -123,6 +129,7 @@ def _federate(config: Config, spec: MethodSpec, federation: Federation, run_dir:
     workbench = Workbench(config)
     workbench.tokenizer  # noqa: B018 -- load the model now: a bad model name fails before any display
     ctx = RunContext(config, workbench)
+    warnings = records.Warnings(ctx)
     server, client = spec.server(ctx), spec.client(ctx)
     states = {cid: ClientState() for cid in range(fed.clients)}
     checkpoint = Checkpoint(run_dir.partial)
@@ -164,15 +171,15 @@ def _federate(config: Config, spec: MethodSpec, federation: Federation, run_dir:
                 replies, clients, errors, ran, first_error = [], [], 0, 0, None
                 for cid in sampled:
                     progress.advance(clients_bar)
-                    if faults.get(cid) == "failure":
-                        failures.append({"client": cid, "reason": "simulated failure (federation.failure_rate)"})
+                    if faults.get(cid) == "failure":  # unreachable: its download is never sent
+                        failures.append(records.failure(cid, "simulated failure (federation.failure_rate)"))
                         continue
                     progress.reset(steps_bar)
                     t0 = time.perf_counter()
                     down_bytes = server.download(rnd, cid).encode()
                     if faults.get(cid) == "straggler":
-                        failures.append({"client": cid, "downlink_bytes": len(down_bytes), "reason":
-                                         f"no reply within {fed.round_timeout_s:g} s (simulated straggler)"})
+                        failures.append(records.failure(
+                            cid, f"no reply within {fed.round_timeout_s:g} s (simulated straggler)", len(down_bytes)))
                         continue
                     state = _copy_state(states[cid])
                     ran += 1
@@ -182,15 +189,16 @@ def _federate(config: Config, spec: MethodSpec, federation: Federation, run_dir:
                     except Exception as exc:  # a crashing client costs its own update, not the run
                         errors += 1
                         first_error = first_error or exc
-                        failures.append({"client": cid, "downlink_bytes": len(down_bytes),
-                                         "reason": f"{type(exc).__name__}: {short_reason(exc)}"})
+                        failures.append(records.failure(cid, f"{type(exc).__name__}: {short_reason(exc)}",
+                                                        len(down_bytes)))
                         continue
                     finally:
                         local_s += time.perf_counter() - t0
                     took = time.perf_counter() - t0
-                    if took > fed.round_timeout_s:
-                        failures.append({"client": cid, "downlink_bytes": len(down_bytes), "reason":
-                                         f"no reply within {fed.round_timeout_s:g} s (took {took:.1f} s)"})
+                    if took > fed.round_timeout_s:  # its upload arrived, too late to be used
+                        failures.append(records.failure(
+                            cid, f"no reply within {fed.round_timeout_s:g} s (took {took:.1f} s)", len(down_bytes),
+                            len(up_bytes)))
                         continue
                     states[cid] = state
                     try:
@@ -198,21 +206,17 @@ def _federate(config: Config, spec: MethodSpec, federation: Federation, run_dir:
                                       upload.num_examples, upload.metrics)
                         server.validate(reply)
                     except PayloadError as exc:
-                        rejected.append({"client": cid, "reason": short_reason(exc), "downlink_bytes": len(down_bytes),
-                                         "uplink_bytes": len(up_bytes)})
+                        rejected.append(records.failure(cid, short_reason(exc), len(down_bytes), len(up_bytes)))
                         continue
                     replies.append(reply)
-                    clients.append({"client": cid, "downlink_bytes": len(down_bytes), "uplink_bytes": len(up_bytes),
-                                    "examples": upload.num_examples, **upload.metrics})
+                    clients.append(records.client_record(cid, len(down_bytes), len(up_bytes), upload.num_examples,
+                                                         upload.metrics))
                 if len(replies) >= fed.min_replies:
                     skipped = False
                     break
                 if ran >= 2 and errors == ran and first_error is not None:
                     raise first_error  # every client that ran crashed: a bug, not a client fault
-                for record in clients:  # their bytes crossed the wire; their updates are not used
-                    failures.append({"client": record["client"], "downlink_bytes": record["downlink_bytes"],
-                                     "uplink_bytes": record["uplink_bytes"],
-                                     "reason": records.too_few_reason(len(replies), fed.min_replies)})
+                failures.extend(records.discarded(clients, fed.min_replies))
                 if fed.on_too_few == "retry" and retries < fed.max_retries:
                     retries += 1
                     continue
@@ -223,8 +227,9 @@ def _federate(config: Config, spec: MethodSpec, federation: Federation, run_dir:
             if round_eval is not None:
                 evaluation = round_eval
             rounds.append(records.round_record(rnd, spec.name, sampled, [] if skipped else clients, aggregate,
-                                               round_eval, times, failures=failures,
-                                               rejected=rejected, retries=retries, skipped=skipped))
+                                               round_eval, times, phase=server.phase(rnd), failures=failures,
+                                               rejected=rejected, retries=retries, skipped=skipped,
+                                               warnings=warnings.take()))
             run_dir.log_round(rounds[-1])
             if fed.checkpoint and rnd < fed.rounds:
                 state = server.state_dict()
@@ -233,5 +238,5 @@ def _federate(config: Config, spec: MethodSpec, federation: Federation, run_dir:
                                     base_eval, evaluation, elapsed_before + time.perf_counter() - started)
             progress.advance(rounds_bar)
     summary = records.summary(config, spec.name, rounds, base_eval, evaluation, server.trainable_parameters(),
-                              workbench.base_parameters(), elapsed_before + time.perf_counter() - started)
+                              elapsed_before + time.perf_counter() - started)
     return summary, server

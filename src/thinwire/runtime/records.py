@@ -3,6 +3,18 @@
 Functions of what the runtime observed (and the round's closing step, shared so that both
 runtimes aggregate, evaluate and time a round the same way), so the local and Flower runtimes
 report the same fields computed the same way.
+
+Traffic is every byte sent, whatever became of it. A round's entries are its aggregated
+`clients` plus its `failures` and `rejected` (every attempt of a retried round included); each
+entry carries the `downlink_bytes` the server sent it and the `uplink_bytes` that came back, when
+anything was sent (a client the server never reached has neither). The round's
+`uplink_bytes`/`downlink_bytes` are sums over all of them; `*_accepted` over `clients` only.
+A *client-round* is one download sent to one client (`clients_contacted` per round; a client
+contacted again in a retry of the round counts again).
+
+A client record keeps what the runtime measured at its top level and the client's own metrics
+(`Upload.metrics`, e.g. `train_loss`) under `metrics`, so a client can never replace a measured
+figure.
 """
 
 from __future__ import annotations
@@ -15,10 +27,51 @@ from thinwire.config import Config
 from thinwire.evaluate import score_splits, split_metrics
 from thinwire.runtime.rundir import peak_rss_mb
 
+TRAFFIC = ("uplink_bytes", "downlink_bytes")
+
 
 def too_few_reason(accepted: int, needed: int) -> str:
     """Why a reply that arrived was not used: its round fell short of `federation.min_replies`."""
     return f"reply discarded: {accepted} of the {needed} replies the round needs (federation.min_replies)"
+
+
+def client_record(cid: int, downlink_bytes: int, uplink_bytes: int, examples: int, metrics: dict[str, Any],
+                  **measured: Any) -> dict[str, Any]:
+    """An aggregated client's entry: the runtime's measurements (bytes, example count, `measured`)
+    at the top level, the client's own `metrics` under their own key."""
+    return {"client": cid, "downlink_bytes": downlink_bytes, "uplink_bytes": uplink_bytes, "examples": examples,
+            **measured, "metrics": dict(metrics)}
+
+
+def failure(cid: int, reason: str, downlink_bytes: int | None = None,
+            uplink_bytes: int | None = None) -> dict[str, Any]:
+    """A `failures` (or `rejected`) entry: the client, why, and the bytes that crossed the wire
+    for it (None: nothing was sent that way)."""
+    entry: dict[str, Any] = {"client": cid, "reason": reason}
+    if downlink_bytes is not None:
+        entry["downlink_bytes"] = downlink_bytes
+    if uplink_bytes is not None:
+        entry["uplink_bytes"] = uplink_bytes
+    return entry
+
+
+def discarded(clients: list[dict[str, Any]], needed: int) -> list[dict[str, Any]]:
+    """The `failures` entries of replies that arrived in a round with too few of them: their bytes
+    crossed the wire, their updates are not used."""
+    reason = too_few_reason(len(clients), needed)
+    return [failure(c["client"], reason, c["downlink_bytes"], c["uplink_bytes"]) for c in clients]
+
+
+class Warnings:
+    """The run's warnings (`RunContext.warnings`) not yet written to a round record."""
+
+    def __init__(self, ctx: Any):
+        self.ctx, self.mark = ctx, 0
+
+    def take(self) -> list[str]:
+        new = list(self.ctx.warnings[self.mark:])
+        self.mark = len(self.ctx.warnings)
+        return new
 
 
 def evaluate_global(config: Config, server: Any, tokenizer: Any, federation: Any, run_dir: Any) -> dict[str, float]:
@@ -49,46 +102,81 @@ def close_round(config: Config, server: Any, rnd: int, replies: list[Any], skipp
 
 def round_record(rnd: int, method: str, sampled: list[int], clients: list[dict[str, Any]],
                  aggregate: dict[str, float], evaluation: dict[str, float] | None,
-                 time_s: dict[str, float], *, failures: list[dict[str, Any]] | None = None,
-                 rejected: list[dict[str, Any]] | None = None, retries: int = 0, skipped: bool = False,
+                 time_s: dict[str, float], *, phase: str | None = None,
+                 failures: list[dict[str, Any]] | None = None, rejected: list[dict[str, Any]] | None = None,
+                 retries: int = 0, skipped: bool = False, warnings: list[str] = (),
                  **extra: Any) -> dict[str, Any]:
-    """One line of metrics.jsonl; `clients` holds one dict per client whose update was aggregated.
+    """One line of metrics.jsonl; `clients` holds one `client_record` per aggregated client.
 
-    `failures`: clients that did not reply in time or whose local work raised ({client, reason});
-    `rejected`: replies that failed validation ({client, reason}); `retries`: how often the round
-    was resampled for want of replies; `skipped`: the round aggregated nothing.
+    `failures`: clients that did not reply in time, whose local work raised, or whose reply came
+    in a round with too few (`failure` entries, with the bytes sent); `rejected`: replies that
+    failed validation; `retries`: how often the round was resampled for want of replies;
+    `skipped`: the round aggregated nothing; `phase`: `ServerSide.phase(rnd)`; `warnings`: those
+    the run raised since the previous record. Traffic: see the module docstring.
     """
-    losses = [c["train_loss"] for c in clients if "train_loss" in c]
+    failures, rejected = list(failures or []), list(rejected or [])
+    everyone = [*clients, *failures, *rejected]
+    losses = [c["metrics"]["train_loss"] for c in clients if _is_number(c["metrics"].get("train_loss"))]
     return {
-        "round": rnd, "method": method, "clients_sampled": len(sampled), "clients_ok": len(clients),
-        "uplink_bytes": sum(c["uplink_bytes"] for c in clients),
-        "downlink_bytes": sum(c["downlink_bytes"] for c in clients),
+        "round": rnd, "method": method, "phase": phase, "clients_sampled": len(sampled),
+        "clients_contacted": sum("downlink_bytes" in e for e in everyone), "clients_ok": len(clients),
+        **{key: sum(e.get(key, 0) for e in everyone) for key in TRAFFIC},
+        **{f"{key}_accepted": sum(c[key] for c in clients) for key in TRAFFIC},
         "train_loss": sum(losses) / len(losses) if losses else None,
         "eval": evaluation, "aggregate": aggregate, "clients": clients, "time_s": time_s,
-        "failures": list(failures or []), "rejected": list(rejected or []), "retries": retries,
-        "skipped": skipped, **extra,
+        "failures": failures, "rejected": rejected, "retries": retries, "skipped": skipped,
+        "warnings": list(warnings), **extra,
     }
 
 
+def traffic_totals(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bytes over `rounds` (all of a run, or one phase's).
+
+    `*_bytes_total`: every byte sent; `*_bytes_accepted_total`: the aggregated clients' bytes.
+    `client_rounds`: downloads sent (every client-round attempted, whatever became of it);
+    `client_rounds_accepted`: client-rounds whose update was aggregated.
+    `*_bytes_per_client_round`: all bytes sent / `client_rounds` (what one client-round costs,
+    faults included); `*_bytes_per_accepted_client_round`: accepted bytes / `client_rounds_accepted`
+    (what one aggregated update costs). 0 where the denominator is 0.
+    """
+    contacted = sum(r["clients_contacted"] for r in rounds)
+    accepted = sum(r["clients_ok"] for r in rounds)
+    out: dict[str, Any] = {"rounds": len(rounds), "client_rounds": contacted, "client_rounds_accepted": accepted}
+    for key in TRAFFIC:
+        total, kept = sum(r[key] for r in rounds), sum(r[f"{key}_accepted"] for r in rounds)
+        out |= {f"{key}_total": total, f"{key}_accepted_total": kept,
+                f"{key}_per_client_round": total / contacted if contacted else 0.0,
+                f"{key}_per_accepted_client_round": kept / accepted if accepted else 0.0}
+    return out
+
+
+def phase_totals(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`traffic_totals` per phase, in order of first appearance ({} when the method has no phases)."""
+    phases = list(dict.fromkeys(r.get("phase") for r in rounds if r.get("phase") is not None))
+    return {p: traffic_totals([r for r in rounds if r.get("phase") == p]) for p in phases}
+
+
 def summary(config: Config, method: str, rounds: list[dict[str, Any]], base_eval: dict[str, float],
-            final_eval: dict[str, float], trainable_parameters: int, base_parameters: int,
-            wall_s: float, **extra: Any) -> dict[str, Any]:
+            final_eval: dict[str, float], trainable_parameters: int, wall_s: float, **extra: Any) -> dict[str, Any]:
+    """summary.json: whole-run traffic (`traffic_totals`) and, for methods with phases, the same
+    figures per phase under `phases` (e.g. CG-FedLLM's `tgap` and `faf`)."""
     fed = config.federation
-    up = sum(r["uplink_bytes"] for r in rounds)
-    down = sum(r["downlink_bytes"] for r in rounds)
-    client_rounds = max(1, sum(r["clients_ok"] for r in rounds))
+    totals = traffic_totals(rounds)
     return {
         "method": method, "model": config.model.name, "rounds": len(rounds), "clients": fed.clients,
         "clients_per_round": fed.clients_per_round, "seed": fed.seed,
         "base_eval": base_eval, "final_eval": final_eval,
-        "uplink_bytes_total": up, "downlink_bytes_total": down,
-        "uplink_bytes_per_client_round": up / client_rounds,
-        "downlink_bytes_per_client_round": down / client_rounds,
+        **{k: v for k, v in totals.items() if k != "rounds"},
+        "phases": phase_totals(rounds),
         "trainable_parameters": trainable_parameters,
-        "fedavg_bytes_per_client_round": 4 * base_parameters,
         "wall_s": wall_s, "peak_rss_mb": peak_rss_mb(),
         "failures_total": sum(len(r.get("failures", [])) for r in rounds),
         "rejected_total": sum(len(r.get("rejected", [])) for r in rounds),
         "retries_total": sum(r.get("retries", 0) for r in rounds),
-        "skipped_rounds": sum(bool(r.get("skipped")) for r in rounds), **extra,
+        "skipped_rounds": sum(bool(r.get("skipped")) for r in rounds),
+        "warnings": [w for r in rounds for w in r.get("warnings", [])], **extra,
     }
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
