@@ -62,5 +62,8 @@ def test_adamw_is_warned_about_once(tmp_path, smoke_config, capsys):
     err = capsys.readouterr().err
     assert err.count("amplifies the projection noise") == 1
     assert load_config(tmp_path / "r" / "config.toml").train.optimizer == "adamw"
+    rounds = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [len(r["warnings"]) for r in rounds] == [1] + [0] * (len(rounds) - 1)
+    assert "amplifies the projection noise" in rounds[0]["warnings"][0]
     quiet = run_local(smoke_config("method.name='ferret'", "eval.generate=false"), tmp_path / "s", quiet=True)
     assert "amplifies" not in capsys.readouterr().err and quiet["final_eval"]["loss"] < quiet["base_eval"]["loss"]
