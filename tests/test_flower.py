@@ -132,13 +132,13 @@ def _faulty_client_app(bad_client: int, bad_round: int, fault: str) -> ClientApp
 
 
 def test_client_failure_costs_its_update_not_the_run(tmp_path, smoke_config, monkeypatch):
-    """A client that raises costs its update; its download counts. (And a warning the server side
-    raises in setup lands in round 1's record.)"""
+    """A client that raises costs its update; its download counts. (And the server side's warnings,
+    the runtime's own and one raised in setup, land in round 1's record.)"""
     from thinwire.methods.fedavg import DeltaServer
 
     setup = DeltaServer.setup
     monkeypatch.setattr(DeltaServer, "setup", lambda self: (self.ctx.warn("from setup"), setup(self))[1])
-    config = smoke_config("eval.generate=false")
+    config = smoke_config("eval.generate=false", "federation.on_too_few='retry'")
     bad = sample_clients(config, 1)[-1]
     summary = flower.run_flower_sim(config, tmp_path / "run", quiet=True, num_cpus=1,
                                     client_app=_faulty_client_app(bad, 1, "raise"))
@@ -155,7 +155,8 @@ def test_client_failure_costs_its_update_not_the_run(tmp_path, smoke_config, mon
     assert first["clients_contacted"] == 2 and summary["client_rounds"] == 4
     assert summary["downlink_bytes_total"] == sum(r["downlink_bytes"] for r in (first, second))
     assert second["clients_ok"] == 2 and second["failures"] == []
-    assert (first["warnings"], second["warnings"]) == (["from setup"], [])
+    assert len(first["warnings"]) == 2 and "'retry' is not implemented on Flower" in first["warnings"][0]
+    assert (first["warnings"][1], second["warnings"]) == ("from setup", [])
     assert summary["failures_total"] == 1 and summary["rounds"] == 2
     assert (tmp_path / "run" / "final_state.safetensors").exists()
 

@@ -246,6 +246,12 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
     workbench = Workbench(config)
     ctx = RunContext(config, workbench)
     warnings = records.Warnings(ctx)  # the server's (a client's warnings stay in its process)
+    if fed.failure_rate or fed.straggler_rate:
+        ctx.warn("federation.failure_rate and straggler_rate are simulated by the local runtime only; "
+                 "on Flower, clients fail for real or not at all")
+    if fed.on_too_few == "retry":
+        ctx.warn("federation.on_too_few = 'retry' is not implemented on Flower: a round with too few replies "
+                 "is skipped")
     server = spec.server(ctx)
     text = to_toml(config)
     digest = config_digest(text)
