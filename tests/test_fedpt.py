@@ -398,14 +398,42 @@ def test_end_to_end_fedpt_run(tmp_path, smoke_config):
     assert generate_text(direct, tok, ["Reverse the word.", "Add 2 and 3."], max_new_tokens=5) == texts
 
 
-def test_fedavg_plus_pt_baseline_skips_distillation(smoke_config, tmp_path):
-    from thinwire.runtime.local import run_local
+def test_fedavg_plus_pt_is_fedit_on_the_small_model_and_beats_it(smoke_config, tmp_path):
+    """FedAvg+PT (distill = false) trains exactly what FedIT on the small model trains (same bytes,
+    bit-identical adapter); the proxy-tuned large model built from that adapter has a lower held-out
+    loss than the small model alone, and starts as the large model itself. FedPT with distillation
+    beats the small model alone too. The smoke config's defaults, model.name = "tiny": the pair.
 
-    config = smoke_config(*FEDPT, "method.fedpt.distill=false", "federation.rounds=1")
-    summary = run_local(config, tmp_path / "r", quiet=True)
-    rounds = [json.loads(line) for line in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
-    assert "kd_loss_first" not in rounds[0]["aggregate"]
-    assert summary["final_eval"]["loss"] > 0
+    Measured (this config): base 5.5468 (large) / 5.5542 (small); final FedIT-on-small 5.3893,
+    FedAvg+PT 5.3846, FedPT 5.3837. On the random-weight tiny pair the large model's only edge is
+    that base gap (0.0074), which the proxy keeps after tuning; see README (FedPT) for what the
+    headline work measures on SmolLM2."""
+    from thinwire.runtime.local import run_local
+    from thinwire.wire import Payload
+
+    fedit = run_local(smoke_config("method.name='fedit'", "model.name='tiny-small'"), tmp_path / "fedit", quiet=True)
+    pt = run_local(smoke_config("method.name='fedpt'", "method.fedpt.distill=false"), tmp_path / "pt", quiet=True)
+    fedpt = run_local(smoke_config("method.name='fedpt'"), tmp_path / "fedpt", quiet=True)
+    rounds = [json.loads(line) for line in (tmp_path / "pt/metrics.jsonl").read_text().splitlines()]
+    assert all("kd_loss_first" not in r["aggregate"] for r in rounds)
+    assert "kd_loss_first" in json.loads((tmp_path / "fedpt/metrics.jsonl").read_text().splitlines()[0])["aggregate"]
+
+    # FedAvg+PT's clients and server are FedIT's, on the small model: same traffic, same adapter
+    assert (pt["uplink_bytes_total"], pt["downlink_bytes_total"]) == (fedit["uplink_bytes_total"],
+                                                                      fedit["downlink_bytes_total"])
+    adapter = Payload.decode((tmp_path / "fedit/final_state.safetensors").read_bytes()).tensors
+    expert = Payload.decode((tmp_path / "pt/final_state.safetensors").read_bytes()).tensors
+    assert adapter and all(torch.equal(expert[f"expert/{k}"], v) for k, v in adapter.items())
+    assert json.loads((tmp_path / "pt/proxy/fedpt.json").read_text())["small"] == "tiny-small"
+
+    # before round 1 the proxy is the large model; the small model alone starts worse
+    large = run_local(smoke_config("method.name='fedit'", "federation.rounds=1"), tmp_path / "large", quiet=True)
+    assert pt["base_eval"]["loss"] == pytest.approx(large["base_eval"]["loss"], rel=1e-6)
+    assert fedit["base_eval"]["loss"] > pt["base_eval"]["loss"]
+    # after tuning: the proxy-tuned large model beats the small model alone, and its own start
+    assert pt["final_eval"]["loss"] < fedit["final_eval"]["loss"]
+    assert fedpt["final_eval"]["loss"] < fedit["final_eval"]["loss"]
+    assert pt["final_eval"]["loss"] < pt["base_eval"]["loss"] - 0.1
 
 
 def test_distilled_anti_expert_follows_the_large_model_alone_and_survives_a_checkpoint(smoke_config):
@@ -448,3 +476,50 @@ def test_distilled_anti_expert_follows_the_large_model_alone_and_survives_a_chec
     with pytest.raises(UsageError, match="set method.fedpt.distill = true"):
         get_method("fedpt").server(RunContext(smoke_config(*FEDPT, "method.fedpt.anti='distilled'",
                                                            "method.fedpt.distill=false"), ctx.workbench)).setup()
+
+
+def test_the_small_model_defaults_to_the_large_models_pair(smoke_config, tmp_path):
+    from thinwire.methods import get_method
+    from thinwire.methods.base import RunContext, Workbench
+    from thinwire.methods.fedpt import pair
+
+    def resolve(*sets):
+        return pair(smoke_config("method.name='fedpt'", *sets))
+
+    # model.name a built-in large model: the devices train its pair
+    assert resolve() == ("tiny-small", "tiny")
+    assert resolve("model.name='smollm2-135m'") == ("smollm2-small", "smollm2-135m")
+    # model.name a built-in small model (the headline's): its pair is the large model
+    assert resolve("model.name='tiny-small'") == ("tiny-small", "tiny")
+    assert resolve("model.name='smollm2-small'") == ("smollm2-small", "smollm2-135m")
+    # large set: model.name is the device model, whatever it is
+    assert resolve("method.fedpt.large='tiny'") == ("tiny", "tiny")
+    assert resolve("model.name='tiny-small'", "method.fedpt.large='/some/dir'") == ("tiny-small", "/some/dir")
+    with pytest.raises(UsageError, match="no built-in small pair; set method.fedpt.large"):
+        resolve("model.name='org/some-model'")
+
+    # with model.name = "tiny", a device loads the small model only, and the server proxy-tunes the
+    # model the runtime loaded (no second copy of the large model)
+    config = smoke_config("method.name='fedpt'")
+    ctx = RunContext(config, Workbench(config))
+    server = get_method("fedpt").server(ctx)
+    client = get_method("fedpt").client(ctx)
+    assert ctx.workbench.config.model.name == "tiny-small" and client.ctx.workbench is ctx.workbench
+    server.setup()
+    assert server.large is server.large_workbench.model and server.large_workbench.config.model.name == "tiny"
+    assert server.lora_model.get_base_model().config.num_hidden_layers == 1
+    assert server.large.config.num_hidden_layers == 2
+    device = RunContext(config, Workbench(config))
+    get_method("fedpt").client(device)
+    assert device.workbench.config.model.name == "tiny-small"
+
+    # two models that cannot share a vocabulary: the one clear error
+    from thinwire.models.tiny import build_tiny
+
+    other, tok = build_tiny(0)
+    tok.add_tokens(["<extra>"])
+    other.save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    bad = smoke_config("method.name='fedpt'", "model.name='tiny-small'", f"method.fedpt.large='{tmp_path / 'other'}'")
+    with pytest.raises(UsageError, match="must share one tokenizer and vocabulary"):
+        get_method("fedpt").server(RunContext(bad, Workbench(bad))).setup()

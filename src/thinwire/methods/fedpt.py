@@ -7,6 +7,16 @@ z_large + α (z_small_tuned − z_anti) → (distill = true) knowledge distillat
 the aggregated adapter, which is next round's broadcast. `distill = false` is the paper's
 FedAvg+PT baseline: plain FedIT, proxy-tuned at evaluation.
 
+Which model is which (`pair`): with `large` unset (the default), `model.name` may name a built-in
+large model, whose built-in small pair the devices then train (`tiny` -> `tiny-small`,
+`smollm2-135m` -> `smollm2-small`), or a built-in small model, whose pair is then the large one;
+so `--set method.name=fedpt` works on any config of a built-in model, and `model.name =
+"smollm2-small"` (the headline's) means the same pair. With `large` set, `model.name` is the
+device model, whatever it is; the two must share a tokenizer and vocabulary (a clear error if
+not). The run's workbench is swapped for one over the small model when `model.name` is the large
+one (`use_small_workbench`), so devices only ever load the small model, and the server reuses the
+runtime's already loaded large model as the black box.
+
 The large model is reached only through a `LogitsProvider` (next-token logits, models/logits.py);
 the built-in one wraps a local HF model named by `large`. Replace `server.large_provider` after
 `setup()` to use a remote service. `eval_model()` is the proxy-tuned large model (proxy.py), with
@@ -25,8 +35,11 @@ Choices the paper leaves open, as implemented:
   (ideally) only the tuning, all rounds of it, while clients still train a small model that
   behaves like the proxy on the server's prompts.
 - distillation data (`kd_prompts = "suite"`): every round `kd_examples` fresh prompts from the
-  built-in task suite (the run's training families, held-out ones excluded, a seed of their own),
-  rendered with the Alpaca template. `kd_targets = "generated"` (default): the continuations are
+  built-in task suite, drawn from the run's own training families (`data.tasks`, or all 42
+  families when the data is not the suite; `data.heldout_tasks` excluded), with a seed of their own
+  (so other inputs than the clients' examples, but the same instructions), rendered with the
+  Alpaca template. The server therefore knows the task families the devices train on: it holds
+  unlabelled prompts of the same families, and with `kd_targets = "reference"` their answers. `kd_targets = "generated"` (default): the continuations are
   the proxy model's own greedy outputs (≤ `kd_max_new_tokens`), so the server needs no labels;
   `"reference"`: teacher-forced on the suite's reference outputs (the server holds labelled
   public data).
@@ -49,9 +62,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from thinwire.config import method_options, opt
+from thinwire.config import Config, method_options, opt
 from thinwire.errors import UsageError
-from thinwire.methods.base import Reply, load_into, snapshot
+from thinwire.methods.base import Reply, RunContext, Workbench, load_into, snapshot
 from thinwire.methods.fedavg import FedITClient, FedITServer
 from thinwire.models import load_model, vocab_rows
 from thinwire.models.logits import LocalLogitsProvider, position_ids
@@ -62,9 +75,13 @@ from thinwire.wire import Payload
 
 @dataclass
 class FedPTOptions:
-    """`[method.fedpt]`. `model.name` is the small (device) model; `large` is the black box."""
+    """`[method.fedpt]`. `large` is the black box; `model.name` the device model, or the large one (see `pair`)."""
 
-    large: str = opt("smollm2-135m", "the large model the server proxy-tunes (queried for next-token logits only)")
+    large: str = opt("", "the large model the server proxy-tunes (queried for next-token logits only); '' "
+                     "(default): model.name's built-in pair (model.name tiny or smollm2-135m is then the "
+                     "large model and the devices train tiny-small or smollm2-small; model.name tiny-small or "
+                     "smollm2-small is the device model and its large pair is proxy-tuned). Set, model.name "
+                     "is the device model")
     alpha: float = opt(1.0, "proxy-tuning strength: z_large + alpha (z_tuned - z_anti)", low=0)
     anti: str = opt("pretrained", "anti-expert: the pretrained small model, the round's broadcast model, or a "
                     "small adapter distilled from the large model alone like the expert's (needs distill)",
@@ -84,6 +101,34 @@ class FedPTOptions:
     kd_max_new_tokens: int = opt(16, "length bound of generated distillation targets", low=1)
 
 
+def pair(config: Config) -> tuple[str, str]:
+    """(small device model, large model) of a FedPT run; see the module docstring."""
+    from thinwire.models import SMALL_PAIRS
+
+    name, large = config.model.name, method_options(config, "fedpt", FedPTOptions).large
+    if large:
+        return name, large
+    if name in SMALL_PAIRS:
+        return SMALL_PAIRS[name], name
+    larger = {small: big for big, small in SMALL_PAIRS.items()}
+    if name in larger:
+        return name, larger[name]
+    raise UsageError(f"fedpt: model {name!r} has no built-in small pair; set method.fedpt.large to the large "
+                     f"model (model.name is then the device model), or use one of {', '.join(SMALL_PAIRS)}")
+
+
+def use_small_workbench(ctx: RunContext) -> Workbench | None:
+    """Point `ctx` at a workbench over the small device model when `model.name` names the large one;
+    returns the workbench it replaced (over the large model), or None if nothing changed."""
+    small, _ = pair(ctx.config)
+    if ctx.workbench.config.model.name == small:
+        return None
+    replaced = ctx.workbench
+    config = dataclasses.replace(ctx.config, model=dataclasses.replace(ctx.config.model, name=small))
+    ctx.workbench = Workbench(config)
+    return replaced
+
+
 def kd_loss(teacher_logp: torch.Tensor, student_logits: torch.Tensor, temperature: float, direction: str) -> torch.Tensor:
     """Mean KL over rows between the teacher's log-probs (at T) and softmax(student / T), × T²."""
     s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
@@ -93,6 +138,11 @@ def kd_loss(teacher_logp: torch.Tensor, student_logits: torch.Tensor, temperatur
 
 
 class FedPTServer(FedITServer):
+    def __init__(self, ctx: RunContext):
+        super().__init__(ctx)
+        self.small_name, self.large_name = pair(ctx.config)
+        self.large_workbench = use_small_workbench(ctx)
+
     def setup(self) -> None:
         self.options = opts = method_options(self.config, "fedpt", FedPTOptions)
         if opts.anti == "distilled" and not (opts.distill and opts.kd_steps > 0):
@@ -102,15 +152,18 @@ class FedPTServer(FedITServer):
         wb = self.ctx.workbench
         self.lora_model, self.params = wb.trainable(True)
         seed = self.config.federation.seed
-        large, large_tokenizer = load_model(dataclasses.replace(self.config.model, name=opts.large), seed)
+        if self.large_workbench is not None:  # the runtime's workbench already holds the large model
+            large, large_tokenizer = self.large_workbench.model, self.large_workbench.tokenizer
+        else:
+            large, large_tokenizer = load_model(dataclasses.replace(self.config.model, name=self.large_name), seed)
         check_vocab(wb.tokenizer, large_tokenizer)
         for p in large.parameters():
             p.requires_grad_(False)
         self.vocab = vocab_rows(large)
         small_vocab = vocab_rows(self.lora_model)
         if small_vocab < self.vocab:
-            raise UsageError(f"small model {self.config.model.name!r} has {small_vocab} vocabulary rows, fewer than "
-                             f"the large model {opts.large!r} ({self.vocab})")
+            raise UsageError(f"small model {self.small_name!r} has {small_vocab} vocabulary rows, fewer than "
+                             f"the large model {self.large_name!r} ({self.vocab})")
         self.large = large
         self.large_provider = LocalLogitsProvider(large, self.vocab)
         self.expert = snapshot(self.weights)  # the adapter the proxy uses (aggregated, pre-distillation)
@@ -295,7 +348,8 @@ class FedPTServer(FedITServer):
             tensors.update({f"distilled/{k}": v for k, v in self.weights.items()})
         if self.anti_weights is not None:
             tensors.update({f"anti/{k}": v for k, v in self.anti_weights.items()})
-        return Payload(tensors=tensors, scalars={"alpha": self.options.alpha, "large": self.options.large,
+        return Payload(tensors=tensors, scalars={"alpha": self.options.alpha, "large": self.large_name,
+                                                 "small": self.small_name,
                                                  "anti": self.options.anti})
 
     def save_artifacts(self, directory: Path) -> list[str]:
@@ -307,10 +361,14 @@ class FedPTServer(FedITServer):
         m = self.config.model
         lora = {"lora_rank": m.lora_rank, "lora_alpha": m.lora_alpha, "lora_dropout": m.lora_dropout,
                 "lora_targets": list(m.lora_targets)}
-        return save_proxy(directory, self.expert, m.name, self.options.large, self.options.alpha, lora,
+        return save_proxy(directory, self.expert, self.small_name, self.large_name, self.options.alpha, lora,
                           seed=self.config.federation.seed, anti_adapter=self.anti_weights,
                           extra={"distill": self.options.distill})
 
 
 class FedPTClient(FedITClient):
     """Devices run plain FedIT local training on the small model; they never see the large one."""
+
+    def __init__(self, ctx: RunContext):
+        super().__init__(ctx)
+        use_small_workbench(ctx)  # before the runtime loads the workbench: a device loads the small model only

@@ -50,6 +50,8 @@ def load_model(cfg: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTrained
 
 
 SMALL_MODELS = ("tiny-small", "smollm2-small")  # built-in device models that share a large model's vocabulary
+# each built-in large model and its built-in small pair (FedPT's default device model)
+SMALL_PAIRS = {"tiny": "tiny-small", "smollm2-135m": "smollm2-small"}
 
 
 def _load(name: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
