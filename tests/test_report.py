@@ -265,6 +265,34 @@ def test_compare_keeps_finished_runs_and_resumes_the_rest(compared, tmp_path):
         run_compare(EXAMPLES / "smoke.toml", ["fedit"], FAST, out, quiet=True)
 
 
+def test_compare_resumes_an_interrupted_run(compared, tmp_path, monkeypatch):
+    """A method that stopped mid-run leaves `<name>.partial` with its checkpoint; the next compare
+    into the same directory resumes it and ends exactly where an uninterrupted run does."""
+    from thinwire.methods import get_method
+
+    server_cls = next(c for c in get_method("fedit").server.__mro__ if "aggregate" in vars(c))
+    original = server_cls.aggregate
+
+    def aggregate(self, rnd, replies):
+        if rnd == 2:
+            raise RuntimeError("power cut")
+        return original(self, rnd, replies)
+
+    monkeypatch.setattr(server_cls, "aggregate", aggregate)
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match="every method failed"):
+        run_compare(EXAMPLES / "smoke.toml", ["fedit"], FAST, out, quiet=True)
+    assert (out / "fedit.partial" / "checkpoint").is_dir()
+    round_1 = (out / "fedit.partial" / "metrics.jsonl").read_text().splitlines()[0]
+    monkeypatch.setattr(server_cls, "aggregate", original)
+    (row,) = run_compare(EXAMPLES / "smoke.toml", ["fedit"], FAST, out, quiet=True)
+    assert row["status"] == "ok" and not (out / "fedit.partial").exists()
+    # resumed, not run again: round 1's record (its timings included) is the interrupted run's
+    assert (out / "fedit" / "metrics.jsonl").read_text().splitlines()[0] == round_1
+    assert (out / "fedit" / "final_state.safetensors").read_bytes() == \
+        (compared[0] / "fedit" / "final_state.safetensors").read_bytes()
+
+
 def _as_method(src: Path, dst: Path, method: str, phases: dict | None = None) -> None:
     """A copy of a finished run that claims another method (report-only checks)."""
     shutil.copytree(src, dst)
