@@ -214,7 +214,7 @@ def test_small_model_cache_is_rebuilt_when_its_recipe_changes(tmp_path, monkeypa
              "large_flops_per_token": 4}
     (target / small.MARKER).write_text(json.dumps(fifth))
     assert not small.is_ready(tmp_path)
-    assert small.is_ready(tmp_path, layers=11, heal_steps=320, mlp_width=0)
+    assert small.is_ready(tmp_path, layers=11, heal_steps=320, mlp_width=0, heal_data="all")
     (target / small.MARKER).write_text(json.dumps({**fifth, **small.recipe()}))
     assert small.is_ready(tmp_path) and small.describe(tmp_path)["head_rank"] == small.HEAD_RANK
     assert small.describe(tmp_path)["compute_ratio"] == 0.25
@@ -232,8 +232,8 @@ def test_small_model_cache_is_rebuilt_when_its_recipe_changes(tmp_path, monkeypa
         monkeypatch.delenv(variable)
     # a model built before head factorisation (4 layers, full head) matches only that recipe
     (target / small.MARKER).write_text(json.dumps({"layers": 4, "heal_steps": 400}))
-    assert small.is_ready(tmp_path, layers=4, heal_steps=400, head_rank=0, mlp_width=0)
-    assert not small.is_ready(tmp_path, layers=4, heal_steps=400, mlp_width=0)
+    assert small.is_ready(tmp_path, layers=4, heal_steps=400, head_rank=0, mlp_width=0, heal_data="all")
+    assert not small.is_ready(tmp_path, layers=4, heal_steps=400, mlp_width=0, heal_data="all")
     monkeypatch.setenv("THINWIRE_SMALL_LAYERS", "many")
     with pytest.raises(UsageError, match="THINWIRE_SMALL_LAYERS = 'many' is not an integer"):
         small.recipe()
@@ -523,3 +523,53 @@ def test_the_small_model_defaults_to_the_large_models_pair(smoke_config, tmp_pat
     bad = smoke_config("method.name='fedpt'", "model.name='tiny-small'", f"method.fedpt.large='{tmp_path / 'other'}'")
     with pytest.raises(UsageError, match="must share one tokenizer and vocabulary"):
         get_method("fedpt").server(RunContext(bad, Workbench(bad))).setup()
+
+
+def test_smollm2_small_heals_on_families_disjoint_from_the_headline_evaluation(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from thinwire.config import load_config
+    from thinwire.data.tasks import FAMILIES
+    from thinwire.models import small
+
+    # HEADLINE_FAMILIES is what benchmarks/compare_smollm2.toml trains on and evaluates (held-out too)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_smollm2.toml"
+    from thinwire.config import compare_variants
+
+    evaluated = set(load_config(path).data.tasks)
+    for variant in compare_variants(path):
+        data = load_config(path, [], variant=variant).data
+        evaluated |= set(data.tasks) | set(data.heldout_tasks)
+    assert set(small.HEADLINE_FAMILIES) == evaluated and len(evaluated) == 12
+    healed = small.heal_families()
+    assert not set(healed) & evaluated and set(healed) | evaluated == set(FAMILIES) and len(healed) == 30
+    assert small.heal_families("all") == list(FAMILIES)
+
+    # the healing and calibration text holds no example of an evaluated family
+    from thinwire.data import tasks as task_module
+    from thinwire.models.tiny import tiny_tokenizer
+
+    seen = []
+    real = task_module.generate_suite
+    monkeypatch.setattr(task_module, "generate_suite",
+                        lambda n, seed, families=None: seen.append(list(families or FAMILIES)) or real(n, seed, families))
+    tok = tiny_tokenizer()
+    next(small.heal_batches(tok, 4, 64, 0, per_family=1, families=small.heal_families()))
+    small.calibration_batches(tok, batches=1)
+    assert seen == [healed, healed]
+
+    # a cached model healed on all families (a marker without heal_data) is rebuilt
+    for variable, _, _ in small.RECIPE.values():
+        monkeypatch.delenv(variable, raising=False)
+    target = small.prepared_dir(tmp_path)
+    target.mkdir(parents=True)
+    for name in small.REQUIRED_FILES:
+        (target / name).write_text("{}")
+    before = {k: v for k, v in small.recipe().items() if k != "heal_data"}
+    (target / small.MARKER).write_text(json.dumps(before))
+    assert not small.is_ready(tmp_path) and small.is_ready(tmp_path, heal_data="all")
+    (target / small.MARKER).write_text(json.dumps(small.recipe()))
+    assert small.is_ready(tmp_path) and small.recipe()["heal_data"] == "disjoint"
+    monkeypatch.setenv("THINWIRE_SMALL_HEAL_DATA", "everything")
+    with pytest.raises(UsageError, match="choose one of disjoint, all"):
+        small.recipe()

@@ -9,11 +9,22 @@
   and final norm, and a factorised LM head of rank `HEAD_RANK` (96); "healed" by a short
   distillation from the full model: forward KL(p_large || p_small) at temperature 1 on every
   next-token position of built-in task-suite examples (Alpaca prompt + reference output + eos, 8
-  of each of the 42 families), `HEAL_STEPS` (180) steps. The decoder layers, the final norm and
+  of each of the 30 families outside the headline's evaluation, `HEAL_FAMILIES`), `HEAL_STEPS`
+  (180) steps. The decoder layers, the final norm and
   the head's two factors train (AdamW, cosine decay); the embedding matrix stays the large
   model's, so the two share vocabulary rows exactly. 0.332 of the large model's forward FLOPs
   per token. Built on first use (675 s of healing on 2 cores) and cached under
   `cache_root()/models/smollm2-small` (temp dir + atomic rename, like smollm2.py).
+
+Healing data (`THINWIRE_SMALL_HEAL_DATA`, recorded as `heal_data`): `disjoint` (the default) uses
+only the built-in families that the headline work (benchmarks/compare_smollm2.toml) neither trains
+nor evaluates on: its eight `data.tasks` and its four held-out families (`HEADLINE_FAMILIES`) are
+left out of the healing text, and of the calibration batches that choose the head's directions
+and the MLP neurons, so the small model has not seen those families' answers before FedPT tunes
+it. (The KL probe reported in the marker is a measurement only and still spans all families.)
+`all` is the earlier build, healed on all 42 families with their reference outputs, the
+evaluation families included; a cached model healed that way is rebuilt on first use. Only the
+teacher's distribution over these texts is used, never a label: the large model is the teacher.
 
 Why width and not depth (BENCHMARKS.md, seventh session): at the same FLOPs, the earlier default
 kept the first 11 layers whole. After 60 healing steps from the same start its KL to the large
@@ -43,7 +54,8 @@ other recipes can be measured (`RECIPE`; `benchmarks/small_model.py`):
 `THINWIRE_SMALL_HEAL_STEPS` (180, ~3.7 s a step on 2 cores: the teacher's forward and the
 student's backward dominate), `THINWIRE_SMALL_HEAD_RANK` (96; 0 keeps the full tied head),
 `THINWIRE_SMALL_HEAL_PER_FAMILY` (8), `THINWIRE_SMALL_HEAL_FOCUS` (`all`, or `response`: the KL
-on the response positions plus a quarter of the prompt's). The earlier default is
+on the response positions plus a quarter of the prompt's), `THINWIRE_SMALL_HEAL_DATA` (`disjoint`,
+or `all`: see Healing data above). The earlier default is
 `THINWIRE_SMALL_LAYERS=11 THINWIRE_SMALL_MLP_WIDTH=0 THINWIRE_SMALL_HEAL_STEPS=320`. The marker
 file records what was run (recipe, KL before/after, seconds, FLOPs); a cached model built with
 another recipe is rebuilt.
@@ -81,6 +93,12 @@ HEAL_MAX_LENGTH = 96
 HEAL_PER_FAMILY = 8
 HEAL_FOCUS = "all"
 HEAL_FOCI = ("all", "response")
+HEAL_DATA = "disjoint"
+HEAL_DATAS = ("disjoint", "all")
+# the headline work's evaluation families (benchmarks/compare_smollm2.toml: data.tasks, then the
+# held-out ones): `disjoint` healing leaves them out
+HEADLINE_FAMILIES = ("add", "uppercase", "last-item", "date-reformat", "capital-of", "km-to-m", "max-number",
+                     "extract-year", "subtract", "min-number", "swap-case", "kg-to-g")
 HEAL_PROMPT_WEIGHT = 0.25
 HEAL_SEED = 1234
 MARKER = "thinwire-small.json"
@@ -242,7 +260,9 @@ RECIPE = {
     "head_rank": ("THINWIRE_SMALL_HEAD_RANK", HEAD_RANK, 0),
     "heal_per_family": ("THINWIRE_SMALL_HEAL_PER_FAMILY", HEAL_PER_FAMILY, 8),
     "heal_focus": ("THINWIRE_SMALL_HEAL_FOCUS", HEAL_FOCUS, "all"),
+    "heal_data": ("THINWIRE_SMALL_HEAL_DATA", HEAL_DATA, "all"),
 }
+CHOICES = {"heal_focus": HEAL_FOCI, "heal_data": HEAL_DATAS}  # the recipe keys that are words
 
 
 def recipe(**overrides: Any) -> dict[str, Any]:
@@ -251,12 +271,12 @@ def recipe(**overrides: Any) -> dict[str, Any]:
     for key, (variable, default, _) in RECIPE.items():
         if overrides.get(key) is not None:
             want[key] = overrides[key]
-        elif key == "heal_focus":
+        elif key in CHOICES:
             want[key] = os.environ.get(variable, "").strip() or default
-            if want[key] not in HEAL_FOCI:
+            if want[key] not in CHOICES[key]:
                 from thinwire.errors import UsageError
 
-                raise UsageError(f"{variable} = {want[key]!r}: choose one of {', '.join(HEAL_FOCI)}")
+                raise UsageError(f"{variable} = {want[key]!r}: choose one of {', '.join(CHOICES[key])}")
         else:
             want[key] = _env_int(variable, default)
     return want
@@ -300,14 +320,26 @@ def _env_int(name: str, default: int) -> int:
         raise UsageError(f"{name} = {value!r} is not an integer") from None
 
 
-def heal_batches(tokenizer, batch: int, max_length: int, seed: int, per_family: int = 8):
-    """Endless right-padded batches of suite examples (prompt + output), in a seeded order."""
+def heal_families(data: str = HEAL_DATA) -> list[str]:
+    """The built-in families a `data` recipe heals on: all of them, or those outside the headline's
+    evaluation (`disjoint`)."""
+    from thinwire.data.tasks import FAMILIES
+
+    if data not in HEAL_DATAS:
+        raise ValueError(f"unknown healing data {data!r}; choose one of {', '.join(HEAL_DATAS)}")
+    return [f for f in FAMILIES if data == "all" or f not in HEADLINE_FAMILIES]
+
+
+def heal_batches(tokenizer, batch: int, max_length: int, seed: int, per_family: int = 8,
+                 families: list[str] | None = None):
+    """Endless right-padded batches of suite examples (prompt + output) of `families` (default:
+    all), in a seeded order."""
     import numpy as np
 
     from thinwire.data.tasks import generate_suite
     from thinwire.data.template import collate, encode_example
 
-    examples = generate_suite(per_family, seed)
+    examples = generate_suite(per_family, seed, families)
     encoded = [encode_example(tokenizer, e, max_length) for e in examples]
     rng = np.random.default_rng(seed)
     while True:
@@ -377,9 +409,10 @@ def closeness(small, large, batches: list[dict]) -> dict[str, float]:
 
 def heal(small, large, tokenizer, steps: int, batch: int = HEAL_BATCH, lr: float = HEAL_LR,
          max_length: int = HEAL_MAX_LENGTH, seed: int = HEAL_SEED, per_family: int = HEAL_PER_FAMILY,
-         focus: str = HEAL_FOCUS, on_step=None) -> dict[str, float]:
-    """Distil `large` into `small` (in place) on suite examples; returns the KL before and after, on
-    all positions and on the response positions, of held-out suite examples."""
+         focus: str = HEAL_FOCUS, on_step=None, data: str = HEAL_DATA) -> dict[str, float]:
+    """Distil `large` into `small` (in place) on suite examples of `heal_families(data)`; returns the
+    KL before and after, on all positions and on the response positions, of held-out suite examples
+    (all families)."""
     embed = small.get_input_embeddings().weight
     params = [p for p in small.parameters() if p is not embed]
     for p in small.parameters():
@@ -389,7 +422,7 @@ def heal(small, large, tokenizer, steps: int, batch: int = HEAL_BATCH, lr: float
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / 5) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
-    batches = heal_batches(tokenizer, batch, max_length, seed, per_family)
+    batches = heal_batches(tokenizer, batch, max_length, seed, per_family, heal_families(data))
     probe = probe_batches(tokenizer, seed + 1, max_length)
 
     def probe_kl() -> tuple[float, float]:
@@ -424,28 +457,31 @@ def heal(small, large, tokenizer, steps: int, batch: int = HEAL_BATCH, lr: float
             "kl_response_after": after[1], "train_loss_last": losses[-1] if losses else float("nan")}
 
 
-def calibration_batches(tokenizer, batches: int = 8, seed: int = HEAL_SEED + 2) -> list[dict]:
-    """A few suite batches of 8 that the head's directions and the MLP neurons' importance are read on."""
-    return [b for _, b in zip(range(batches), heal_batches(tokenizer, 8, HEAL_MAX_LENGTH, seed))]
+def calibration_batches(tokenizer, batches: int = 8, seed: int = HEAL_SEED + 2, data: str = HEAL_DATA) -> list[dict]:
+    """A few suite batches of 8 (of `heal_families(data)`) that the head's directions and the MLP
+    neurons' importance are read on."""
+    stream = heal_batches(tokenizer, 8, HEAL_MAX_LENGTH, seed, families=heal_families(data))
+    return [b for _, b in zip(range(batches), stream)]
 
 
-def final_hidden_states(model, tokenizer) -> torch.Tensor:
+def final_hidden_states(model, tokenizer, data: str = HEAL_DATA) -> torch.Tensor:
     """The model's final (normed) hidden states at every real token of the calibration batches."""
     states = []
     with torch.no_grad():
-        for b in calibration_batches(tokenizer):
+        for b in calibration_batches(tokenizer, data=data):
             out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
             states.append(out.hidden_states[-1][b["attention_mask"].bool()])
     return torch.cat(states)
 
 
 def cut_down(large, tokenizer, layers: int, keep_last: int = 0, mlp_width: int = 0,
-             head: FactorisedHead | None = None):
+             head: FactorisedHead | None = None, data: str = HEAL_DATA):
     """The unhealed small model: `large` truncated to `layers` (`keep_last` of them its last), each
-    MLP pruned to `mlp_width` neurons (0: whole), with a copy of `head` (None: the tied head)."""
+    MLP pruned to `mlp_width` neurons (0: whole; importance read on `data`'s families), with a copy
+    of `head` (None: the tied head)."""
     small = truncate(large, layers, keep_last)
     if mlp_width:
-        prune_mlp(small, mlp_width, mlp_importance(small, calibration_batches(tokenizer)))
+        prune_mlp(small, mlp_width, mlp_importance(small, calibration_batches(tokenizer, data=data)))
     if head is not None:
         install_head(small, copy.deepcopy(head))
     return small
@@ -476,8 +512,9 @@ def prepare(root: Path | None = None, show_progress: bool = True, **overrides: A
     large.eval()
     for p in large.parameters():
         p.requires_grad_(False)
-    head = factorised_head(large, final_hidden_states(large, tokenizer), head_rank) if head_rank else None
-    small = cut_down(large, tokenizer, layers, keep_last, want["mlp_width"], head)
+    data = want["heal_data"]
+    head = factorised_head(large, final_hidden_states(large, tokenizer, data), head_rank) if head_rank else None
+    small = cut_down(large, tokenizer, layers, keep_last, want["mlp_width"], head, data)
 
     progress = Progress(TextColumn(f"{NAME}: healing {layers} layers"), BarColumn(), TextColumn("loss {task.fields[kl]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
@@ -488,7 +525,7 @@ def prepare(root: Path | None = None, show_progress: bool = True, **overrides: A
             progress.update(task, advance=1, kl=f"{loss:.3f}")
 
         stats = heal(small, large, tokenizer, steps, per_family=want["heal_per_family"], focus=want["heal_focus"],
-                     on_step=on_step if show_progress else None)
+                     on_step=on_step if show_progress else None, data=data)
     heal_s = time.perf_counter() - started
 
     flops = forward_flops_per_token(small)
