@@ -69,3 +69,40 @@ def test_end_to_end_reduces_loss_and_counts_bytes(tmp_path, smoke_config, method
     rounds = [json.loads(line) for line in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
     assert summary["uplink_bytes_total"] == sum(c["uplink_bytes"] for r in rounds for c in r["clients"])
     assert summary["uplink_bytes_per_client_round"] + summary["downlink_bytes_per_client_round"] < 18_000
+
+
+@pytest.mark.parametrize("method", ["fedkseed", "fedkseed-pro"])
+def test_fedkseed_catch_up_never_exceeds_the_k_accumulated_scalars(smoke_config, method):
+    """A small pool (K = 8) and 6 steps per client: two missed rounds already carry more than K
+    scalars, so the download becomes the K float64 sums, and the client lands on the server's
+    model up to float32 rounding (from the base model, and from a shared replica ahead of it)."""
+    from thinwire.methods.fedkseed import MERGED
+
+    config = smoke_config(f"method.name='{method}'", "method.fedkseed.pool_size=8", "method.fedkseed.local_steps=6",
+                          "data.examples_per_client=8")
+    spec = get_method(method)
+    federation = build_federation(config)
+    ctx = RunContext(config, Workbench(config))
+    server, shared = spec.server(ctx), spec.client(ctx)
+    server.setup()
+    states = {cid: ClientState() for cid in range(3)}
+    for rnd, cids in enumerate([[1, 2], [1], [2], [2]], start=1):
+        replies = []
+        for cid in cids:
+            upload = shared.fit(rnd, cid, Payload.decode(server.download(rnd, cid).encode()),
+                                federation.clients[cid], states[cid])
+            replies.append(Reply(cid, Payload.decode(upload.payload.encode()), upload.num_examples))
+        server.aggregate(rnd, replies)
+    nested_bytes = sum(t.numel() * t.element_size() for u in server.history for t in u.tensors.values())
+    download = server.download(5, 0)  # client 0 never took part: 4 rounds to catch up
+    assert set(download.tensors) - {"probabilities"} == {MERGED} and nested_bytes > 8 * 8
+    probabilities = 2 * 8 if method == "fedkseed-pro" else 0  # FedKSeed-Pro's float16 sampling law
+    assert sum(t.numel() * t.element_size() for t in download.tensors.values()) == 8 * 8 + probabilities
+    ahead = server.download(5, 1)  # client 1 synced at version 1; the shared replica is at 3, the server at 4
+    assert shared._replica_version == 3 and MERGED in ahead.tensors
+    base = dict(Workbench(config).model.named_parameters())
+    assert any(not torch.equal(weight, base[name]) for name, weight in server.weights.items())
+    for client, data in ((_fresh(config, spec), download), (shared, ahead)):
+        client.sync(Payload.decode(data.encode()), ClientState())
+        for name, weight in server.weights.items():
+            assert torch.allclose(client._replica[name], weight, rtol=1e-6, atol=1e-6), name

@@ -5,7 +5,8 @@ Client: `local_steps` two-point ZO steps, each on a seed drawn from the run-wide
 (uniformly, or by FedKSeed-Pro's probabilities), uploading the per-seed sums of g.
 Server: the round's update is the weighted mean of those sums per seed; any party applies it as
 w ← w − η·Σ_s ΔG_s·z_s with z_s regenerated from the seed. Clients download the updates of the
-rounds they have not applied (see history.py), never weights.
+rounds they have not applied (see history.py), never weights; where those would exceed the
+paper's bound, the K accumulated sums over the missed rounds instead.
 FedKSeed-Pro: the server keeps every seed's |g| history and sends the sampling probabilities
 (min–max normalised mean |g|, softmax) with each download, as float16.
 """
@@ -48,13 +49,54 @@ class _FedKSeedRule:
         self.options = method_options(self.config, "fedkseed", FedKSeedOptions)
         self.pool = SeedPool(self.options.pool_size, derive_seed(self.config.federation.seed, "fedkseed-pool"))
 
+    merges_catch_up = True
+
     def apply_update(self, weights: dict[str, torch.Tensor], update: Payload, version: int) -> None:
         seeds, values = update.tensors["seeds"], update.tensors["values"]
         if seeds.numel() and (int(seeds.min()) < 0 or int(seeds.max()) >= self.pool.size):
             raise PayloadError(f"seed index outside the pool of {self.pool.size}")
         scalars = dict(zip(seeds.tolist(), values.tolist()))
-        apply_seed_scalars(list(weights.values()), self.pool, scalars,
-                           self.options.lr * self.config.method.server_lr, threads=1)
+        apply_seed_scalars(list(weights.values()), self.pool, scalars, self.step_lr(), threads=1)
+
+    def step_lr(self) -> float:
+        return self.options.lr * self.config.method.server_lr
+
+    def seed_sums(self, updates: list[Payload], start: torch.Tensor | None = None) -> torch.Tensor:
+        """`start` (default 0) + Σ ΔG per seed over `updates` (float64, dense K), in version order."""
+        total = torch.zeros(self.pool.size, dtype=torch.float64) if start is None else start.clone()
+        for update in updates:
+            total.index_add_(0, update.tensors["seeds"].long(), update.tensors["values"].double())
+        return total
+
+    # A replica's record at a version is G, the accumulated per-seed sums that produced it.
+
+    def is_merged(self, download: Payload) -> bool:
+        return MERGED in download.tensors
+
+    def hold(self, held: Payload | None, update: Payload) -> Payload:
+        return Payload(tensors={"G": self.seed_sums([update], _sums(held))})
+
+    def apply_merged(self, weights: dict[str, torch.Tensor], download: Payload, held_since: Payload | None,
+                     held_now: Payload | None) -> Payload:
+        """w ← w − η·Σ_s (G_since + merged − G_now)_s·z_s: the merged sums less what the replica
+        already applied. Equal to applying the rounds one by one up to float32 rounding."""
+        merged = download.tensors[MERGED]
+        if merged.dtype != torch.float64 or tuple(merged.shape) != (self.pool.size,) or not torch.isfinite(merged).all():
+            raise PayloadError(f"merged catch-up must be {self.pool.size} finite float64 sums")
+        target = _sums(held_since, self.pool.size) + merged
+        apply_seed_scalars(list(weights.values()), self.pool, target - _sums(held_now, self.pool.size),
+                           self.step_lr(), threads=1)
+        return Payload(tensors={"G": target})
+
+
+MERGED = "merged"
+
+
+def _sums(held: Payload | None, size: int | None = None) -> torch.Tensor | None:
+    """A record's accumulated sums G (zeros of `size` for the base model; None without a size)."""
+    if held is not None:
+        return held.tensors["G"]
+    return None if size is None else torch.zeros(size, dtype=torch.float64)
 
 
 class FedKSeedServer(_FedKSeedRule, HistoryServer):
@@ -68,6 +110,15 @@ class FedKSeedServer(_FedKSeedRule, HistoryServer):
         if self.pro:
             payload.tensors["probabilities"] = self.seed_history.probabilities().to(torch.float16)
         return payload
+
+    def catch_up(self, since: int) -> Payload:
+        """The missed rounds' updates, or, where those would be larger, the paper's bound: the K
+        accumulated sums over the missed rounds (float64), however many rounds were missed."""
+        nested = super().catch_up(since)
+        nested_bytes = sum(t.numel() * t.element_size() for t in nested.tensors.values())
+        if nested_bytes <= 8 * self.pool.size:
+            return nested
+        return Payload(tensors={MERGED: self.seed_sums(self.history[since:])})
 
     def check_update(self, reply: Reply) -> None:
         super().check_update(reply)

@@ -25,6 +25,7 @@ download still covers every version after the replica's.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -41,6 +42,7 @@ from thinwire.methods.base import ClientSide, ClientState, Reply, WeightsServer,
 from thinwire.wire import Payload, PayloadError
 
 _SEP = "/"
+_APPLIED = "held/"  # prefix of the replica's records (`UpdateRule.hold`) in a stored replica
 
 
 def nest(updates: dict[int, Payload]) -> Payload:
@@ -67,6 +69,24 @@ class UpdateRule:
     def apply_update(self, weights: dict[str, torch.Tensor], update: Payload, version: int) -> None:
         """Apply round `version`'s update to `weights` in place, deterministically."""
 
+    # A method whose `catch_up` may merge rounds sets this and implements the three methods below:
+    # a replica then holds, at every version it reaches, a small record (`hold`) from which a
+    # merged download can be applied even when the replica is already past the client's version.
+    merges_catch_up = False
+
+    def is_merged(self, download: Payload) -> bool:
+        return False
+
+    def hold(self, held: Payload | None, update: Payload) -> Payload:
+        """The record after applying `update` on top of the record `held` (None: the base model)."""
+        raise NotImplementedError
+
+    def apply_merged(self, weights: dict[str, torch.Tensor], download: Payload, held_since: Payload | None,
+                     held_now: Payload | None) -> Payload:
+        """Apply a merged download (from the client's version, whose record is `held_since`) to
+        `weights`, which sit at the version recorded by `held_now`; returns the target's record."""
+        raise NotImplementedError
+
 
 class HistoryServer(UpdateRule, WeightsServer):
     def setup(self) -> None:
@@ -86,10 +106,14 @@ class HistoryServer(UpdateRule, WeightsServer):
 
     def download(self, rnd: int, client_id: int) -> Payload:
         since = self.synced.get(client_id, 0)
-        missed = {v: self.history[v - 1] for v in range(since + 1, self.version + 1)}
-        payload = nest(missed)
+        payload = self.catch_up(since)
         payload.scalars.update({"since": since, "version": self.version})
         return payload
+
+    def catch_up(self, since: int) -> Payload:
+        """What a client at version `since` needs to reach the current version: by default every
+        missed round's update, nested by version (a method may send something more compact)."""
+        return nest({v: self.history[v - 1] for v in range(since + 1, self.version + 1)})
 
     def aggregate(self, rnd: int, replies: list[Reply]) -> dict[str, float]:
         for reply in replies:
@@ -138,6 +162,8 @@ class ReplicaClient(UpdateRule, ClientSide):
         super().__init__(ctx)
         self._replica: dict[str, torch.Tensor] | None = None
         self._replica_version = 0
+        # version -> the rule's record at that version (`UpdateRule.hold`; methods that merge only)
+        self._held: dict[int, Payload] = {}
 
     def sync(self, download: Payload, state: ClientState) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
         """Bring the replica to the download's version; load it into the model for training."""
@@ -151,8 +177,19 @@ class ReplicaClient(UpdateRule, ClientSide):
             raise PayloadError(f"download covers versions ({since}, {target}] but the replica is at "
                                f"version {self._replica_version}")
         try:
+            if self.is_merged(download):
+                missing = [v for v in (since, self._replica_version) if v and v not in self._held]
+                if missing:
+                    raise PayloadError(f"a merged catch-up from version {since} needs this replica's record "
+                                       f"of version {missing[0]}, which it does not hold")
+                self._held[target] = self.apply_merged(self._replica, download, self._held.get(since),
+                                                       self._held.get(self._replica_version))
+                self._replica_version = target
             for version in range(self._replica_version + 1, target + 1):
-                self.apply_update(self._replica, unnest(download, version), version)
+                update = unnest(download, version)
+                self.apply_update(self._replica, update, version)
+                if self.merges_catch_up:
+                    self._held[version] = self.hold(self._held.get(version - 1), update)
                 self._replica_version = version
         except BaseException:
             # An update that failed half-way leaves the replica at no version at all: drop it
@@ -182,15 +219,14 @@ class ReplicaClient(UpdateRule, ClientSide):
             path = self.replica_dir / f"v{usable[-1]}.safetensors"
             try:
                 with safe_open(str(path), framework="pt") as f:  # memory-mapped; each tensor copied once
-                    stored = int((f.metadata() or {}).get("version", -1))
+                    metadata = f.metadata() or {}
+                    stored = int(metadata.get("version", -1))
                     tensors = {name: f.get_tensor(name) for name in f.keys()}
             except FileNotFoundError:
                 continue  # replaced by a newer version between listing and opening
             if stored != usable[-1]:
                 raise PayloadError(f"stored replica {path} claims version {stored}")
-            check_tensors(tensors, params)
-            self._replica = {name: tensors[name].to(p.device, p.dtype) for name, p in params.items()}
-            self._replica_version = stored
+            self._restore(params, tensors, json.loads(metadata.get("applied", "{}")), stored)
             return
 
     def _keep_on_disk(self) -> None:
@@ -205,8 +241,10 @@ class ReplicaClient(UpdateRule, ClientSide):
         fd, tmp = tempfile.mkstemp(dir=self.replica_dir, prefix=".tmp-", suffix=".safetensors")
         os.close(fd)
         try:
-            save_file({k: t.detach().cpu().contiguous() for k, t in self._replica.items()}, tmp,
-                      metadata={"version": str(self._replica_version)})
+            state = self.state_dict()
+            save_file({k: t.detach().cpu().contiguous() for k, t in state.tensors.items()}, tmp,
+                      metadata={"version": str(self._replica_version),
+                                "applied": json.dumps({k: v for k, v in state.scalars.items() if k != "version"})})
             os.replace(tmp, final)
         finally:
             if os.path.exists(tmp):
@@ -215,20 +253,33 @@ class ReplicaClient(UpdateRule, ClientSide):
             (self.replica_dir / f"v{version}.safetensors").unlink(missing_ok=True)
 
     def state_dict(self) -> Payload | None:
-        """The shared replica and its version (a checkpoint restores it exactly)."""
+        """The shared replica, its version and its records (a checkpoint restores it exactly)."""
         if self._replica is None:
             return Payload(scalars={"version": 0})
-        return Payload(tensors=dict(self._replica), scalars={"version": self._replica_version})
+        applied = nest(self._held)
+        return Payload(tensors={**self._replica, **{_APPLIED + k: t for k, t in applied.tensors.items()}},
+                       scalars={"version": self._replica_version,
+                                **{_APPLIED + k: v for k, v in applied.scalars.items()}})
 
     def load_state_dict(self, state: Payload) -> None:
         version = int(state.scalars.get("version", 0))
         if version == 0 or not state.tensors:
-            self._replica, self._replica_version = None, 0
+            self._replica, self._replica_version, self._held = None, 0, {}
             return
         _, params = self.ctx.workbench.trainable(self.lora)
-        check_tensors(state.tensors, params)
-        self._replica = {name: state.tensors[name].to(p.device, p.dtype) for name, p in params.items()}
+        self._restore(params, state.tensors, {k: v for k, v in state.scalars.items() if k != "version"}, version)
+
+    def _restore(self, params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor],
+                 applied_scalars: dict[str, float], version: int) -> None:
+        """Adopt a stored replica (`state_dict`'s tensors and scalars) at `version`."""
+        weights = {k: t for k, t in tensors.items() if not k.startswith(_APPLIED)}
+        check_tensors(weights, params)
+        applied = Payload(tensors={k[len(_APPLIED):]: t for k, t in tensors.items() if k.startswith(_APPLIED)},
+                          scalars={k[len(_APPLIED):]: v for k, v in applied_scalars.items() if k.startswith(_APPLIED)})
+        versions = {int(k.split(_SEP, 1)[0][1:]) for k in [*applied.tensors, *applied.scalars]}
+        self._replica = {name: weights[name].to(p.device, p.dtype) for name, p in params.items()}
         self._replica_version = version
+        self._held = {v: unnest(applied, v) for v in sorted(versions)}
 
     def fit(self, rnd: int, client_id: int, download: Payload, examples: list[dict], state: ClientState):
         model, params = self.sync(download, state)
