@@ -320,10 +320,11 @@ def test_report_ratios_against_a_measured_baseline_and_per_phase(compared, tmp_p
     alone = render_report([runs], tmp_path / "alone")  # no FedIT run: no ratio for the LoRA method
     rows = {r["run"]: r for r in alone.rows}
     assert rows["cgfedllm"]["traffic_ratio_vs_baseline"] is None
-    assert rows["cgfedllm"]["traffic_baseline"] == "no ratio: no fedit run of tiny in this comparison"
+    assert rows["cgfedllm"]["traffic_baseline"] == "no fedit run of tiny in this comparison"
     assert rows["fedkseed"]["traffic_baseline"] == "fedavg" and rows["fedkseed"]["traffic_ratio_vs_baseline"] == 1.0
     markdown = (tmp_path / "alone" / "comparison.md").read_text()
-    assert "no fedit run of tiny in this comparison" in markdown and "FedAvg would" not in markdown
+    assert "No ratio for cgfedllm: no fedit run of tiny in this comparison." in markdown
+    assert "FedAvg would" not in markdown
 
     shutil.copytree(out / "fedit", runs / "fedit")
     both = render_report([runs], tmp_path / "both")

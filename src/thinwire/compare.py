@@ -275,7 +275,9 @@ def _status_table(rows: list[dict[str, Any]], result: ReportResult) -> Any:
     from thinwire.runtime.display import human_bytes
 
     by_dir = {row["run_dir"]: row for row in result.rows}
-    table = Table(title="compare (traffic: whole run, every byte sent)")
+    missing = [f"no ratio for {r['run']}: {r['traffic_baseline']}" for r in result.rows
+               if r["traffic_ratio_vs_baseline"] is None]
+    table = Table(title="compare (traffic: whole run, every byte sent)", caption="; ".join(missing) or None)
     for column in ("method", "status", "Rouge-L", "loss", "up / down per client-round", "total sent",
                    "vs baseline (up+down)", "wall"):
         table.add_column(column, justify="left" if column in ("method", "status") else "right")
@@ -292,8 +294,7 @@ def _status_table(rows: list[dict[str, Any]], result: ReportResult) -> Any:
             f"{human_bytes(summary['uplink_bytes_per_client_round'])} / "
             f"{human_bytes(summary['downlink_bytes_per_client_round'])}" if summary else "-",
             human_bytes(summary["uplink_bytes_total"] + summary["downlink_bytes_total"]) if summary else "-",
-            f"{_fmt_ratio(ratio)} {report['traffic_baseline']}" if ratio is not None
-            else (report.get("traffic_baseline") or "-"),
+            f"{_fmt_ratio(ratio)} {report['traffic_baseline']}" if ratio is not None else "-",
             f"{row['wall_s']:.1f} s")
     return table
 

@@ -280,14 +280,13 @@ def find_baseline(run: Run, runs: list[Run]) -> tuple[Run | None, str]:
     named after the method (`fedit`, `fedit-seed1`) before a variant of it."""
     method = baseline_method(run)
     if method is None:
-        why = ("config.toml lacks method.ferret.trainable" if run.method == "ferret"
-               else f"none defined for {run.method}")
-        return None, f"no baseline: {why}"
+        return None, ("its config.toml lacks method.ferret.trainable" if run.method == "ferret"
+                      else f"no baseline is defined for {run.method}")
     model, seed = run.summary["model"], run.summary.get("seed")
     pool = [b for b in runs if b.method == method and b.summary["model"] == model]
     pool = [b for b in pool if b.summary.get("seed") == seed] or pool
     if not pool:
-        return None, f"no ratio: no {method} run of {model} in this comparison"
+        return None, f"no {method} run of {model} in this comparison"
     plain = [b for b in pool if b.path.name in (method, f"{method}-seed{seed}")]
     return (plain or pool)[0], method
 
@@ -300,13 +299,20 @@ def _per_round(figures: dict[str, Any]) -> float:
     return figures["uplink_bytes_per_client_round"] + figures["downlink_bytes_per_client_round"]
 
 
+def _phases(run: Run) -> list[tuple[str, dict[str, Any]]]:
+    """summary.json's `phases` in the order the run went through them (the file sorts its keys)."""
+    phases = run.summary.get("phases") or {}
+    order = list(dict.fromkeys(r.get("phase") for r in run.rounds if r.get("phase") in phases))
+    return [(p, phases[p]) for p in [*order, *(p for p in phases if p not in order)]]
+
+
 def phase_rows(runs: list[Run]) -> list[dict[str, Any]]:
     """One row per (run, phase) of the runs whose method has phases (summary.json `phases`): the
     phase's traffic, and its uplink per client-round against the baseline's whole run."""
     rows = []
     for run in runs:
         base, _ = find_baseline(run, runs)
-        for phase, figures in (run.summary.get("phases") or {}).items():
+        for phase, figures in _phases(run):
             rows.append({"run": run.label, "phase": phase, **figures,
                          "uplink_ratio_vs_baseline": _ratio(figures.get("uplink_bytes_per_client_round"),
                                                             base and base.summary["uplink_bytes_per_client_round"]),
@@ -357,7 +363,7 @@ def build_rows(runs: list[Run]) -> list[dict[str, Any]]:
             "peak_rss_mb": s["peak_rss_mb"],
             "trainable_parameters": s.get("trainable_parameters"),
         })
-        for phase, figures in (s.get("phases") or {}).items():
+        for phase, figures in _phases(run):
             for key in ("rounds", "uplink_bytes_per_client_round", "downlink_bytes_per_client_round",
                         "uplink_bytes_total", "downlink_bytes_total"):
                 row[f"phase_{phase}_{key}"] = figures.get(key)
@@ -648,12 +654,13 @@ def _seed_cell(row: dict[str, Any], key: str) -> str:
 
 
 def _reference_note(rows: list[dict[str, Any]]) -> str:
-    missing = sorted({row["traffic_baseline"] for row in rows if row["traffic_ratio_vs_baseline"] is None})
+    missing = [f"No ratio for {row['run']}: {row['traffic_baseline']}." for row in rows
+               if row["traffic_ratio_vs_baseline"] is None]
     note = ("Traffic counts every byte sent, failed, late and rejected clients included; per client-round = "
             "bytes sent / downloads sent, over the whole run. Ratios: per client-round, against the baseline "
             "run measured in this comparison (FedIT for LoRA methods, FedAvg for full-parameter ones), never "
             "an estimate.")
-    return note + (" " + "; ".join(missing) + "." if missing else "")
+    return " ".join([note, *missing])
 
 
 PHASES_NOTE = ("methods whose rounds differ in kind, e.g. CG-FedLLM's TGAP and FAF rounds; each phase's "
