@@ -49,25 +49,30 @@ from thinwire.cli import EXAMPLES  # noqa: E402
 from thinwire.config import load_config  # noqa: E402
 from thinwire.runtime.local import run_local  # noqa: E402
 
-FAITHFUL = ["method.cgfedllm.target='state'", "method.cgfedllm.normalize=false",
-            "method.cgfedllm.refit_scales=false", "method.cgfedllm.error_feedback=false",
-            "method.cgfedllm.ae_lr=2e-4"]
+FAITHFUL = ["method.cgfedllm.preset='paper'"]  # the paper's recipe (conv2d, state, no scales/EF, ae_lr 2e-4)
+# the "working" variants predate CG-FedLLM's presets: the repaired pipeline with float-latent AEs
+CONV2D = ["method.cgfedllm.codec='conv2d'"]  # another codec than the default preset's: generic architecture
+CONV1D_FLOAT = ["method.cgfedllm.codec='conv1d'", "method.cgfedllm.depth=6", "method.cgfedllm.compression=0",
+                "method.cgfedllm.res_blocks=2", "method.cgfedllm.binary_latent=false", "method.cgfedllm.shuffle=false",
+                "method.cgfedllm.ae_lr=1e-3", "method.cgfedllm.ae_batch=8"]
 VARIANTS = {
     "fedit": ["method.name='fedit'"],
     "faithful": ["method.name='cgfedllm'", *FAITHFUL],
-    "working": ["method.name='cgfedllm'"],
-    "working-1d": ["method.name='cgfedllm'", "method.cgfedllm.codec='conv1d'"],
-    "working-refine": ["method.name='cgfedllm'", "method.cgfedllm.refine_every=2"],
-    "working-c4": ["method.name='cgfedllm'", "method.cgfedllm.depth=2", "method.cgfedllm.compression=4"],
-    "working-1d-c16": ["method.name='cgfedllm'", "method.cgfedllm.codec='conv1d'", "method.cgfedllm.depth=4",
+    "working": ["method.name='cgfedllm'", *CONV2D],
+    "working-1d": ["method.name='cgfedllm'", *CONV1D_FLOAT],
+    "working-refine": ["method.name='cgfedllm'", *CONV2D, "method.cgfedllm.refine_every=2"],
+    "working-c4": ["method.name='cgfedllm'", *CONV2D, "method.cgfedllm.depth=2", "method.cgfedllm.compression=4"],
+    "working-1d-c16": ["method.name='cgfedllm'", *CONV1D_FLOAT, "method.cgfedllm.depth=4",
                         "method.cgfedllm.compression=16", "method.cgfedllm.chunk=1024"],
-    "working-1d-c4": ["method.name='cgfedllm'", "method.cgfedllm.codec='conv1d'", "method.cgfedllm.depth=4",
+    "working-1d-c4": ["method.name='cgfedllm'", *CONV1D_FLOAT, "method.cgfedllm.depth=4",
                        "method.cgfedllm.compression=4", "method.cgfedllm.chunk=1024"],
     "topk": ["method.name='cgfedllm'", "method.cgfedllm.codec='topk'", "method.cgfedllm.latent_dtype='float16'"],
     "signs": ["method.name='cgfedllm'", "method.cgfedllm.codec='signs'"],
     "bits": ["method.name='cgfedllm'", "method.cgfedllm.codec='conv1d'", "method.cgfedllm.depth=1",
              "method.cgfedllm.compression=2", "method.cgfedllm.res_blocks=0", "method.cgfedllm.binary_latent=true",
-             "method.cgfedllm.ae_lr=1e-2", "method.cgfedllm.chunk=1024"],
+             "method.cgfedllm.shuffle=false", "method.cgfedllm.ae_lr=1e-2", "method.cgfedllm.ae_batch=8",
+             "method.cgfedllm.chunk=1024"],
+    "default": ["method.name='cgfedllm'", "method.cgfedllm.chunk=1024"],  # the default preset (bits, shuffled)
     "zeros-after-tgap": ["method.name='cgfedllm'", "method.cgfedllm.codec='zeros'"],
     "zeros": ["method.name='cgfedllm'", "method.cgfedllm.codec='zeros'", "method.cgfedllm.tgap_rounds=0"],
 }
@@ -131,7 +136,7 @@ def main() -> None:
         shutil.rmtree(out.with_name(name + ".partial"), ignore_errors=True)
         overrides = [f"federation.rounds={args.rounds}", "eval.generate=false", "federation.checkpoint=false",
                      "method.cgfedllm.tgap_rounds=2",
-                     *SETTINGS[args.model], *VARIANTS[name], *args.set]
+                     *VARIANTS[name], *SETTINGS[args.model], *args.set]  # the setting's AE schedule wins
         if name == "fedit":
             overrides = [o for o in overrides if not o.startswith("method.cgfedllm.")]
         started = time.perf_counter()
