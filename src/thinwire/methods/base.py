@@ -77,10 +77,20 @@ class Workbench:
 
     @property
     def model(self) -> PreTrainedModel:
-        """The plain base model, every weight trainable."""
+        """The plain base model, every weight trainable.
+
+        Held in 16 bits, weights would swallow small updates (in bfloat16, 0.05 − 1e-4 rounds back
+        to 0.05), so a 16-bit model becomes fp32 master weights whose forward runs in the 16-bit
+        dtype under autocast: every optimizer step, ZO step and aggregation applies in fp32.
+        (LoRA methods keep the frozen base in 16 bits; peft holds the adapter in fp32.)
+        """
         self._load()
         if self._lora is not None:
             raise RuntimeError("this workbench's model is wrapped with LoRA; use lora_model()")
+        compute = self._model.dtype
+        if compute in (torch.float16, torch.bfloat16):
+            self._model.float()
+            self._model.forward = torch.autocast(self._model.device.type, dtype=compute)(self._model.forward)
         return self._model
 
     def lora_model(self) -> torch.nn.Module:
