@@ -41,7 +41,8 @@ TASKS_CSV = "by_task.csv"
 PHASES_CSV = "by_phase.csv"
 PLOTS = ("quality_per_round.png", "quality_vs_bytes.png", "quality_vs_time.png")
 QUALITY_ORDER = ("rougeL", "exact_match", "loss")
-METRIC_LABELS = {"rougeL": "Rouge-L", "exact_match": "exact match", "loss": "loss"}
+METRIC_LABELS = {"rougeL": "Rouge-L", "exact_match": "exact match", "loss": "loss",
+                 "rougeL_folded": "Rouge-L (case-folded)", "exact_match_folded": "exact match (case-folded)"}
 # Header facts, in display order: (dotted config key, label).
 FACTS = (("model.name", "model"), ("model.dtype", "dtype"), ("data.source", "data"),
          ("data.tasks", "tasks"), ("data.heldout_tasks", "held-out tasks"),
