@@ -71,8 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--auth-key", type=Path, help="private key registered with the SuperLink")
     node.add_argument("--port", type=int, default=9094, help="ClientAppIO port of this SuperNode")
     node.add_argument("--flwr-home", type=Path)
-    gen = sub.add_parser("generate", help="generate from a saved FedPT proxy-tuned model")
-    gen.add_argument("dir", type=Path, help="directory written by the FedPT server's save()")
+    export = sub.add_parser("export", help="write a finished run's model as a PEFT adapter or a Hugging Face "
+                                           "model directory (FedPT: its proxy)")
+    export.add_argument("run_dir", type=Path, help="a finished run directory")
+    export.add_argument("--out", type=Path, required=True, help="directory to create")
+    export.add_argument("--merge", action="store_true", help="LoRA methods: merge the adapter into a full model")
+    gen = sub.add_parser("generate", help="generate from a run directory or an export")
+    gen.add_argument("dir", type=Path, help="a run directory, a `thinwire export` directory or a FedPT proxy")
     gen.add_argument("prompts", nargs="+", help="instructions (rendered with the Alpaca template)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     models = sub.add_parser("models", help="list built-in models (and build one with --prepare)")
@@ -149,12 +154,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from thinwire.export import describe, export_run
+
+    export_run(args.run_dir, args.out, merge=args.merge)
+    print(f"{args.out}: {describe(args.out)}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from thinwire.proxy import generate_from_saved
+    from thinwire.export import load_for_generation
+    from thinwire.proxy import generate_text
 
     if not args.dir.is_dir():
-        raise UsageError(f"{args.dir} is not a saved proxy directory; pass the directory FedPT saved")
-    for prompt, text in zip(args.prompts, generate_from_saved(args.dir, args.prompts, args.max_new_tokens)):
+        raise UsageError(f"{args.dir} is not a directory; pass a run directory or a `thinwire export` directory")
+    model, tokenizer = load_for_generation(args.dir)
+    for prompt, text in zip(args.prompts, generate_text(model, tokenizer, args.prompts, args.max_new_tokens)):
         print(f"### {prompt}\n{text}\n")
     return 0
 
@@ -208,7 +223,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "superlink": cmd_superlink,
-            "supernode": cmd_supernode, "generate": cmd_generate, "models": cmd_models, "tasks": cmd_tasks}
+            "supernode": cmd_supernode, "export": cmd_export, "generate": cmd_generate, "models": cmd_models, "tasks": cmd_tasks}
 
 
 def main(argv: list[str] | None = None) -> int:
