@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--runtime", choices=["local", "flower-sim"], default="local",
                      help="in-process simulation, or Flower's simulation engine")
     run.add_argument("--quiet", action="store_true", help="no progress bars or summary table")
+    run.add_argument("--force", action="store_true",
+                     help="delete an interrupted run in <out>.partial and start over")
     run.add_argument("--resume", type=Path, metavar="DIR",
                      help="continue an interrupted run from its last checkpoint (DIR: its --out or .partial "
                           "directory; config and output come from there)")
@@ -106,6 +109,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     config = load_config(args.config or default_config(), args.overrides)
     out = args.out or Path("runs") / f"{config.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    partial = out.with_name(out.name + ".partial")
+    if args.force and partial.is_dir():
+        shutil.rmtree(partial)
     if args.runtime == "flower-sim":
         from thinwire.runtime.flower import run_flower_sim
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,9 +48,10 @@ class RunDir:
     def open(self, config: Config) -> None:
         if self.out.exists():
             raise UsageError(f"output directory {self.out} already exists; pass a new --out or remove it")
+        if self.partial.exists():
+            raise UsageError(f"an interrupted run is in {self.partial}; continue it with `thinwire run --resume "
+                             f"{self.out}`, or start over with --force (deletes it)")
         try:
-            if self.partial.exists():
-                shutil.rmtree(self.partial)
             self.partial.mkdir(parents=True)
         except OSError as exc:
             raise UsageError(f"cannot create output directory {self.partial}: {exc.strerror}; "
