@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,36 @@ def test_real_process_exit_status():
     assert proc.stderr.strip().splitlines()[-1] == (
         "thinwire: error: config key federation.rounds = 0 is below its minimum 1")
     assert "Traceback" not in proc.stderr
+
+
+def test_a_config_without_a_model_gets_a_one_line_notice(tmp_path, capsys):
+    from thinwire.config import default_model_notice
+
+    path = tmp_path / "c.toml"
+    path.write_text("[federation]\nrounds = 1\n")
+    assert "random-weight 'tiny'" in default_model_notice(path)
+    assert default_model_notice(path, ["model.name='tiny'"]) is None
+    path.write_text('[model]\nname = "tiny"\n')
+    assert default_model_notice(path) is None
+
+
+def test_by_task_with_fewer_clients_than_families_names_the_dropped_ones(smoke_config):
+    from thinwire.data import build_federation
+
+    with pytest.raises(UsageError, match=r"2 clients cannot hold 3 families \(uppercase would go untrained\)"):
+        build_federation(smoke_config("federation.clients=2"))
+
+
+def test_run_refuses_to_overwrite_an_interrupted_run(tmp_path, capsys):
+    out = tmp_path / "r"
+    partial = tmp_path / "r.partial"
+    partial.mkdir()
+    (partial / "metrics.jsonl").write_text("{}\n")
+    quick = ["--set", "federation.rounds=1", "--set", "eval.generate=false", "--quiet"]
+    smoke = str(Path(__file__).resolve().parents[1] / "examples" / "smoke.toml")
+    assert main(["run", smoke, "--out", str(out), *quick]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--force" in err and err.count("\n") == 1
+    assert (partial / "metrics.jsonl").read_text() == "{}\n"  # nothing lost
+    assert main(["run", smoke, "--out", str(out), "--force", *quick]) == 0
+    assert (out / "summary.json").is_file() and not partial.exists()

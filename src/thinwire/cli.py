@@ -94,7 +94,7 @@ PREPARABLE = ("smollm2-135m", "smollm2-small")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from thinwire.config import load_config
+    from thinwire.config import default_model_notice, load_config
     from thinwire.runtime.local import run_local
 
     if args.resume is not None:
@@ -108,6 +108,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         resume_local(args.resume, quiet=args.quiet)
         return 0
     config = load_config(args.config or default_config(), args.overrides)
+    notice = default_model_notice(args.config or default_config(), args.overrides)
+    if notice:
+        print(notice, file=sys.stderr)
     out = args.out or Path("runs") / f"{config.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     partial = out.with_name(out.name + ".partial")
     if args.force and partial.is_dir():

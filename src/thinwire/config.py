@@ -157,6 +157,21 @@ def load_config(path: str | Path | None, overrides: list[str] = (), variant: str
     Keys that neither the file nor the overrides set take their defaults; for `[train]`, the
     running method's own defaults (`ServerSide.train_defaults`, e.g. Ferret's SGD) come first.
     """
+    return from_dict(_resolved_table(path, overrides, variant))
+
+
+def default_model_notice(path: str | Path | None, overrides: list[str] = (), variant: str | None = None) -> str | None:
+    """A one-line notice when neither the file nor the overrides name a model (the run then trains
+    the built-in random-weight `tiny` model, which is easy to miss)."""
+    model = _resolved_table(path, overrides, variant).get("model")
+    if isinstance(model, dict) and "name" in model:
+        return None
+    return (f"notice: no model.name in the config; training the built-in random-weight {ModelConfig.name!r} "
+            "model (set [model] name, e.g. smollm2-135m; see `thinwire models`)")
+
+
+def _resolved_table(path: str | Path | None, overrides: list[str], variant: str | None) -> dict[str, Any]:
+    """The file's table with the running method's (or `variant`'s) [compare] table and the overrides merged in."""
     table = _read_table(path)
     per_run = _compare_tables(table.pop("compare", {}))
     chosen = variant if variant is not None else _method_name(table, overrides)
@@ -164,7 +179,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), variant: str
         _merge_tables(table, per_run[chosen])
     for item in overrides:
         _apply_override(table, item)
-    return from_dict(table)
+    return table
 
 
 def _method_name(table: dict[str, Any], overrides: list[str]) -> Any:

@@ -33,8 +33,13 @@ def dirichlet(labels: list[str], clients: int, alpha: float, rng: np.random.Gene
 
 
 def by_task(tasks: list[str], clients: int) -> list[list[int]]:
-    """Each client holds one task (round-robin over sorted task names); clients sharing a task split it."""
+    """Each client holds one task (round-robin over sorted task names); clients sharing a task split it.
+    Fewer clients than tasks is an error: the unheld tasks would drop out of training silently."""
     names = sorted(set(tasks))
+    if clients < len(names):
+        raise UsageError(f"data.partition = 'by-task' gives each client one task family, but {clients} clients "
+                         f"cannot hold {len(names)} families ({', '.join(names[clients:])} would go untrained); "
+                         "add clients or list fewer data.tasks")
     holders: dict[str, list[int]] = {name: [] for name in names}
     for client in range(clients):
         holders[names[client % len(names)]].append(client)
