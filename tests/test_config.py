@@ -152,3 +152,21 @@ def test_run_refuses_to_overwrite_an_interrupted_run(tmp_path, capsys):
     assert (partial / "metrics.jsonl").read_text() == "{}\n"  # nothing lost
     assert main(["run", smoke, "--out", str(out), "--force", *quick]) == 0
     assert (out / "summary.json").is_file() and not partial.exists()
+
+
+def test_the_readmes_commands_parse_and_the_supernode_reaches_the_superlinks_port():
+    import re
+    import shlex
+
+    from thinwire.cli import _parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    lines = [line.split("#", 1)[0].strip() for block in blocks for line in block.splitlines()]
+    commands = [shlex.split(line)[1:] for line in lines if line.startswith("thinwire ")]
+    parsed = {}
+    for argv in commands:
+        args = _parser().parse_args([a.replace("SERVER", "127.0.0.1") for a in argv if "[" not in a])
+        parsed[argv[0]] = args
+    assert {"run", "compare", "report", "superlink", "supernode", "export", "generate"} <= set(parsed)
+    assert parsed["supernode"].superlink.rsplit(":", 1)[1] == str(parsed["superlink"].port)
