@@ -101,3 +101,28 @@ def test_validation_split_is_disjoint_from_test_and_training(smoke_config, heldo
     assert len(val.eval) == len(test.eval) and not key(val.eval) & (key(test.eval) | trained)
     assert {e["task"] for e in val.eval} == {e["task"] for e in test.eval}
     assert len(val.heldout) == len(test.heldout) and not key(val.heldout) & key(test.heldout)
+
+
+CHAT = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_chat_template_masks_all_but_the_response_and_its_end_of_turn():
+    from thinwire.data.template import encode_prompts, render_prompt, use_template
+
+    tok = tiny_tokenizer()
+    assert use_template(tok, "auto") == "alpaca"  # no chat template: auto falls back to Alpaca
+    with pytest.raises(UsageError, match="has no chat template"):
+        use_template(tok, "chat")
+    tok.chat_template = CHAT
+    assert use_template(tok, "auto") == "chat"
+    example = {"instruction": "Uppercase the words.", "input": "tiger parrot", "output": "TIGER PARROT"}
+    prompt = render_prompt(example, tok)
+    assert prompt == f"<|user|>Uppercase the words.\n\ntiger parrot{tok.eos_token}<|assistant|>"
+    enc = encode_example(tok, example, 256)
+    response = [t for t, label in zip(enc["input_ids"], enc["labels"]) if label != IGNORE_INDEX]
+    assert tok.decode(response) == tok.decode(tok("TIGER PARROT" + tok.eos_token, add_special_tokens=False)["input_ids"])
+    assert tok.decode(enc["input_ids"]) == tok.decode(tok(prompt + "TIGER PARROT" + tok.eos_token,
+                                                          add_special_tokens=False)["input_ids"])
+    batch = encode_prompts(tok, [example, {"instruction": "Add.", "input": "", "output": "3"}])
+    assert batch["attention_mask"][1, 0] == 0 and batch["attention_mask"][:, -1].all()  # left-padded

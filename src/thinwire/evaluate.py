@@ -24,7 +24,7 @@ from rouge_score import rouge_scorer, tokenizers
 from transformers import PreTrainedTokenizerBase
 
 from thinwire.config import EvalConfig
-from thinwire.data.template import IGNORE_INDEX, collate, encode_example, render_prompt
+from thinwire.data.template import IGNORE_INDEX, collate, encode_example, encode_prompts
 
 class CaseTokenizer(tokenizers.Tokenizer):
     """ROUGE-1.5.5's tokenisation (rouge_score's default: runs of ASCII letters and digits, every
@@ -106,20 +106,12 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, example
              batch_size: int, max_new_tokens: int) -> list[str]:
     """Greedy continuations of the rendered prompts, left-padded in batches."""
     device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     outputs = []
-    try:
-        for start in range(0, len(examples), batch_size):
-            prompts = [render_prompt(e) for e in examples[start : start + batch_size]]
-            batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-            tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id)
-            new = tokens[:, batch["input_ids"].shape[1]:]
-            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(examples), batch_size):
+        batch = encode_prompts(tokenizer, examples[start : start + batch_size]).to(device)
+        tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        outputs.extend(tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
     return [o.strip() for o in outputs]
 
 

@@ -240,23 +240,18 @@ def check_vocab(small_tokenizer, large_tokenizer) -> None:
 
 @torch.no_grad()
 def generate_text(proxy: ProxyModel, tokenizer, prompts: list[str], max_new_tokens: int = 64,
-                  template: bool = True, batch_size: int = 8) -> list[str]:
-    """Greedy continuations; prompts are rendered as Alpaca instructions unless `template=False`.
+                  batch_size: int = 8) -> list[str]:
+    """Greedy answers to instructions, rendered in the tokenizer's template (Alpaca by default).
     `proxy` may be any model with Hugging Face's `generate` signature (a plain or PEFT model too)."""
-    from thinwire.data.template import render_prompt
+    from thinwire.data.template import encode_prompts
 
-    texts = [render_prompt({"instruction": p}) if template else p for p in prompts]
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     outputs: list[str] = []
-    try:
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True)
-            tokens = proxy.generate(batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
-                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id)
-            outputs.extend(tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(prompts), batch_size):
+        batch = encode_prompts(tokenizer, [{"instruction": p} for p in prompts[start : start + batch_size]])
+        tokens = proxy.generate(batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
+                                max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id)
+        outputs.extend(tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
     return [o.strip() for o in outputs]
 
 

@@ -28,6 +28,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from thinwire.config import Config
+from thinwire.data.template import use_template
 from thinwire.methods import robust
 from thinwire.methods import validate as checks
 from thinwire.models import load_model, trainable_named_parameters
@@ -69,6 +70,7 @@ class Workbench:
     def _load(self) -> None:
         if self._model is None:
             self._model, self._tokenizer = load_model(self.config.model, self.config.federation.seed)
+            use_template(self._tokenizer, self.config.data.template)
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:

@@ -208,7 +208,7 @@ class FedPTServer(FedITServer):
     def kd_batches(self, rnd: int, proxy: ProxyModel) -> list[dict[str, torch.Tensor]]:
         """Distillation batches: input_ids, attention_mask and `target` (positions whose next token
         is a response token), for generated or reference continuations."""
-        from thinwire.data.template import collate, encode_example, render_prompt, response_targets
+        from thinwire.data.template import collate, encode_example, encode_prompts, response_targets
 
         tok, opts = self.ctx.workbench.tokenizer, self.options
         examples = self.kd_prompts(rnd)
@@ -220,11 +220,7 @@ class FedPTServer(FedITServer):
                 batches.append({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
                                 "target": response_targets(b["labels"])})
                 continue
-            side, tok.padding_side = tok.padding_side, "left"
-            try:
-                enc = tok([render_prompt(e) for e in chunk], return_tensors="pt", padding=True)
-            finally:
-                tok.padding_side = side
+            enc = encode_prompts(tok, chunk)
             seq = proxy.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=opts.kd_max_new_tokens,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id).cpu()
             width = enc["input_ids"].shape[1]
