@@ -76,6 +76,26 @@ def test_runs_complete_with_failing_clients(tmp_path, smoke_config, method):
           f"({_gain(faulty) / _gain(clean):.0%} of fault-free; {len(failures)} of 9 client-rounds failed)")
 
 
+def test_an_upload_that_breaks_validation_costs_only_its_sender(tmp_path, smoke_config, monkeypatch):
+    """Validation that fails in an unforeseen way (not a PayloadError) rejects that client, not the round."""
+    from thinwire.methods.fedavg import DeltaServer
+
+    original = DeltaServer.check_update
+
+    def check_update(self, reply):
+        if reply.client_id == 1:
+            int("not a number")  # a method check tripping over hostile content
+        original(self, reply)
+
+    monkeypatch.setattr(DeltaServer, "check_update", check_update)
+    config = smoke_config("federation.rounds=1", "federation.clients_per_round=3", "eval.generate=false")
+    run_local(config, tmp_path / "run", quiet=True)
+    (first,) = _rounds(tmp_path / "run")
+    assert [r["client"] for r in first["rejected"]] == [1]
+    assert first["rejected"][0]["reason"].startswith("ValueError: invalid literal for int()")
+    assert [c["client"] for c in first["clients"]] == [0, 2]
+
+
 def test_faults_are_seeded_per_round(smoke_config):
     config = smoke_config("federation.failure_rate=0.4", "federation.straggler_rate=0.3",
                           "federation.clients=10", "federation.clients_per_round=10")

@@ -98,3 +98,26 @@ def test_size_is_header_plus_raw_bytes():
     data = payload.encode()
     (header,) = struct.unpack("<Q", data[:8])
     assert len(data) == 8 + header + 1000 * 4 + 10 * 2
+
+
+def _raw(header: bytes, body: bytes = b"") -> bytes:
+    return struct.pack("<Q", len(header)) + header + body
+
+
+META = {"thinwire": json.dumps({"format": "1", "scalars": {}})}
+
+
+@pytest.mark.parametrize("attack", [
+    _raw(b"[" * 100_000),  # nesting deeper than the JSON parser recurses
+    _raw(b'{"a":' * 100_000),
+    _raw(b'{"x": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}', b"\0" * 4),
+    _raw(json.dumps({"__metadata__": {"thinwire": "[" * 100_000}}).encode()),
+    _raw(json.dumps({"__metadata__": {"thinwire": '{"format": "1", "scalars": {"a": ' + "9" * 5000 + "}}"}}).encode()),
+    _raw(json.dumps({"x": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}, "__metadata__": META}).encode(),
+         b"\0" * 4),
+    _raw(json.dumps({"x": {"dtype": "F32", "shape": [2 ** 70], "data_offsets": [0, 4]}, "__metadata__": META}).encode(),
+         b"\0" * 4),
+], ids=["deep-array", "deep-object", "long-int-shape", "deep-metadata", "long-int-scalar", "bool-shape", "huge-shape"])
+def test_structural_attacks_are_payload_errors(attack):
+    with pytest.raises(PayloadError):
+        Payload.decode(attack)

@@ -104,9 +104,11 @@ def int_scalar(scalars: Mapping[str, object], key: str, expected: int | None = N
 
 
 def reason(exc: BaseException) -> str:
-    """One line for the round record."""
+    """One line for the round record (naming the exception type unless it is a PayloadError)."""
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else type(exc).__name__
+    if not isinstance(exc, PayloadError):
+        text = f"{type(exc).__name__}: {text}"
     return text[:MAX_REASON]
 
 

@@ -238,7 +238,7 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
     from thinwire.runtime.display import make_progress
     from thinwire.methods.validate import reason as rejection_reason
     from thinwire.runtime.local import sample_clients
-    from thinwire.wire import Payload, PayloadError
+    from thinwire.wire import Payload
 
     fed = config.federation
     started = time.perf_counter()
@@ -327,7 +327,7 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
                 try:  # the same checks as the local runtime: size cap, then the method's validation
                     decoded = Payload.decode(up, max_bytes=server.max_upload_bytes() + (1 << 20))
                     server.validate(Reply(cid, decoded, examples, metrics))
-                except PayloadError as exc:
+                except Exception as exc:  # a hostile upload may break validation any way: its sender pays
                     rejected.append(records.failure(cid, rejection_reason(exc), down_len, len(up)))
                     continue
                 record = records.client_record(

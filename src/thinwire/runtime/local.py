@@ -49,7 +49,7 @@ from thinwire.runtime import records
 from thinwire.runtime.checkpoint import Checkpoint, ResumableRunDir, resume_paths
 from thinwire.runtime.display import console, make_progress, summary_table
 from thinwire.seeding import derive_seed
-from thinwire.wire import Payload, PayloadError
+from thinwire.wire import Payload
 
 
 def sample_clients(config: Config, rnd: int, attempt: int = 0) -> list[int]:
@@ -205,7 +205,7 @@ def _federate(config: Config, spec: MethodSpec, federation: Federation, run_dir:
                         reply = Reply(cid, Payload.decode(up_bytes, max_bytes=server.max_upload_bytes() + (1 << 20)),
                                       upload.num_examples, upload.metrics)
                         server.validate(reply)
-                    except PayloadError as exc:
+                    except Exception as exc:  # a hostile upload may break validation any way: its sender pays
                         rejected.append(records.failure(cid, short_reason(exc), len(down_bytes), len(up_bytes)))
                         continue
                     replies.append(reply)
