@@ -336,7 +336,7 @@ class CGFedLLMServer(_Rule, FedITServer):
         self.pool: list[torch.Tensor] = []
         self._current: str | None = None            # the phase of the round being served
         self._round = 0                              # and its number (fixed codecs' seeds)
-        self._objects: dict[int, dict[str, torch.Tensor]] = {}  # decoded uploads of this round
+        self._objects: dict[int, tuple[Payload, dict[str, torch.Tensor]]] = {}  # decoded uploads of this round
         self._pending: dict[str, float] = {}        # metrics of an AE training run outside aggregate
         if o.ae_path:
             try:
@@ -382,6 +382,9 @@ class CGFedLLMServer(_Rule, FedITServer):
             return
         if str(scalars.get("phase")) != phase:
             raise PayloadError(f"a {phase} round got a {str(scalars.get('phase'))[:20]!r} upload")
+        version = scalars.get("ae_version", 0)
+        if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= self.ae_version:
+            raise PayloadError(f"ae_version must be an integer in [0, {self.ae_version}]")
         if phase in ("tgap", "calibrate"):
             snaps = _snapshots(tensors)
             expected = self.options.tgap_snapshots if phase == "tgap" else 1
@@ -417,23 +420,23 @@ class CGFedLLMServer(_Rule, FedITServer):
 
     # -- aggregation ---------------------------------------------------------------------------
     def _object(self, reply: Reply) -> dict[str, torch.Tensor]:
-        """The client's object: exact (last snapshot) or decoded; decoded once per round."""
-        key = id(reply.payload)
-        if key not in self._objects:
-            if (self._current or "faf") in ("tgap", "calibrate"):
-                self._objects[key] = _snapshots(reply.payload.tensors)[-1]
-            elif self.fixed is not None:
-                device = next(iter(self.weights.values())).device
-                self._objects[key] = self.fixed.decode(reply.payload.tensors,
-                                                       self.wire_seed(self._round, reply.client_id), device)
-            elif not self.learned:
-                self._objects[key] = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in self.weights.items()}
-            else:
-                device = next(iter(self.weights.values())).device
-                self._objects[key] = self.codec.decode(reply.payload.tensors["latent"],
-                                                       reply.payload.tensors.get("scales"), device,
-                                                       self.shuffle_seed(self._round, reply.client_id))
-        return self._objects[key]
+        """The client's object: exact (last snapshot) or decoded; decoded once per round. The cache
+        keeps each payload alive beside its object, so a later payload can never reuse a cached id."""
+        cached = self._objects.get(id(reply.payload))
+        if cached is not None and cached[0] is reply.payload:
+            return cached[1]
+        device = next(iter(self.weights.values())).device
+        if (self._current or "faf") in ("tgap", "calibrate"):
+            obj = _snapshots(reply.payload.tensors)[-1]
+        elif self.fixed is not None:
+            obj = self.fixed.decode(reply.payload.tensors, self.wire_seed(self._round, reply.client_id), device)
+        elif not self.learned:
+            obj = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in self.weights.items()}
+        else:
+            obj = self.codec.decode(reply.payload.tensors["latent"], reply.payload.tensors.get("scales"), device,
+                                    self.shuffle_seed(self._round, reply.client_id))
+        self._objects[id(reply.payload)] = (reply.payload, obj)
+        return obj
 
     def _update_of(self, reply: Reply) -> dict[str, torch.Tensor]:
         return self.to_update(self._object(reply), self.weights)
