@@ -202,10 +202,16 @@ class ServerSide(ABC):
         return robust.l2_norm(reply.payload.tensors)
 
     def max_upload_bytes(self) -> int:
-        """Most tensor bytes one upload may carry: `[method] max_upload_bytes`, else a generous
-        bound from the size of the update space (8 bytes per trained value, plus 1 MiB)."""
+        """Most tensor bytes one upload may carry, checked before it is decoded:
+        `[method] max_upload_bytes`, else the method's own `upload_bound`."""
         if self.config.method.max_upload_bytes > 0:
             return self.config.method.max_upload_bytes
+        return self.upload_bound()
+
+    def upload_bound(self) -> int:
+        """What this method can legitimately upload; default: 8 bytes per trained value, plus 1 MiB.
+        Methods with compact uploads override it, so a hostile client cannot make the server
+        decode a model-sized payload where a real one is a few kilobytes."""
         return 8 * self.trainable_parameters() + (1 << 20)
 
     def clip_factor(self, reply: Reply) -> float:

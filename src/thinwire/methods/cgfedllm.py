@@ -368,9 +368,8 @@ class CGFedLLMServer(_Rule, FedITServer):
         return Payload(tensors=tensors, scalars={"phase": phase, "ae_version": self.ae_version,
                                                  "accepted_round": self.accepted.get(client_id, 0)})
 
-    def max_upload_bytes(self) -> int:
-        if self.config.method.max_upload_bytes > 0:
-            return self.config.method.max_upload_bytes
+    def upload_bound(self) -> int:
+        """TGAP uploads carry up to `tgap_snapshots` uncompressed adapters."""
         snapshots = self.options.tgap_snapshots if self.tgap else 1
         return 8 * snapshots * self.trainable_parameters() + (1 << 20)
 

@@ -92,6 +92,20 @@ class _FedKSeedRule:
 MERGED = "merged"
 
 
+def _check_step_records(seeds: torch.Tensor, values: torch.Tensor, step_seeds: torch.Tensor,
+                        step_g: torch.Tensor, size: int) -> None:
+    """FedKSeed-Pro's per-step history must add up to the per-seed sums the update carries: the
+    history steers every client's seed sampling, so a client may not claim g it did not apply."""
+    if set(step_seeds.tolist()) != set(seeds.tolist()):
+        raise PayloadError("step records name other seeds than the update")
+    if not (torch.isfinite(values).all() and torch.isfinite(step_g).all()):
+        raise PayloadError("non-finite per-seed sums or step records")
+    sums = torch.zeros(size, dtype=torch.float64).index_add_(0, step_seeds.long(), step_g.double())[seeds.long()]
+    scale = 1.0 + (float(values.abs().max()) if values.numel() else 0.0)
+    if not torch.allclose(sums, values.double(), rtol=1e-5, atol=1e-6 * scale):
+        raise PayloadError("step records do not add up to the per-seed sums sent")
+
+
 def _sums(held: Payload | None, size: int | None = None) -> torch.Tensor | None:
     """A record's accumulated sums G (zeros of `size` for the base model; None without a size)."""
     if held is not None:
@@ -135,9 +149,14 @@ class FedKSeedServer(_FedKSeedRule, HistoryServer):
             if step_seeds.numel() > steps:
                 raise PayloadError(f"{step_seeds.numel()} step records from {steps} local steps")
             validate.check_indices(step_seeds, "step_seeds", self.pool.size)
+            _check_step_records(seeds, tensors["values"], step_seeds, tensors["step_g"], self.pool.size)
 
     def update_norm(self, reply: Reply) -> float:
         return robust.l2_norm(reply.payload.tensors, ["values"])
+
+    def upload_bound(self) -> int:
+        """An int32 seed index and a float32 sum per local step (FedKSeed-Pro: also each step's g)."""
+        return 8 * self.options.local_steps * (2 if self.pro else 1)
 
     def combine(self, rnd: int, replies: list[Reply]) -> tuple[Payload, dict[str, float]]:
         cfg = self.config.method

@@ -154,6 +154,11 @@ class FerretServer(_FerretRule, HistoryServer):
     def update_norm(self, reply: Reply) -> float:
         return robust.l2_norm(reply.payload.tensors, ["values"])
 
+    def upload_bound(self) -> int:
+        """At most k_max coordinates and one int32 count per block."""
+        itemsize = WIRE_DTYPES[self.options.value_dtype].itemsize
+        return len(self.blocks) * (self.options.k_max * itemsize + 4)
+
     def combine(self, rnd: int, replies: list[Reply]) -> tuple[Payload, dict[str, float]]:
         client_coords, factors = [], []
         for reply in replies:

@@ -104,12 +104,15 @@ def int_scalar(scalars: Mapping[str, object], key: str, expected: int | None = N
 
 
 def reason(exc: BaseException) -> str:
-    """One line for the round record (naming the exception type unless it is a PayloadError)."""
+    """One line for the round record."""
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else type(exc).__name__
-    if not isinstance(exc, PayloadError):
-        text = f"{type(exc).__name__}: {text}"
     return text[:MAX_REASON]
+
+
+def rejection(exc: BaseException) -> str:
+    """Why an upload was rejected: the PayloadError's reason, or any other failure named by type."""
+    return reason(exc) if isinstance(exc, PayloadError) else f"{type(exc).__name__}: {reason(exc)}"[:MAX_REASON]
 
 
 def screen(server, replies: list) -> tuple[list, list[dict]]:

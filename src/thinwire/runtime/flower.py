@@ -236,7 +236,7 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
     from thinwire.methods.base import Reply, RunContext, Workbench
     from thinwire.runtime import records
     from thinwire.runtime.display import make_progress
-    from thinwire.methods.validate import reason as rejection_reason
+    from thinwire.methods.validate import rejection as rejection_reason
     from thinwire.runtime.local import sample_clients
     from thinwire.wire import Payload
 

@@ -45,6 +45,7 @@ from thinwire.errors import UsageError
 from thinwire.methods import MethodSpec, get_method
 from thinwire.methods.base import ClientState, Reply, RunContext, ServerSide, Workbench
 from thinwire.methods.validate import reason as short_reason
+from thinwire.methods.validate import rejection as rejection_reason
 from thinwire.runtime import records
 from thinwire.runtime.checkpoint import Checkpoint, ResumableRunDir, resume_paths
 from thinwire.runtime.display import console, make_progress, summary_table
@@ -206,7 +207,7 @@ def _federate(config: Config, spec: MethodSpec, federation: Federation, run_dir:
                                       upload.num_examples, upload.metrics)
                         server.validate(reply)
                     except Exception as exc:  # a hostile upload may break validation any way: its sender pays
-                        rejected.append(records.failure(cid, short_reason(exc), len(down_bytes), len(up_bytes)))
+                        rejected.append(records.failure(cid, rejection_reason(exc), len(down_bytes), len(up_bytes)))
                         continue
                     replies.append(reply)
                     clients.append(records.client_record(cid, len(down_bytes), len(up_bytes), upload.num_examples,
