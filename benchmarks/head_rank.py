@@ -7,7 +7,7 @@ training loss near 5 in every round through a rank-96 head, where the large mode
 The body is the large model's throughout, so the rows differ only in the head. (On SmolLM2-135M's
 body the rank-96 head does cost most of what LoRA learns there; but a small model that spent the
 FLOPs on a rank-256 head instead of MLP width, 96 neurons, learnt those families no better and
-scored lower overall: BENCHMARKS.md, eighth session. The pruned body is the limit there.)
+scored lower overall: docs/benchmarks/history.md, eighth session. The pruned body is the limit there.)
 
     python benchmarks/head_rank.py
     python benchmarks/head_rank.py --tasks uppercase,last-item,capital-of --ranks 0,96,192,288,384

@@ -516,3 +516,24 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys):
     for argv, words in cases:
         _one_line_error(capsys, argv, words)
         assert not out.exists() and not (tmp_path / "run.partial").exists(), argv
+
+
+def test_a_claimed_example_count_is_bounded(tmp_path, smoke_config, monkeypatch):
+    """With example weighting a claim of 10^12 examples would take all the weight: it is rejected."""
+    original = DeltaClient.fit
+
+    def fit(self, rnd, cid, download, examples, state):
+        upload = original(self, rnd, cid, download, examples, state)
+        if cid == 1:
+            upload.num_examples = 10 ** 12
+        return upload
+
+    monkeypatch.setattr(DeltaClient, "fit", fit)
+    config = smoke_config("federation.rounds=1", "federation.clients_per_round=3", "eval.generate=false")
+    run_local(config, tmp_path / "run", quiet=True)
+    (first,) = _rounds(tmp_path / "run")
+    assert [r["client"] for r in first["rejected"]] == [1] and "exceeds the 24" in first["rejected"][0]["reason"]
+    config = smoke_config("federation.rounds=1", "federation.clients_per_round=3", "eval.generate=false",
+                          "federation.max_examples=10")
+    run_local(config, tmp_path / "capped", quiet=True)
+    assert len(_rounds(tmp_path / "capped")[0]["rejected"]) == 3  # each honest client holds 24 > 10

@@ -83,6 +83,8 @@ class FederationConfig:
     round_timeout_s: float = opt(600.0, "round deadline: a client that has not replied by then costs its "
                                  "update for the round", low=1e-3)
     min_replies: int = opt(1, "fewest accepted replies a round needs to aggregate", low=1)
+    max_examples: int = opt(0, "most training examples a client may claim for its weight (0: the largest "
+                            "partition the server knows of)", low=0)
     on_too_few: str = opt("skip", "a round with fewer than min_replies replies: skip it, or retry it "
                           "with a fresh sample of clients", choices=("skip", "retry"))
     max_retries: int = opt(2, "most retries of one round with on_too_few = 'retry'", low=0)

@@ -122,6 +122,8 @@ class RunContext:
     workbench: Workbench
     on_step: Callable[[], None] | None = None
     warnings: list[str] = field(default_factory=list)
+    # the clients' example counts as the server knows them (None: unknown), which bound a claim
+    partition_sizes: list[int] | None = None
 
     def warn(self, message: str) -> None:
         """Say something about the run once: on stderr now, and in the next round's record of
@@ -185,7 +187,7 @@ class ServerSide(ABC):
         Every method gets: example count, finite metrics, size cap, method checks (`check_update`),
         finite values, and `[method] max_update_norm` on `update_norm`.
         """
-        checks.check_reply(reply, self.max_upload_bytes())
+        checks.check_reply(reply, self.max_upload_bytes(), self.example_cap())
         self.check_update(reply)
         checks.check_finite(reply.payload.tensors)
         bound = self.config.method.max_update_norm
@@ -193,6 +195,14 @@ class ServerSide(ABC):
             norm = self.update_norm(reply)
             if not norm <= bound:
                 raise PayloadError(f"update norm {norm:.4g} exceeds method.max_update_norm = {bound:g}")
+
+    def example_cap(self) -> int | None:
+        """Most examples a client may claim: `federation.max_examples`, else the largest partition
+        the server knows of. With example weighting, an unbounded claim (10^12) would take almost
+        all the weight, which no norm cap prevents."""
+        if self.config.federation.max_examples > 0:
+            return self.config.federation.max_examples
+        return max(self.ctx.partition_sizes) if self.ctx.partition_sizes else None
 
     def check_update(self, reply: Reply) -> None:
         """Method-specific checks of an upload (names, shapes, dtypes, indices); default: none."""

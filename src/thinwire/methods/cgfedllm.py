@@ -78,7 +78,7 @@ rounds add nothing measurable over stopping after TGAP; at milder ratios (1/4) t
 matched FedIT's loss on the tiny model. A conv AE is translation-equivariant and cannot learn the
 position-specific directions that updates share (PCA of TGAP deltas does, on the same data), and
 what it learns on the TGAP share does not transfer to the FAF share's updates. On SmolLM2-135M's
-8-client headline work (BENCHMARKS.md, fourth and fifth sessions), at 1/64 of FedIT's uplink
+8-client headline work (docs/benchmarks/history.md, fourth and fifth sessions), at 1/64 of FedIT's uplink
 (shares of FedIT's exact-match / Rouge-L / loss gain): the learned 1-D AE with a one-bit latent and
 shuffled input (``binary_latent``, ``shuffle``: variant ``cgfedllm-bits-shuffle``) 93% / 94% / 96%,
 the same without shuffling 85% / 96% / 96% (its fixed code pairs the same entries every round and

@@ -33,11 +33,14 @@ def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def check_reply(reply, max_bytes: int) -> None:
+def check_reply(reply, max_bytes: int, max_examples: int | None = None) -> None:
     """Example count, metrics and size: what every method's upload must satisfy."""
     n = reply.num_examples
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise PayloadError(f"example count {n!r} is not a positive integer")
+    if max_examples is not None and n > max_examples:
+        raise PayloadError(f"example count {n} exceeds the {max_examples} a client can hold "
+                           "(federation.max_examples)")
     for key, value in (reply.metrics or {}).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise PayloadError(f"metric {key!r} = {value!r} is not a finite number")

@@ -26,7 +26,7 @@ it. (The KL probe reported in the marker is a measurement only and still spans a
 evaluation families included; a cached model healed that way is rebuilt on first use. Only the
 teacher's distribution over these texts is used, never a label: the large model is the teacher.
 
-Why width and not depth (BENCHMARKS.md, seventh session): at the same FLOPs, the earlier default
+Why width and not depth (docs/benchmarks/history.md, seventh session): at the same FLOPs, the earlier default
 kept the first 11 layers whole. After 60 healing steps from the same start its KL to the large
 model on held-out response positions was 2.35 (first 10 + last layer: 2.07; 15 layers with
 1024-neuron MLPs: 2.04; 20 with 640: 1.91), against 1.70 for all 30 layers with 256 neurons. The
@@ -42,7 +42,7 @@ head changes SmolLM2-135M's next-token distribution by KL 0.088 (top-64: 0.244, 
 So the head is `up(down(h))` with `down` = those 96 directions (96 x 576) and `up` = the embedding
 matrix times them (49152 x 96): 4.8M multiply-adds. (Rank 96 does limit what LoRA learns on
 copying families through the large model's body, `benchmarks/head_rank.py`; but trading MLP width
-for rank, 96 neurons and rank 256, made FedIT on the small model worse: BENCHMARKS.md, eighth
+for rank, 96 neurons and rank 256, made FedIT on the small model worse: docs/benchmarks/history.md, eighth
 session.) The cached directory is a plain Hugging Face
 model (the pruned layers with the tied head) plus `lowrank_head.safetensors`; `load_small`
 installs the factorised head from it.

@@ -244,7 +244,7 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
     started = time.perf_counter()
     timeout_s = round_timeout(config)
     workbench = Workbench(config)
-    ctx = RunContext(config, workbench)
+    ctx = RunContext(config, workbench, partition_sizes=[len(c) for c in federation.clients])
     warnings = records.Warnings(ctx)  # the server's (a client's warnings stay in its process)
     if fed.failure_rate or fed.straggler_rate:
         ctx.warn("federation.failure_rate and straggler_rate are simulated by the local runtime only; "

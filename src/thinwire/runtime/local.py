@@ -129,7 +129,7 @@ def _federate(config: Config, spec: MethodSpec, federation: Federation, run_dir:
     started = time.perf_counter()
     workbench = Workbench(config)
     workbench.tokenizer  # noqa: B018 -- load the model now: a bad model name fails before any display
-    ctx = RunContext(config, workbench)
+    ctx = RunContext(config, workbench, partition_sizes=[len(c) for c in federation.clients])
     warnings = records.Warnings(ctx)
     server, client = spec.server(ctx), spec.client(ctx)
     states = {cid: ClientState() for cid in range(fed.clients)}
