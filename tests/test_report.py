@@ -20,7 +20,7 @@ from thinwire.cli import EXAMPLES
 from thinwire.compare import parse_seeds, run_compare
 from thinwire.errors import UsageError
 from thinwire.report import PLOTS, render_report
-from thinwire.seeds import mean_std
+from thinwire.across_seeds import mean_std
 
 FAST = ["federation.rounds=2", "train.local_steps=2", "train.batch_size=2", "data.max_length=64",
         "eval.generate=false", "eval.max_examples=4",

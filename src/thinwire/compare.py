@@ -316,7 +316,7 @@ def _phases_table(phases: list[dict[str, Any]]) -> Any:
 def _seeds_table(seed_rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
-    from thinwire.seeds import format_mean_std
+    from thinwire.across_seeds import format_mean_std
 
     table = Table(title="across seeds (mean ± sample std)")
     for column in ("setting", "seeds", "Rouge-L", "exact match", "loss"):

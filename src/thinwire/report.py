@@ -1,7 +1,7 @@
 """Run directories -> a side-by-side comparison: `comparison.csv`, `comparison.md`, PNG plots and
 one self-contained `report.html` (plots embedded as data URIs, inline CSS, no script, no network).
 Runs of one setting over several seeds are also summarised as mean ± std (`across_seeds.csv`,
-seeds.py); runs that kept their final predictions are broken down by task (`by_task.csv`).
+across_seeds.py); runs that kept their final predictions are broken down by task (`by_task.csv`).
 
 Traffic is whole-run (every byte sent, summary.json); methods with phases (CG-FedLLM's TGAP and
 FAF rounds) also get it per phase (`by_phase.csv`), labelled as such. Each run's traffic is
@@ -29,7 +29,7 @@ from typing import Any
 from thinwire.errors import UsageError
 from thinwire.runtime.display import human_bytes
 from thinwire.runtime.rundir import PREDICTIONS_FILE, atomic_write
-from thinwire.seeds import format_mean_std, group_rows, seed_groups
+from thinwire.across_seeds import format_mean_std, group_rows, seed_groups
 
 SUMMARY_KEYS = ("method", "model", "rounds", "base_eval", "final_eval", "uplink_bytes_total",
                 "downlink_bytes_total", "uplink_bytes_per_client_round",
