@@ -24,6 +24,8 @@ METHODS = {
     "ferret": ["method.ferret.k_max=40"],
     "fedkseed": ["method.fedkseed.local_steps=6"],
     "fedkseed-pro": ["method.fedkseed.local_steps=6"],
+    "cgfedllm": ["federation.rounds=3", "method.cgfedllm.tgap_rounds=1", "method.cgfedllm.tgap_snapshots=2"],
+    "fedpt": ["method.fedpt.kd_steps=1", "method.fedpt.kd_examples=2"],
 }
 
 
@@ -65,7 +67,7 @@ def _header_edit(data: bytes, rng: random.Random) -> bytes:
     header = json.loads(data[8:8 + n])
     body = data[8 + n:]
     names = [k for k in header if k != "__metadata__"]
-    choice = rng.randrange(9)
+    choice = rng.randrange(11)
     if choice == 0 and names:
         header[rng.choice(names)]["dtype"] = rng.choice(["F64", "F16", "I32", "I8", "BOOL", "U8", "Q4", 7])
     elif choice == 1 and names:
@@ -90,6 +92,15 @@ def _header_edit(data: bytes, rng: random.Random) -> bytes:
         header["__metadata__"] = rng.choice([None, {}, {"thinwire": "{"}, {"thinwire": "[]"}, "x"])
     elif choice == 7:
         header = rng.choice([[], "x", 3, None, {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}])
+    elif choice == 9:  # structural: nesting deeper than the JSON parser recurses, in the header or metadata
+        deep = "[" * rng.choice([2_000, 100_000])
+        if rng.random() < 0.5:
+            return struct.pack("<Q", len(deep)) + deep.encode() + body
+        header["__metadata__"]["thinwire"] = deep
+    elif choice == 10:  # structural: integers longer than Python parses from text
+        digits = rng.choice(["9" * 5000, "1" + "0" * 5000])
+        raw = json.dumps(header).replace('"data_offsets": [', f'"data_offsets": [{digits}, ', 1).encode()
+        return struct.pack("<Q", len(raw)) + raw + body
     else:
         header["extra"] = {"dtype": "F32", "shape": [2], "data_offsets": [len(body), len(body) + 8]}
     raw = json.dumps(header).encode()
