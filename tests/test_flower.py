@@ -2,6 +2,7 @@
 bit; failures cost a client's update, not the run; ReplicaClient survives fresh processes."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -346,3 +347,43 @@ def test_replica_survives_a_fresh_process_per_message(tmp_path, smoke_config, la
     lost = _ToyClient(RunContext(config, Workbench(config)))
     with pytest.raises(PayloadError, match="replica is at version 0"):
         lost.fit(6, 1, Payload.decode(server.download(6, 1).encode()), [], ClientState())
+
+
+def test_a_node_that_draws_other_random_bits_is_refused(tmp_path, smoke_config):
+    """A SuperNode whose torch kernels draw other bits (ATen's DEFAULT capability, against the
+    server's vectorised one) would rebuild a drifting replica: the handshake refuses it, says so,
+    and the run goes on without that partition."""
+    import subprocess
+    import sys
+
+    probe = "from thinwire.seeding import random_fingerprint as f; print(f())"
+    prints = {cap: subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                                  env={**os.environ, "ATEN_CPU_CAPABILITY": cap}).stdout for cap in ("default", "")}
+    if prints["default"] == prints[""]:
+        pytest.skip("this machine's torch draws the same bits with and without vectorised kernels")
+    home, logs = tmp_path / "flwr-home", tmp_path / "logs"
+    logs.mkdir()
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+    port = deploy.free_port()
+    processes = []
+    try:
+        link = deploy.start_superlink(port=port, flwr_home=home, insecure=True, log=logs / "superlink.log",
+                                      cwd=tmp_path, env=env)
+        processes.append(link)
+        deploy.wait_for_port("127.0.0.1", port, timeout=60, process=link)
+        for i in range(3):
+            node_env = {**env, "ATEN_CPU_CAPABILITY": "default"} if i == 2 else env
+            processes.append(deploy.start_supernode(f"127.0.0.1:{port}", i, 3, port=deploy.free_port(), flwr_home=home,
+                                                    insecure=True, log=logs / f"supernode{i}.log", cwd=tmp_path,
+                                                    env=node_env))
+        deploy.write_connection("loopback", f"127.0.0.1:{port}", flwr_home=home, insecure=True)
+        overrides = ["eval.generate=false", "federation.rounds=1", "method.name='ferret'",
+                     "federation.clients_per_round=3", "federation.round_timeout_s=20"]
+        deploy.submit(REPO, "loopback", {"config": "smoke.toml", "set": ";".join(overrides),
+                                         "out": str(tmp_path / "deployed")}, flwr_home=home, timeout=240)
+    finally:
+        deploy.stop(*processes)
+    (first,) = _rounds(tmp_path / "deployed")
+    assert any("partition 2 draws other random bits" in w for w in first["warnings"])
+    assert sorted(c["client"] for c in first["clients"]) == [0, 1]
+    assert [f["client"] for f in first["failures"]] == [2]

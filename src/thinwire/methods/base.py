@@ -134,6 +134,10 @@ class RunContext:
 
 
 class ServerSide(ABC):
+    # True where clients rebuild state from seeds shared with the server (bases, perturbations,
+    # permutations): every party must then draw the same bits (`seeding.random_fingerprint`)
+    needs_shared_draws = False
+
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.config = ctx.config

@@ -320,6 +320,8 @@ class _Rule:
 
 
 class CGFedLLMServer(_Rule, FedITServer):
+    needs_shared_draws = True  # seeded codecs and input permutations are drawn on both sides
+
     def setup(self) -> None:
         self._setup_rule()
         if self.options.paper_sum and self.config.method.aggregation != "mean":

@@ -89,6 +89,8 @@ class UpdateRule:
 
 
 class HistoryServer(UpdateRule, WeightsServer):
+    needs_shared_draws = True
+
     def setup(self) -> None:
         method = self.config.method
         if method.server_optimizer != "none":

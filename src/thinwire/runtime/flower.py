@@ -62,6 +62,7 @@ import shutil
 import tempfile
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,6 +75,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from thinwire.config import Config, from_dict, load_config, to_toml
 from thinwire.errors import UsageError
+from thinwire.seeding import random_fingerprint
 
 if TYPE_CHECKING:
     from thinwire.methods.base import ClientSide
@@ -87,6 +89,7 @@ METRICS = "metrics"          # MetricRecord: the client's upload metrics
 STATE_CONFIG = "thinwire.config"  # Context.state keys on the client
 STATE_CLIENT = "thinwire.client-state"
 PARTITION_ID = "partition-id"
+FINGERPRINT = "random-fingerprint"
 DATA_PATH = "data-path"
 DEFAULT_ROUND_TIMEOUT_S = 600.0
 POLL_S = 0.25
@@ -147,6 +150,9 @@ class _Link:
     timeout_s: float
     nodes: dict[int, int] = field(default_factory=dict)
     flower_bytes: int = 0
+    # set when the method rebuilds state from shared seeds: a node that draws other bits is refused
+    fingerprint: str | None = None
+    warn: Callable[[str], None] = print
 
     def discover(self, wanted: set[int], wait: bool) -> None:
         """Ask nodes not yet mapped which partition they own; with `wait`, until all of `wanted`
@@ -180,6 +186,12 @@ class _Link:
             cid = int(reply.content[META][PARTITION_ID])
         except (KeyError, TypeError, ValueError):
             log(logging.WARNING, "node %s sent a malformed hello reply", node)
+            return
+        theirs = reply.content[META].get(FINGERPRINT)
+        if self.fingerprint is not None and theirs != self.fingerprint:
+            self.warn(f"the node of partition {cid} draws other random bits from the same seeds (its torch "
+                      f"kernels differ: set ATEN_CPU_CAPABILITY alike on every machine); it was refused, "
+                      f"since its replica would drift from the server's")
             return
         if cid in self.nodes and self.nodes[cid] != node:
             log(logging.WARNING, "nodes %s and %s both claim partition %s; keeping the first",
@@ -255,7 +267,8 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
     server = spec.server(ctx)
     text = to_toml(config)
     digest = config_digest(text)
-    link = _Link(grid, RecordDict({META: ConfigRecord({"config": text, "config-sha": digest})}), timeout_s)
+    link = _Link(grid, RecordDict({META: ConfigRecord({"config": text, "config-sha": digest})}), timeout_s,
+                 fingerprint=random_fingerprint() if server.needs_shared_draws else None, warn=ctx.warn)
 
     def evaluate_global() -> dict[str, float]:
         return records.evaluate_global(config, server, workbench.tokenizer, federation, run_dir)
@@ -480,7 +493,8 @@ def _hello(message: Message, context: Context) -> Message:
     if clients and not 0 <= partition < clients:
         raise ValueError(f"partition-id {partition} is outside the run's {clients} clients")
     context.state[STATE_CONFIG] = ConfigRecord({"config": text, "config-sha": digest})
-    return Message(RecordDict({META: ConfigRecord({PARTITION_ID: partition})}), reply_to=message)
+    return Message(RecordDict({META: ConfigRecord({PARTITION_ID: partition, FINGERPRINT: random_fingerprint()})}),
+                   reply_to=message)
 
 
 @client_app.train("thinwire_fit")
