@@ -45,7 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from thinwire.cli import EXAMPLES  # noqa: E402
+from thinwire.config import EXAMPLES  # noqa: E402
 from thinwire.config import load_config  # noqa: E402
 from thinwire.runtime.local import run_local  # noqa: E402
 

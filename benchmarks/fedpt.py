@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from thinwire.cli import EXAMPLES
+from thinwire.config import EXAMPLES
 from thinwire.config import ModelConfig, load_config
 from thinwire.models import load_model
 from thinwire.models.small import forward_flops_per_token

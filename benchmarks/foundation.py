@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from thinwire.cli import EXAMPLES
+from thinwire.config import EXAMPLES
 from thinwire.config import load_config
 from thinwire.data import build_federation
 from thinwire.methods import get_method

@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from thinwire.cli import EXAMPLES
+from thinwire.config import EXAMPLES
 from thinwire.config import load_config
 from thinwire.runtime.display import human_bytes
 from thinwire.runtime.local import run_local

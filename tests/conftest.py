@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 @pytest.fixture
 def smoke_config():
     """The smoke config with overrides: a tiny federated run in a few seconds."""
-    from thinwire.cli import EXAMPLES
+    from thinwire.config import EXAMPLES
 
     def make(*overrides: str):
         return load_config(EXAMPLES / "smoke.toml", list(overrides))

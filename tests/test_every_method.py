@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from thinwire.cli import EXAMPLES, main
+from thinwire.cli import main
+from thinwire.config import EXAMPLES
 from thinwire.config import METHOD_NAMES
 
 

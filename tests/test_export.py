@@ -13,7 +13,7 @@ PROMPT = torch.tensor([[5, 17, 3, 42, 8]])
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One finished run per kind of export: full-parameter, LoRA and FedPT (tiny models, 1 round)."""
-    from thinwire.cli import EXAMPLES
+    from thinwire.config import EXAMPLES
     from thinwire.config import load_config
 
     root = tmp_path_factory.mktemp("runs")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from thinwire.cli import EXAMPLES
+from thinwire.config import EXAMPLES
 from thinwire.compare import parse_seeds, run_compare
 from thinwire.errors import UsageError
 from thinwire.report import PLOTS, render_report

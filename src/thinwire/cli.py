@@ -10,14 +10,6 @@ from pathlib import Path
 
 from thinwire.errors import UsageError
 
-EXAMPLES = Path(__file__).resolve().parent / "examples"
-
-
-def default_config() -> Path:
-    """`examples/quickstart.toml`, shipped inside the package so an installed thinwire finds it."""
-    return EXAMPLES / "quickstart.toml"
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (exit status 2), like every other bad input."""
 
@@ -94,7 +86,7 @@ PREPARABLE = ("smollm2-135m", "smollm2-small")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from thinwire.config import default_model_notice, load_config
+    from thinwire.config import default_config, default_model_notice, load_config
     from thinwire.runtime.local import run_local
 
     if args.resume is not None:
@@ -142,6 +134,7 @@ def cmd_supernode(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from thinwire.compare import parse_seeds, run_compare
+    from thinwire.config import default_config
 
     methods = args.methods.split(",") if args.methods else []
     seeds = parse_seeds(args.seeds) if args.seeds else []

@@ -21,6 +21,14 @@ from typing import Any
 
 from thinwire.errors import UsageError
 
+EXAMPLES = Path(__file__).resolve().parent / "examples"  # shipped inside the package
+
+
+def default_config() -> Path:
+    """`examples/quickstart.toml`: what `thinwire run` runs without a config."""
+    return EXAMPLES / "quickstart.toml"
+
+
 METHOD_NAMES = ("fedavg", "fedit", "fedkseed", "fedkseed-pro", "ferret", "cgfedllm", "fedpt")
 
 

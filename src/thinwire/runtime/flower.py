@@ -540,7 +540,7 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[Config, Path]:
     - `set`: overrides `section.key=value`, separated by `;` or newlines;
     - `out`: the run directory on the server ('' = `runs/<method>-<time>`).
     """
-    from thinwire.cli import EXAMPLES, default_config
+    from thinwire.config import EXAMPLES, default_config
 
     name = str(run_config.get("config", "") or "")
     path = Path(name).expanduser() if name else default_config()
