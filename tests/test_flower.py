@@ -349,6 +349,7 @@ def test_replica_survives_a_fresh_process_per_message(tmp_path, smoke_config, la
         lost.fit(6, 1, Payload.decode(server.download(6, 1).encode()), [], ClientState())
 
 
+@pytest.mark.slow
 def test_a_node_that_draws_other_random_bits_is_refused(tmp_path, smoke_config):
     """A SuperNode whose torch kernels draw other bits (ATen's DEFAULT capability, against the
     server's vectorised one) would rebuild a drifting replica: the handshake refuses it, says so,
