@@ -12,11 +12,9 @@ Model: SmolLM2-135M-shaped Llama (random init, float32, CPU). Batches: the headl
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from fedkseed_rebuild import EPS, LR, build
+from fedkseed_rebuild import EPS, LR, build, timed
 from rich.console import Console
 from rich.table import Table
 
@@ -30,12 +28,7 @@ def batch(rows: int, seq: int) -> dict[str, torch.Tensor]:
 
 def median_s(fn, reps: int) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return timed(fn, reps)
 
 
 def main() -> None:

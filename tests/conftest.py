@@ -22,3 +22,25 @@ def smoke_config():
         return load_config(EXAMPLES / "smoke.toml", list(overrides))
 
     return make
+
+
+@pytest.fixture
+def first_upload(smoke_config):
+    """A method's server after setup, and client 0's honest round-1 upload as the server receives it:
+    make(*overrides) -> (server, payload, num_examples)."""
+    from thinwire.data import build_federation
+    from thinwire.methods import get_method
+    from thinwire.methods.base import ClientState, RunContext, Workbench
+    from thinwire.wire import Payload
+
+    def make(*overrides: str):
+        config = smoke_config(*overrides)
+        ctx = RunContext(config, Workbench(config))
+        spec = get_method(config.method.name)
+        server, client = spec.server(ctx), spec.client(ctx)
+        server.setup()
+        upload = client.fit(1, 0, Payload.decode(server.download(1, 0).encode()), build_federation(config).clients[0],
+                            ClientState())
+        return server, Payload.decode(upload.payload.encode()), upload.num_examples
+
+    return make

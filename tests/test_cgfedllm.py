@@ -542,27 +542,18 @@ def test_headline_variants_mean_what_they_did():
         assert _options(config) == options, variant
 
 
-def test_hostile_tgap_scalars_and_reused_payload_ids_cannot_reach_the_model(smoke_config):
+def test_hostile_tgap_scalars_and_reused_payload_ids_cannot_reach_the_model(first_upload):
     """A TGAP upload with a non-integer ae_version is rejected (it used to crash aggregate), and the
     decoded-upload cache never hands one payload's object to another."""
-    from thinwire.data import build_federation
-    from thinwire.methods import get_method
-    from thinwire.methods.base import ClientState, Reply, RunContext, Workbench
+    from thinwire.methods.base import Reply
     from thinwire.wire import PayloadError
 
-    config = smoke_config("method.name='cgfedllm'", "federation.rounds=3", *BASE, *FAST_AE)
-    spec = get_method("cgfedllm")
-    ctx = RunContext(config, Workbench(config))
-    server, client = spec.server(ctx), spec.client(ctx)
-    server.setup()
-    upload = client.fit(1, 0, Payload.decode(server.download(1, 0).encode()), build_federation(config).clients[0],
-                        ClientState())
-    honest = Payload.decode(upload.payload.encode())
-    server.validate(Reply(0, honest, upload.num_examples))
+    server, honest, examples = first_upload("method.name='cgfedllm'", "federation.rounds=3", *BASE, *FAST_AE)
+    server.validate(Reply(0, honest, examples))
     for bad in ("abc", -1, server.ae_version + 1):
         hostile = Payload(tensors=dict(honest.tensors), scalars={**honest.scalars, "ae_version": bad})
         with pytest.raises(PayloadError, match="ae_version"):
-            server.validate(Reply(1, hostile, upload.num_examples))
+            server.validate(Reply(1, hostile, examples))
     server._current = "tgap"
     stale = {name: torch.full_like(t, 7.0) for name, t in server.weights.items()}
     server._objects[id(honest)] = (Payload(), stale)  # an entry left by another payload that had this id

@@ -1,6 +1,7 @@
 """The Flower runtime: simulation and a real loopback deployment reproduce the local runtime bit for
 bit; failures cost a client's update, not the run; ReplicaClient survives fresh processes."""
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -200,9 +201,10 @@ def test_existing_output_is_refused_before_ray_starts(tmp_path, smoke_config):
 
 # --- a real deployment on loopback ------------------------------------------------------------
 
-@pytest.fixture
-def loopback_federation(tmp_path):
-    """A SuperLink and three SuperNodes on 127.0.0.1 (insecure), stopped by PID afterwards."""
+@contextlib.contextmanager
+def _loopback(tmp_path, node_env=lambda i: {}):
+    """A SuperLink and three SuperNodes on 127.0.0.1 (insecure), stopped by PID afterwards;
+    `node_env(i)` adds to SuperNode i's environment."""
     home, logs = tmp_path / "flwr-home", tmp_path / "logs"
     logs.mkdir()
     env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
@@ -217,11 +219,17 @@ def loopback_federation(tmp_path):
         for i in range(3):
             processes.append(deploy.start_supernode(
                 f"127.0.0.1:{port}", i, 3, port=deploy.free_port(), flwr_home=home, insecure=True,
-                log=logs / f"supernode{i}.log", cwd=tmp_path, env=env))
+                log=logs / f"supernode{i}.log", cwd=tmp_path, env={**env, **node_env(i)}))
         deploy.write_connection("loopback", f"127.0.0.1:{port}", flwr_home=home, insecure=True)
         yield home, logs
     finally:
         deploy.stop(*processes)
+
+
+@pytest.fixture
+def loopback_federation(tmp_path):
+    with _loopback(tmp_path) as federation:
+        yield federation
 
 
 def test_deployment_on_loopback_matches_local(tmp_path, smoke_config, loopback_federation):
@@ -350,7 +358,7 @@ def test_replica_survives_a_fresh_process_per_message(tmp_path, smoke_config, la
 
 
 @pytest.mark.slow
-def test_a_node_that_draws_other_random_bits_is_refused(tmp_path, smoke_config):
+def test_a_node_that_draws_other_random_bits_is_refused(tmp_path):
     """A SuperNode whose torch kernels draw other bits (ATen's DEFAULT capability, against the
     server's vectorised one) would rebuild a drifting replica: the handshake refuses it, says so,
     and the run goes on without that partition."""
@@ -362,28 +370,11 @@ def test_a_node_that_draws_other_random_bits_is_refused(tmp_path, smoke_config):
                                   env={**os.environ, "ATEN_CPU_CAPABILITY": cap}).stdout for cap in ("default", "")}
     if prints["default"] == prints[""]:
         pytest.skip("this machine's torch draws the same bits with and without vectorised kernels")
-    home, logs = tmp_path / "flwr-home", tmp_path / "logs"
-    logs.mkdir()
-    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
-    port = deploy.free_port()
-    processes = []
-    try:
-        link = deploy.start_superlink(port=port, flwr_home=home, insecure=True, log=logs / "superlink.log",
-                                      cwd=tmp_path, env=env)
-        processes.append(link)
-        deploy.wait_for_port("127.0.0.1", port, timeout=60, process=link)
-        for i in range(3):
-            node_env = {**env, "ATEN_CPU_CAPABILITY": "default"} if i == 2 else env
-            processes.append(deploy.start_supernode(f"127.0.0.1:{port}", i, 3, port=deploy.free_port(), flwr_home=home,
-                                                    insecure=True, log=logs / f"supernode{i}.log", cwd=tmp_path,
-                                                    env=node_env))
-        deploy.write_connection("loopback", f"127.0.0.1:{port}", flwr_home=home, insecure=True)
+    with _loopback(tmp_path, lambda i: {"ATEN_CPU_CAPABILITY": "default"} if i == 2 else {}) as (home, _):
         overrides = ["eval.generate=false", "federation.rounds=1", "method.name='ferret'",
                      "federation.clients_per_round=3", "federation.round_timeout_s=20"]
         deploy.submit(REPO, "loopback", {"config": "smoke.toml", "set": ";".join(overrides),
                                          "out": str(tmp_path / "deployed")}, flwr_home=home, timeout=240)
-    finally:
-        deploy.stop(*processes)
     (first,) = _rounds(tmp_path / "deployed")
     assert any("partition 2 draws other random bits" in w for w in first["warnings"])
     assert sorted(c["client"] for c in first["clients"]) == [0, 1]

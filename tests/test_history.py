@@ -109,31 +109,20 @@ def test_fedkseed_catch_up_never_exceeds_the_k_accumulated_scalars(smoke_config,
 
 
 @pytest.mark.parametrize("method", ["ferret", "fedkseed", "fedkseed-pro"])
-def test_compact_methods_bound_uploads_by_what_they_can_send(smoke_config, method):
+def test_compact_methods_bound_uploads_by_what_they_can_send(first_upload, method):
     """Every honest upload fits the method's bound, and the bound is far below FedAvg's generic one."""
-    config = smoke_config(f"method.name='{method}'", "method.fedkseed.local_steps=6", "data.examples_per_client=8")
-    spec = get_method(method)
-    ctx = RunContext(config, Workbench(config))
-    server, client = spec.server(ctx), spec.client(ctx)
-    server.setup()
-    upload = client.fit(1, 0, Payload.decode(server.download(1, 0).encode()), build_federation(config).clients[0],
-                        ClientState())
-    sent = sum(t.numel() * t.element_size() for t in upload.payload.tensors.values())
+    server, payload, _ = first_upload(f"method.name='{method}'", "method.fedkseed.local_steps=6",
+                                      "data.examples_per_client=8")
+    sent = sum(t.numel() * t.element_size() for t in payload.tensors.values())
     assert 0 < sent <= server.max_upload_bytes() < server.trainable_parameters()
 
 
-def test_fedkseed_pro_refuses_step_records_that_do_not_add_up(smoke_config):
+def test_fedkseed_pro_refuses_step_records_that_do_not_add_up(first_upload):
     from thinwire.wire import PayloadError
 
-    config = smoke_config("method.name='fedkseed-pro'", "method.fedkseed.local_steps=6", "data.examples_per_client=8")
-    spec = get_method("fedkseed-pro")
-    ctx = RunContext(config, Workbench(config))
-    server, client = spec.server(ctx), spec.client(ctx)
-    server.setup()
-    upload = client.fit(1, 0, Payload.decode(server.download(1, 0).encode()), build_federation(config).clients[0],
-                        ClientState())
-    honest = Payload.decode(upload.payload.encode())
-    server.validate(Reply(0, honest, upload.num_examples))
+    server, honest, examples = first_upload("method.name='fedkseed-pro'", "method.fedkseed.local_steps=6",
+                                            "data.examples_per_client=8")
+    server.validate(Reply(0, honest, examples))
     skewed = dict(honest.tensors, step_g=honest.tensors["step_g"] * torch.tensor([100.0] + [1.0] * 5))
     with pytest.raises(PayloadError, match="do not add up"):
-        server.validate(Reply(0, Payload(tensors=skewed, scalars=honest.scalars), upload.num_examples))
+        server.validate(Reply(0, Payload(tensors=skewed, scalars=honest.scalars), examples))
