@@ -198,15 +198,21 @@ def test_heal_loss_weighs_response_and_prompt_positions_and_healing_lowers_the_r
     assert small.training is False and all(p.requires_grad for p in small.parameters())
 
 
-def test_small_model_cache_is_rebuilt_when_its_recipe_changes(tmp_path, monkeypatch):
-    from thinwire.models import small
-
+def _empty_small_cache(small, root, monkeypatch):
+    """A prepared-model directory with placeholder files and no marker, under a clean environment."""
     for variable, _, _ in small.RECIPE.values():
         monkeypatch.delenv(variable, raising=False)
-    target = small.prepared_dir(tmp_path)
+    target = small.prepared_dir(root)
     target.mkdir(parents=True)
     for name in small.REQUIRED_FILES:
         (target / name).write_text("{}")
+    return target
+
+
+def test_small_model_cache_is_rebuilt_when_its_recipe_changes(tmp_path, monkeypatch):
+    from thinwire.models import small
+
+    target = _empty_small_cache(small, tmp_path, monkeypatch)
     assert not small.is_ready(tmp_path)  # a marker that records no recipe is not this one
     # a marker records the whole recipe; one that lacks a key (an earlier build) is read as what
     # earlier builds did: the fifth session's 11 whole layers are no longer the default
@@ -559,12 +565,7 @@ def test_smollm2_small_heals_on_families_disjoint_from_the_headline_evaluation(t
     assert seen == [healed, healed]
 
     # a cached model healed on all families (a marker without heal_data) is rebuilt
-    for variable, _, _ in small.RECIPE.values():
-        monkeypatch.delenv(variable, raising=False)
-    target = small.prepared_dir(tmp_path)
-    target.mkdir(parents=True)
-    for name in small.REQUIRED_FILES:
-        (target / name).write_text("{}")
+    target = _empty_small_cache(small, tmp_path, monkeypatch)
     before = {k: v for k, v in small.recipe().items() if k != "heal_data"}
     (target / small.MARKER).write_text(json.dumps(before))
     assert not small.is_ready(tmp_path) and small.is_ready(tmp_path, heal_data="all")
