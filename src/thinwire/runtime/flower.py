@@ -194,8 +194,8 @@ class _Link:
                       f"since its replica would drift from the server's")
             return
         if cid in self.nodes and self.nodes[cid] != node:
-            log(logging.WARNING, "nodes %s and %s both claim partition %s; keeping the first",
-                self.nodes[cid], node, cid)
+            self.warn(f"nodes {self.nodes[cid]} and {node} both claim partition {cid}; keeping the first "
+                      "(start every SuperNode with its own partition-id, and use node authentication)")
             return
         self.nodes[cid] = node
 
