@@ -376,6 +376,23 @@ def test_a_node_that_draws_other_random_bits_is_refused(tmp_path):
         deploy.submit(REPO, "loopback", {"config": "smoke.toml", "set": ";".join(overrides),
                                          "out": str(tmp_path / "deployed")}, flwr_home=home, timeout=240)
     (first,) = _rounds(tmp_path / "deployed")
-    assert any("partition 2 draws other random bits" in w for w in first["warnings"])
+    # tiny's weights are drawn from the seed too, so that node's base model differs as well
+    refused = [w for w in first["warnings"] if "partition 2 was refused" in w]
+    assert refused and ("other random bits" in refused[0] or "base model's weights differ" in refused[0]), first["warnings"]
     assert sorted(c["client"] for c in first["clients"]) == [0, 1]
     assert [f["client"] for f in first["failures"]] == [2]
+
+
+def test_the_handshake_refuses_other_base_weights_or_other_random_draws(smoke_config):
+    from thinwire.methods.base import Workbench
+    from thinwire.runtime.flower import BASE_DIGEST, FINGERPRINT, refusal
+    from thinwire.seeding import random_fingerprint
+
+    ours = Workbench(smoke_config()).base_digest
+    other = Workbench(smoke_config("federation.seed=1")).base_digest  # the tiny model is built from the seed
+    assert ours == Workbench(smoke_config()).base_digest != other
+    expected = {BASE_DIGEST: ours, FINGERPRINT: random_fingerprint()}
+    assert refusal(dict(expected), expected) is None
+    assert "base model's weights differ" in refusal({**expected, BASE_DIGEST: other}, expected)
+    assert "other random bits" in refusal({**expected, FINGERPRINT: "0" * 64}, expected)
+    assert refusal({BASE_DIGEST: ours}, {BASE_DIGEST: ours}) is None  # no shared draws: no fingerprint asked

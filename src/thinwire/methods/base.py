@@ -31,7 +31,7 @@ from thinwire.config import Config
 from thinwire.data.template import use_template
 from thinwire.methods import robust
 from thinwire.methods import validate as checks
-from thinwire.models import load_model, trainable_named_parameters
+from thinwire.models import load_model, trainable_named_parameters, weights_digest
 from thinwire.seeding import derive_seed
 from thinwire.train.first_order import TrainStats, batch_stream, train_local
 from thinwire.wire import Payload, PayloadError
@@ -71,6 +71,13 @@ class Workbench:
         if self._model is None:
             self._model, self._tokenizer = load_model(self.config.model, self.config.federation.seed)
             use_template(self._tokenizer, self.config.data.template)
+            self._base_digest = weights_digest(self._model)
+
+    @property
+    def base_digest(self) -> str:
+        """`weights_digest` of the base model as loaded (before any training touched it)."""
+        self._load()
+        return self._base_digest
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:

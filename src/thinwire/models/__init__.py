@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -119,3 +120,16 @@ def vocab_rows(model: torch.nn.Module) -> int:
 def trainable_named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """Unique trainable parameters in a fixed order (tied weights appear once)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def weights_digest(model: torch.nn.Module, samples: int = 4096) -> str:
+    """SHA-256 of every parameter's name, shape, dtype and up to `samples` evenly strided values:
+    two parties compare it at handshake to prove they start from the same base weights (different
+    checkpoints differ nearly everywhere, so a sample finds it without hashing every byte)."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        stride = max(1, flat.numel() // samples)
+        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        digest.update(flat[::stride].to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()

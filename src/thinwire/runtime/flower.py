@@ -90,6 +90,7 @@ STATE_CONFIG = "thinwire.config"  # Context.state keys on the client
 STATE_CLIENT = "thinwire.client-state"
 PARTITION_ID = "partition-id"
 FINGERPRINT = "random-fingerprint"
+BASE_DIGEST = "base-digest"
 DATA_PATH = "data-path"
 DEFAULT_ROUND_TIMEOUT_S = 600.0
 POLL_S = 0.25
@@ -150,8 +151,9 @@ class _Link:
     timeout_s: float
     nodes: dict[int, int] = field(default_factory=dict)
     flower_bytes: int = 0
-    # set when the method rebuilds state from shared seeds: a node that draws other bits is refused
-    fingerprint: str | None = None
+    # what a node must match to join (`refusal`): the base weights' digest, and the random
+    # fingerprint where the method rebuilds state from shared seeds
+    expected: dict[str, str] = field(default_factory=dict)
     warn: Callable[[str], None] = print
 
     def discover(self, wanted: set[int], wait: bool) -> None:
@@ -187,11 +189,9 @@ class _Link:
         except (KeyError, TypeError, ValueError):
             log(logging.WARNING, "node %s sent a malformed hello reply", node)
             return
-        theirs = reply.content[META].get(FINGERPRINT)
-        if self.fingerprint is not None and theirs != self.fingerprint:
-            self.warn(f"the node of partition {cid} draws other random bits from the same seeds (its torch "
-                      f"kernels differ: set ATEN_CPU_CAPABILITY alike on every machine); it was refused, "
-                      f"since its replica would drift from the server's")
+        reason = refusal(dict(reply.content[META]), self.expected)
+        if reason is not None:
+            self.warn(f"the node of partition {cid} was refused: {reason}")
             return
         if cid in self.nodes and self.nodes[cid] != node:
             self.warn(f"nodes {self.nodes[cid]} and {node} both claim partition {cid}; keeping the first "
@@ -201,6 +201,16 @@ class _Link:
 
     def forget(self, cid: int) -> None:
         self.nodes.pop(cid, None)
+
+
+def refusal(hello: dict[str, Any], expected: dict[str, str]) -> str | None:
+    """Why a node whose hello reply is `hello` may not join (None: it may)."""
+    if BASE_DIGEST in expected and hello.get(BASE_DIGEST) != expected[BASE_DIGEST]:
+        return "its base model's weights differ from the server's (another checkpoint or model.name)"
+    if FINGERPRINT in expected and hello.get(FINGERPRINT) != expected[FINGERPRINT]:
+        return ("it draws other random bits from the same seeds (its torch kernels differ: set "
+                "ATEN_CPU_CAPABILITY alike on every machine), so its replica would drift from the server's")
+    return None
 
 
 def exchange(grid: Grid, messages: list[Message], timeout_s: float) -> tuple[dict[int, Message], set[int]]:
@@ -268,7 +278,7 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
     text = to_toml(config)
     digest = config_digest(text)
     link = _Link(grid, RecordDict({META: ConfigRecord({"config": text, "config-sha": digest})}), timeout_s,
-                 fingerprint=random_fingerprint() if server.needs_shared_draws else None, warn=ctx.warn)
+                 warn=ctx.warn)
 
     def evaluate_global() -> dict[str, float]:
         return records.evaluate_global(config, server, workbench.tokenizer, federation, run_dir)
@@ -278,6 +288,9 @@ def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
     with progress if not quiet else contextlib.nullcontext():
         rounds_bar = progress.add_task("rounds", total=fed.rounds)
         server.setup()
+        link.expected[BASE_DIGEST] = server.ctx.workbench.base_digest  # the model devices start from
+        if server.needs_shared_draws:
+            link.expected[FINGERPRINT] = random_fingerprint()
         base_eval = evaluation = evaluate_global()
         link.discover(set(range(fed.clients)), wait=True)
         missing = sorted(set(range(fed.clients)) - link.nodes.keys())
@@ -493,8 +506,10 @@ def _hello(message: Message, context: Context) -> Message:
     if clients and not 0 <= partition < clients:
         raise ValueError(f"partition-id {partition} is outside the run's {clients} clients")
     context.state[STATE_CONFIG] = ConfigRecord({"config": text, "config-sha": digest})
-    return Message(RecordDict({META: ConfigRecord({PARTITION_ID: partition, FINGERPRINT: random_fingerprint()})}),
-                   reply_to=message)
+    host, _ = _host(context)
+    claims = {PARTITION_ID: partition, FINGERPRINT: random_fingerprint(),
+              BASE_DIGEST: host.client.ctx.workbench.base_digest}
+    return Message(RecordDict({META: ConfigRecord(claims)}), reply_to=message)
 
 
 @client_app.train("thinwire_fit")
