@@ -17,7 +17,6 @@ import argparse
 import math
 import statistics
 
-import torch
 from rich.console import Console
 from rich.table import Table
 

@@ -25,7 +25,7 @@ class Federation:
 
 
 def build_federation(config: Config) -> Federation:
-    data, fed = config.data, config.federation
+    data = config.data
     if data.source == "tasks":
         train, held_out, heldout_tasks = _from_suite(config)
     else:
