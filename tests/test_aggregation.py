@@ -122,3 +122,21 @@ def test_history_methods_refuse_a_server_optimizer(tmp_path, smoke_config, metho
     with pytest.raises(UsageError, match="does not apply to"):
         run_local(config, tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_example_weighting_needs_a_bound_on_the_claims(smoke_config):
+    """Example counts are bounded by the partitions the server knows; knowing none, it weights equally
+    and says why (an unbounded claim would take all the weight)."""
+    from thinwire.methods.base import Reply, RunContext, Workbench
+    from thinwire.methods.fedavg import DeltaServer
+    from thinwire.wire import Payload
+
+    config = smoke_config()
+    replies = [Reply(0, Payload(), 30), Reply(1, Payload(), 10)]
+    known = DeltaServer(RunContext(config, Workbench(config), partition_sizes=[30, 10, 20]))
+    assert known.example_cap() == 30 and known.aggregation_weights(replies) == [0.75, 0.25]
+    blind = DeltaServer(RunContext(config, Workbench(config)))
+    assert blind.example_cap() is None and blind.aggregation_weights(replies) == [0.5, 0.5]
+    assert len(blind.ctx.warnings) == 1 and "federation.max_examples" in blind.ctx.warnings[0]
+    config.federation.max_examples = 25
+    assert blind.example_cap() == 25 and blind.aggregation_weights(replies) == [0.75, 0.25]

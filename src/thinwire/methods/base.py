@@ -215,6 +215,16 @@ class ServerSide(ABC):
             return self.config.federation.max_examples
         return max(self.ctx.partition_sizes) if self.ctx.partition_sizes else None
 
+    def aggregation_weights(self, replies: list[Reply]) -> list[float]:
+        """Aggregation weights of `replies`: `[method] weighting`, except that example weighting
+        falls back to equal weights (said once) when no example count can be bounded."""
+        weighting = self.config.method.weighting
+        if weighting == "examples" and self.example_cap() is None:
+            self.ctx.warn("method.weighting = 'examples' but the server knows no partition sizes to bound a "
+                          "client's claimed example count by (set federation.max_examples): weighting equally")
+            weighting = "equal"
+        return client_weights(replies, weighting)
+
     def check_update(self, reply: Reply) -> None:
         """Method-specific checks of an upload (names, shapes, dtypes, indices); default: none."""
 

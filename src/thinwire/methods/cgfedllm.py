@@ -114,7 +114,7 @@ from thinwire.config import method_options, opt
 from thinwire.errors import UsageError
 from thinwire.methods import robust, validate
 from thinwire.methods.aggregate import weighted_mean
-from thinwire.methods.base import ClientState, Reply, Upload, client_weights, load_into, snapshot
+from thinwire.methods.base import ClientState, Reply, Upload, load_into, snapshot
 from thinwire.methods.fedavg import FedITClient, FedITServer
 from thinwire.seeding import derive_seed
 from thinwire.wire import Payload, PayloadError
@@ -473,7 +473,7 @@ class CGFedLLMServer(_Rule, FedITServer):
         else:
             factors = [self.clip_factor(r) for r in replies]
             updates = [robust.scale(self._update_of(r), f) for r, f in zip(replies, factors)]
-            weights = client_weights(replies, cfg.weighting)
+            weights = self.aggregation_weights(replies)
             update = robust.combine_tensors(updates, weights, cfg.aggregation, cfg.trim_fraction)
             if cfg.clip_update_norm > 0:
                 metrics["clipped"] = float(sum(f < 1.0 for f in factors))

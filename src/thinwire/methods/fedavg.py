@@ -17,7 +17,6 @@ from thinwire.methods.base import (
     WeightsServer,
     Upload,
     check_tensors,
-    client_weights,
     load_into,
     snapshot,
 )
@@ -40,7 +39,7 @@ class DeltaServer(WeightsServer):
         for reply in replies:
             check_tensors(reply.payload.tensors, self.weights)
         cfg = self.config.method
-        weights = client_weights(replies, cfg.weighting)
+        weights = self.aggregation_weights(replies)
         factors = [self.clip_factor(r) for r in replies]
         updates = [robust.scale(r.payload.tensors, f) for r, f in zip(replies, factors)]
         mean = robust.combine_tensors(updates, weights, cfg.aggregation, cfg.trim_fraction)

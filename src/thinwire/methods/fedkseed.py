@@ -20,7 +20,7 @@ import torch
 
 from thinwire.config import method_options, opt
 from thinwire.methods import robust, validate
-from thinwire.methods.base import Reply, Upload, client_weights
+from thinwire.methods.base import Reply, Upload
 from thinwire.methods.history import HistoryServer, ReplicaClient
 from thinwire.seeding import derive_seed, torch_generator
 from thinwire.train.first_order import batch_stream
@@ -162,7 +162,7 @@ class FedKSeedServer(_FedKSeedRule, HistoryServer):
         cfg = self.config.method
         total = torch.zeros(self.pool.size, dtype=torch.float64)
         dense, factors = [], []
-        for reply, w in zip(replies, client_weights(replies, cfg.weighting)):
+        for reply, w in zip(replies, self.aggregation_weights(replies)):
             seeds, values = reply.payload.tensors["seeds"].long(), reply.payload.tensors["values"]
             if seeds.numel() and (int(seeds.min()) < 0 or int(seeds.max()) >= self.pool.size):
                 raise PayloadError(f"client {reply.client_id} sent a seed index outside the pool")

@@ -30,7 +30,7 @@ from thinwire.compress.sketch import make_codec
 from thinwire.config import method_options, opt
 from thinwire.errors import UsageError
 from thinwire.methods import robust, validate
-from thinwire.methods.base import Reply, Upload, client_weights, snapshot
+from thinwire.methods.base import Reply, Upload, snapshot
 from thinwire.methods.history import HistoryServer, ReplicaClient
 from thinwire.wire import Payload, PayloadError
 
@@ -173,7 +173,7 @@ class FerretServer(_FerretRule, HistoryServer):
         if not replies:
             mean = [torch.zeros(0) for _ in self.blocks]
         elif cfg.aggregation == "mean":
-            mean = aggregate(client_coords, client_weights(replies, cfg.weighting))
+            mean = aggregate(client_coords, self.aggregation_weights(replies))
         else:
             mean = robust.combine_ragged(client_coords, cfg.aggregation, cfg.trim_fraction)
         if self.options.momentum:
