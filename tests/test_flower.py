@@ -4,6 +4,7 @@ bit; failures cost a client's update, not the run; ReplicaClient survives fresh 
 import contextlib
 import json
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,10 @@ def _faulty_client_app(bad_client: int, bad_round: int, fault: str) -> ClientApp
             tensors = {k: v.clone() for k, v in payload.tensors.items()}
             tensors[sorted(tensors)[0]].view(-1)[0] = float("nan")
             reply.content[flower.PAYLOAD] = flower.pack(Payload(tensors=tensors, scalars=payload.scalars).encode())
+        if bad and fault == "deep-nesting":  # a header the JSON parser cannot recurse through
+            reply.content[flower.PAYLOAD] = flower.pack(struct.pack("<Q", 100_000) + b"[" * 100_000)
+        if bad and fault == "huge-example-count":
+            reply.content["thinwire"]["num-examples"] = 10 ** 12
         return reply
 
     return app
@@ -163,21 +168,26 @@ def test_client_failure_costs_its_update_not_the_run(tmp_path, smoke_config, mon
     assert (tmp_path / "run" / "final_state.safetensors").exists()
 
 
-def test_a_poisoned_update_is_rejected_as_if_it_never_came(tmp_path, smoke_config, monkeypatch):
-    """The Flower server screens uploads as the local runtime does: a NaN update is rejected, and
-    the run ends bit-identical to a local run in which that client was down for that round."""
+@pytest.mark.parametrize("fault, reason", [
+    ("nan", "non-finite"),
+    pytest.param("deep-nesting", "RecursionError", marks=pytest.mark.slow),
+    pytest.param("huge-example-count", "exceeds the", marks=pytest.mark.slow),
+])
+def test_a_poisoned_update_is_rejected_as_if_it_never_came(tmp_path, smoke_config, monkeypatch, fault, reason):
+    """The Flower server screens uploads as the local runtime does: a hostile update is rejected,
+    and the run ends bit-identical to a local run in which that client was down for that round."""
     config = smoke_config("eval.generate=false")
     bad = sample_clients(config, 1)[-1]
     flower.run_flower_sim(config, tmp_path / "sim", quiet=True, num_cpus=1,
-                          client_app=_faulty_client_app(bad, 1, "nan"))
+                          client_app=_faulty_client_app(bad, 1, fault))
     first = _rounds(tmp_path / "sim")[0]
-    assert [r["client"] for r in first["rejected"]] == [bad] and "non-finite" in first["rejected"][0]["reason"]
+    assert [r["client"] for r in first["rejected"]] == [bad] and reason in first["rejected"][0]["reason"]
     assert first["clients_ok"] == 1 and first["failures"] == [] and first["skipped"] is False
-    # the rejected upload and its download count (a NaN payload is as long as an honest one)
+    # the rejected upload and its download count, whatever its length
     (ok,) = first["clients"]
-    assert first["rejected"][0]["uplink_bytes"] == ok["uplink_bytes"]
     assert first["rejected"][0]["downlink_bytes"] == ok["downlink_bytes"]
-    assert first["uplink_bytes"] == 2 * ok["uplink_bytes"] == 2 * first["uplink_bytes_accepted"]
+    assert first["uplink_bytes"] == ok["uplink_bytes"] + first["rejected"][0]["uplink_bytes"]
+    assert first["uplink_bytes_accepted"] == ok["uplink_bytes"]
 
     client = get_method(config.method.name).client
     fit = client.fit
