@@ -1,5 +1,7 @@
 """`thinwire export`: what other tools load, checked by loading it with them and generating."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -35,6 +37,7 @@ def test_full_parameter_run_exports_a_model_transformers_loads(runs, tmp_path, c
     from transformers import AutoModelForCausalLM
 
     assert main(["export", str(runs["fedavg"]), "--out", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m" / "thinwire.json").read_text()) == {"template": "alpaca"}
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     final = load_file(str(runs["fedavg"] / "final_state.safetensors"))
     for name, param in model.named_parameters():

@@ -18,10 +18,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from thinwire.data.template import template_of, use_template
 from thinwire.errors import UsageError
 
 PROXY_DIR = "proxy"
 STATE_FILE = "final_state.safetensors"
+EXPORT_FILE = "thinwire.json"  # what thinwire needs beside the Hugging Face files: the prompt template
 
 
 def export_run(run_dir: Path, out: Path, merge: bool = False) -> str:
@@ -51,6 +53,7 @@ def _export_weights(run_dir: Path, tmp: Path, final: Path, merge: bool) -> str:
     if not (run_dir / STATE_FILE).is_file():
         raise UsageError(f"{run_dir} has no {STATE_FILE}; it was written by an older thinwire or is incomplete")
     workbench, model, lora = _run_model(run_dir)
+    (tmp / EXPORT_FILE).write_text(json.dumps({"template": template_of(workbench.tokenizer)}) + "\n")
     if lora and not merge:
         model.peft_config["default"].base_model_name_or_path = _adapter_base(workbench.config.model.name,
                                                                               workbench, tmp, final)
@@ -115,16 +118,15 @@ def load_for_generation(directory: Path):
         return load_proxy(directory)
     if (directory / PROXY_DIR / PROXY_FILE).is_file():
         return load_proxy(directory / PROXY_DIR)
-    if (directory / "adapter_config.json").is_file():
+    if (directory / "adapter_config.json").is_file() or (directory / "config.json").is_file():
         from peft import AutoPeftModelForCausalLM
-        from transformers import AutoTokenizer
-
-        return (AutoPeftModelForCausalLM.from_pretrained(str(directory)).eval(),
-                AutoTokenizer.from_pretrained(str(directory)))
-    if (directory / "config.json").is_file():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        return AutoModelForCausalLM.from_pretrained(str(directory)).eval(), AutoTokenizer.from_pretrained(str(directory))
+        loader = AutoPeftModelForCausalLM if (directory / "adapter_config.json").is_file() else AutoModelForCausalLM
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        info = json.loads((directory / EXPORT_FILE).read_text()) if (directory / EXPORT_FILE).is_file() else {}
+        use_template(tokenizer, info.get("template", "alpaca"))  # the prompt template the model was tuned with
+        return loader.from_pretrained(str(directory)).eval(), tokenizer
     if (directory / STATE_FILE).is_file() and (directory / "config.toml").is_file():
         workbench, model, _ = _run_model(directory)
         return model, workbench.tokenizer
