@@ -80,6 +80,7 @@ def main() -> None:
     for col in ("method", "setting", "exact_match", "rougeL", "loss", ""):
         table.add_column(col)
     chosen: dict[str, dict[str, str]] = {}
+    ran = reused = 0
     for name in args.methods.split(","):
         named = [*common, *([f"method.name={name}"] if name in METHOD_NAMES else [])]
         base = load_config(args.config, named, variant=name)
@@ -87,9 +88,12 @@ def main() -> None:
         for point in grid_points(name, setting(base, lr_key(name)), factors, extra.get(name, {})):
             label = ",".join(f"{k}={v}" for k, v in point.items())
             run_dir = args.out / name / label.replace("/", "_")
-            if not (run_dir / "summary.json").is_file():
+            if (run_dir / "summary.json").is_file():
+                reused += 1
+            else:
                 config = load_config(args.config, [*named, *(f"{k}={v}" for k, v in point.items())], variant=name)
                 run_local(config, run_dir, quiet=True)
+                ran += 1
             results.append((point, label, json.loads((run_dir / "summary.json").read_text())))
         best = max(range(len(results)), key=lambda i: score(results[i][2], args.metric))
         chosen[name] = results[best][0]
@@ -101,6 +105,7 @@ def main() -> None:
             table.add_row(name, label, f"{final.get('exact_match', 0):.3f}", f"{final.get('rougeL', 0):.3f}",
                           f"{final['loss']:.3f}", mark)
     Console().print(table)
+    print(f"{ran + reused} tuning runs ({ran} run now, {reused} reused from {args.out})")
     lines = [f"# chosen by benchmarks/tune.py on the validation split ({args.metric}); paste into {args.config}"]
     for name, point in chosen.items():
         by_table: dict[str, list[str]] = {}
