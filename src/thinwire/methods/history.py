@@ -6,6 +6,13 @@ The global model at version v is the public pretrained weights with the updates 
 every round's update; a client downloads the updates of the rounds it has not applied yet
 (catch-up), so its downlink grows with the rounds it missed, and every byte of it is counted.
 
+A method may merge a long catch-up into something more compact (`catch_up`; FedKSeed sends the
+K accumulated per-seed sums, the paper's bound, once the per-round lists would be larger). A
+replica then keeps a small record per version it reaches (`UpdateRule.hold`: FedKSeed's
+accumulated sums), so that it can apply a merged download even when it is already past the
+client's version. A merged catch-up lands on the server's model up to float32 rounding, not bit
+for bit: one sum is applied where the server applied several.
+
 In one process, simulated clients share one replica: it always sits at the newest version any
 client reached, and a client at an older version only needs the suffix of its own download
 that the replica lacks. Because `apply_update` is deterministic and applied round by round in
@@ -42,7 +49,7 @@ from thinwire.methods.base import ClientSide, ClientState, Reply, WeightsServer,
 from thinwire.wire import Payload, PayloadError
 
 _SEP = "/"
-_APPLIED = "held/"  # prefix of the replica's records (`UpdateRule.hold`) in a stored replica
+_HELD = "held/"  # prefix of the replica's records (`UpdateRule.hold`) in a stored replica
 
 
 def nest(updates: dict[int, Payload]) -> Payload:
@@ -228,7 +235,7 @@ class ReplicaClient(UpdateRule, ClientSide):
                 continue  # replaced by a newer version between listing and opening
             if stored != usable[-1]:
                 raise PayloadError(f"stored replica {path} claims version {stored}")
-            self._restore(params, tensors, json.loads(metadata.get("applied", "{}")), stored)
+            self._restore(params, tensors, json.loads(metadata.get("held", "{}")), stored)
             return
 
     def _keep_on_disk(self) -> None:
@@ -246,7 +253,7 @@ class ReplicaClient(UpdateRule, ClientSide):
             state = self.state_dict()
             save_file({k: t.detach().cpu().contiguous() for k, t in state.tensors.items()}, tmp,
                       metadata={"version": str(self._replica_version),
-                                "applied": json.dumps({k: v for k, v in state.scalars.items() if k != "version"})})
+                                "held": json.dumps({k: v for k, v in state.scalars.items() if k != "version"})})
             os.replace(tmp, final)
         finally:
             if os.path.exists(tmp):
@@ -258,10 +265,10 @@ class ReplicaClient(UpdateRule, ClientSide):
         """The shared replica, its version and its records (a checkpoint restores it exactly)."""
         if self._replica is None:
             return Payload(scalars={"version": 0})
-        applied = nest(self._held)
-        return Payload(tensors={**self._replica, **{_APPLIED + k: t for k, t in applied.tensors.items()}},
+        held = nest(self._held)
+        return Payload(tensors={**self._replica, **{_HELD + k: t for k, t in held.tensors.items()}},
                        scalars={"version": self._replica_version,
-                                **{_APPLIED + k: v for k, v in applied.scalars.items()}})
+                                **{_HELD + k: v for k, v in held.scalars.items()}})
 
     def load_state_dict(self, state: Payload) -> None:
         version = int(state.scalars.get("version", 0))
@@ -272,16 +279,16 @@ class ReplicaClient(UpdateRule, ClientSide):
         self._restore(params, state.tensors, {k: v for k, v in state.scalars.items() if k != "version"}, version)
 
     def _restore(self, params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor],
-                 applied_scalars: dict[str, float], version: int) -> None:
+                 held_scalars: dict[str, float], version: int) -> None:
         """Adopt a stored replica (`state_dict`'s tensors and scalars) at `version`."""
-        weights = {k: t for k, t in tensors.items() if not k.startswith(_APPLIED)}
+        weights = {k: t for k, t in tensors.items() if not k.startswith(_HELD)}
         check_tensors(weights, params)
-        applied = Payload(tensors={k[len(_APPLIED):]: t for k, t in tensors.items() if k.startswith(_APPLIED)},
-                          scalars={k[len(_APPLIED):]: v for k, v in applied_scalars.items() if k.startswith(_APPLIED)})
-        versions = {int(k.split(_SEP, 1)[0][1:]) for k in [*applied.tensors, *applied.scalars]}
+        held = Payload(tensors={k[len(_HELD):]: t for k, t in tensors.items() if k.startswith(_HELD)},
+                       scalars={k[len(_HELD):]: v for k, v in held_scalars.items() if k.startswith(_HELD)})
+        versions = {int(k.split(_SEP, 1)[0][1:]) for k in [*held.tensors, *held.scalars]}
         self._replica = {name: weights[name].to(p.device, p.dtype) for name, p in params.items()}
         self._replica_version = version
-        self._held = {v: unnest(applied, v) for v in sorted(versions)}
+        self._held = {v: unnest(held, v) for v in sorted(versions)}
 
     def fit(self, rnd: int, client_id: int, download: Payload, examples: list[dict], state: ClientState):
         model, params = self.sync(download, state)
