@@ -2,8 +2,8 @@
 `smollm2-small` against SmolLM2-135M on held-out suite examples, on the response positions (the
 only ones proxy-tuning and evaluation score) and on the prompt's.
 
-Without `--heal-steps` it reads the cached model (`THINWIRE_CACHE` and the `THINWIRE_SMALL_*`
-recipe variables pick which). With it, it builds the small model of each `--recipes` × `--focus`
+Without `--heal-steps` it reads the cached model of the default recipe (`[model] small_*`) under
+`THINWIRE_CACHE`. With it, it builds the small model of each `--recipes` × `--focus`
 in memory and heals it for that many steps first: a quick comparison of recipes at the same FLOPs.
 A recipe is layers:keep_last:mlp_width[:head_rank] (mlp_width 0 keeps the MLPs whole; head_rank
 defaults to the built-in's, 0 keeps the full tied head).

@@ -9,6 +9,24 @@ import torch  # noqa: E402
 
 from thinwire.config import load_config  # noqa: E402
 
+def crash_in_round(monkeypatch, method: str, rnd: int, error: BaseException):
+    """The server of `method` raises `error` when it aggregates round `rnd` (a power cut after the
+    previous round's checkpoint); returns a function that restores it. Patched where `aggregate`
+    is defined, so the method's classes keep their shape."""
+    from thinwire.methods import get_method
+
+    server_cls = next(c for c in get_method(method).server.__mro__ if "aggregate" in vars(c))
+    original = server_cls.aggregate
+
+    def aggregate(self, at, replies):
+        if at == rnd:
+            raise error
+        return original(self, at, replies)
+
+    monkeypatch.setattr(server_cls, "aggregate", aggregate)
+    return lambda: monkeypatch.setattr(server_cls, "aggregate", original)
+
+
 # The tiny models run fastest single-threaded, and two threads on a busy 2-core machine thrash.
 torch.set_num_threads(1)
 

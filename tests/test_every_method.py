@@ -7,7 +7,7 @@ import pytest
 
 from thinwire.cli import main
 from thinwire.config import EXAMPLES
-from thinwire.config import METHOD_NAMES
+from thinwire.methods import METHOD_NAMES
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)

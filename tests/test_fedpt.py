@@ -198,10 +198,8 @@ def test_heal_loss_weighs_response_and_prompt_positions_and_healing_lowers_the_r
     assert small.training is False and all(p.requires_grad for p in small.parameters())
 
 
-def _empty_small_cache(small, root, monkeypatch):
-    """A prepared-model directory with placeholder files and no marker, under a clean environment."""
-    for variable, _, _ in small.RECIPE.values():
-        monkeypatch.delenv(variable, raising=False)
+def _empty_small_cache(small, root):
+    """A prepared-model directory with placeholder files and no marker."""
     target = small.prepared_dir(root)
     target.mkdir(parents=True)
     for name in small.REQUIRED_FILES:
@@ -212,7 +210,7 @@ def _empty_small_cache(small, root, monkeypatch):
 def test_small_model_cache_is_rebuilt_when_its_recipe_changes(tmp_path, monkeypatch):
     from thinwire.models import small
 
-    target = _empty_small_cache(small, tmp_path, monkeypatch)
+    target = _empty_small_cache(small, tmp_path)
     assert not small.is_ready(tmp_path)  # a marker that records no recipe is not this one
     # a marker records the whole recipe; one that lacks a key (an earlier build) is read as what
     # earlier builds did: the fifth session's 11 whole layers are no longer the default
@@ -225,28 +223,23 @@ def test_small_model_cache_is_rebuilt_when_its_recipe_changes(tmp_path, monkeypa
     assert small.is_ready(tmp_path) and small.describe(tmp_path)["head_rank"] == small.HEAD_RANK
     assert small.describe(tmp_path)["compute_ratio"] == 0.25
     assert small.describe(tmp_path)["mlp_width"] == small.MLP_WIDTH
-    monkeypatch.setenv("THINWIRE_SMALL_HEAD_RANK", "0")
-    assert not small.is_ready(tmp_path) and small.describe(tmp_path)["ready"] is False
-    monkeypatch.setenv("THINWIRE_SMALL_HEAD_RANK", str(small.HEAD_RANK))
-    monkeypatch.setenv("THINWIRE_SMALL_HEAL_STEPS", "40")
-    assert not small.is_ready(tmp_path) and small.is_ready(tmp_path, heal_steps=small.HEAL_STEPS)
-    monkeypatch.delenv("THINWIRE_SMALL_HEAL_STEPS")
-    for variable, value in (("THINWIRE_SMALL_KEEP_LAST", "1"), ("THINWIRE_SMALL_HEAL_FOCUS", "response"),
-                            ("THINWIRE_SMALL_HEAL_PER_FAMILY", "32"), ("THINWIRE_SMALL_MLP_WIDTH", "512")):
-        monkeypatch.setenv(variable, value)
-        assert not small.is_ready(tmp_path)
-        monkeypatch.delenv(variable)
+    assert not small.is_ready(tmp_path, head_rank=0)
+    assert not small.is_ready(tmp_path, heal_steps=40) and small.is_ready(tmp_path, heal_steps=small.HEAL_STEPS)
+    for key, value in (("keep_last", 1), ("heal_focus", "response"), ("heal_per_family", 32), ("mlp_width", 512)):
+        assert not small.is_ready(tmp_path, **{key: value})
     # a model built before head factorisation (4 layers, full head) matches only that recipe
     (target / small.MARKER).write_text(json.dumps({"layers": 4, "heal_steps": 400}))
     assert small.is_ready(tmp_path, layers=4, heal_steps=400, head_rank=0, mlp_width=0, heal_data="all")
     assert not small.is_ready(tmp_path, layers=4, heal_steps=400, mlp_width=0, heal_data="all")
-    monkeypatch.setenv("THINWIRE_SMALL_LAYERS", "many")
-    with pytest.raises(UsageError, match="THINWIRE_SMALL_LAYERS = 'many' is not an integer"):
-        small.recipe()
-    monkeypatch.delenv("THINWIRE_SMALL_LAYERS")
-    monkeypatch.setenv("THINWIRE_SMALL_HEAL_FOCUS", "prompt")
-    with pytest.raises(UsageError, match="THINWIRE_SMALL_HEAL_FOCUS = 'prompt': choose one of all, response"):
-        small.recipe()
+    # the recipe is the config's: recorded in config.toml, checked like any key
+    from thinwire.config import load_config
+
+    config = load_config(None, ["model.name='smollm2-small'", "model.small_layers=11", "model.small_heal_focus='response'"])
+    assert small.recipe_of(config.model) == {**small.recipe(), "layers": 11, "heal_focus": "response"}
+    with pytest.raises(UsageError, match="model.small_layers"):
+        load_config(None, ["model.small_layers='many'"])
+    with pytest.raises(UsageError, match="model.small_heal_focus"):
+        load_config(None, ["model.small_heal_focus='prompt'"])
 
 
 def test_alpha_zero_generation_equals_the_large_models_greedy():
@@ -565,12 +558,11 @@ def test_smollm2_small_heals_on_families_disjoint_from_the_headline_evaluation(t
     assert seen == [healed, healed]
 
     # a cached model healed on all families (a marker without heal_data) is rebuilt
-    target = _empty_small_cache(small, tmp_path, monkeypatch)
+    target = _empty_small_cache(small, tmp_path)
     before = {k: v for k, v in small.recipe().items() if k != "heal_data"}
     (target / small.MARKER).write_text(json.dumps(before))
     assert not small.is_ready(tmp_path) and small.is_ready(tmp_path, heal_data="all")
     (target / small.MARKER).write_text(json.dumps(small.recipe()))
     assert small.is_ready(tmp_path) and small.recipe()["heal_data"] == "disjoint"
-    monkeypatch.setenv("THINWIRE_SMALL_HEAL_DATA", "everything")
-    with pytest.raises(UsageError, match="choose one of disjoint, all"):
-        small.recipe()
+    with pytest.raises(UsageError, match="model.small_heal_data"):
+        load_config(None, ["model.small_heal_data='everything'"])

@@ -18,7 +18,9 @@ from thinwire.errors import UsageError
 from thinwire.methods import get_method, robust
 from thinwire.methods.base import Upload
 from thinwire.methods.fedavg import DeltaClient, DeltaServer
-from thinwire.runtime.local import resume_local, run_local, sample_clients, simulated_faults
+from conftest import crash_in_round
+from thinwire.runtime.engine import sample_clients, simulated_faults
+from thinwire.runtime.local import resume_local, run_local
 from thinwire.wire import Payload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -381,21 +383,12 @@ class Crash(Exception):
 def test_resume_after_a_crash_is_bit_identical(tmp_path, smoke_config, monkeypatch, method, extra):
     config = smoke_config(f"method.name='{method}'", "federation.rounds=4", "eval.generate=false", *extra)
     run_local(config, tmp_path / "whole", quiet=True)
-    # patch `aggregate` where it is defined, so the method's classes keep their shape
-    server_cls = next(c for c in get_method(method).server.__mro__ if "aggregate" in vars(c))
-    original = server_cls.aggregate
-
-    def aggregate(self, rnd, replies):
-        if rnd == 3:
-            raise Crash("power cut")
-        return original(self, rnd, replies)
-
-    monkeypatch.setattr(server_cls, "aggregate", aggregate)
+    restore = crash_in_round(monkeypatch, method, 3, Crash("power cut"))
     with pytest.raises(Crash):
         run_local(config, tmp_path / "cut", quiet=True)
     partial = tmp_path / "cut.partial"
     assert json.loads((partial / "checkpoint" / "state.json").read_text())["round"] == 2
-    monkeypatch.setattr(server_cls, "aggregate", original)
+    restore()
     resume_local(partial, quiet=True)
     assert not partial.exists()
     assert_same_run(tmp_path / "whole", tmp_path / "cut")

@@ -268,23 +268,15 @@ def test_compare_keeps_finished_runs_and_resumes_the_rest(compared, tmp_path):
 def test_compare_resumes_an_interrupted_run(compared, tmp_path, monkeypatch):
     """A method that stopped mid-run leaves `<name>.partial` with its checkpoint; the next compare
     into the same directory resumes it and ends exactly where an uninterrupted run does."""
-    from thinwire.methods import get_method
+    from conftest import crash_in_round
 
-    server_cls = next(c for c in get_method("fedit").server.__mro__ if "aggregate" in vars(c))
-    original = server_cls.aggregate
-
-    def aggregate(self, rnd, replies):
-        if rnd == 2:
-            raise RuntimeError("power cut")
-        return original(self, rnd, replies)
-
-    monkeypatch.setattr(server_cls, "aggregate", aggregate)
+    restore = crash_in_round(monkeypatch, "fedit", 2, RuntimeError("power cut"))
     out = tmp_path / "out"
     with pytest.raises(UsageError, match="every method failed"):
         run_compare(EXAMPLES / "smoke.toml", ["fedit"], FAST, out, quiet=True)
     assert (out / "fedit.partial" / "checkpoint").is_dir()
     round_1 = (out / "fedit.partial" / "metrics.jsonl").read_text().splitlines()[0]
-    monkeypatch.setattr(server_cls, "aggregate", original)
+    restore()
     (row,) = run_compare(EXAMPLES / "smoke.toml", ["fedit"], FAST, out, quiet=True)
     assert row["status"] == "ok" and not (out / "fedit.partial").exists()
     # resumed, not run again: round 1's record (its timings included) is the interrupted run's

@@ -7,7 +7,8 @@ from thinwire.errors import UsageError
 from thinwire.evaluate import by_task, exact_match, rouge_l, split_metrics, summarise
 from thinwire.methods.base import Workbench
 from thinwire.methods.fedavg import DeltaClient
-from thinwire.runtime.local import run_local, sample_clients
+from thinwire.runtime.engine import sample_clients
+from thinwire.runtime.local import run_local
 from thinwire.wire import Payload
 
 

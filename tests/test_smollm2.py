@@ -140,6 +140,9 @@ def test_tokenizer_offline_and_sane(reloaded):
     ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
                                   tokenize=False)
     assert ids.endswith("<|im_start|>assistant\n")
+    from thinwire.config import DataConfig
+    from thinwire.data.template import use_template
+    assert use_template(tok, DataConfig().template) == "chat"  # the default serves it its own template
     assert reloaded.model.config.eos_token_id == tok.eos_token_id
     assert reloaded.model.generation_config.eos_token_id == tok.eos_token_id
 

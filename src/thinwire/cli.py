@@ -90,14 +90,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from thinwire.runtime.local import run_local
 
     if args.resume is not None:
-        from thinwire.runtime.local import resume_local
+        from thinwire.runtime.checkpoint import resume_paths
 
         if args.config or args.overrides or args.out:
             raise UsageError("--resume takes the config and output directory from the interrupted run; "
                              "drop CONFIG, --set and --out")
-        if getattr(args, "runtime", "local") != "local":
-            raise UsageError("--resume works with the local runtime only; drop --runtime")
-        resume_local(args.resume, quiet=args.quiet)
+        out, partial = resume_paths(args.resume)
+        config = load_config(partial / "config.toml")
+        if args.runtime == "flower-sim":
+            from thinwire.runtime.flower import run_flower_sim
+
+            run_flower_sim(config, out, quiet=args.quiet, resume=True)
+        else:
+            run_local(config, out, quiet=args.quiet, resume=True)
         return 0
     config = load_config(args.config or default_config(), args.overrides)
     notice = default_model_notice(args.config or default_config(), args.overrides)

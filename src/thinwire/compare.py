@@ -37,16 +37,15 @@ from thinwire.runtime.rundir import atomic_write
 def check_methods(methods: list[str], variants: list[str] = ()) -> list[str]:
     """Cleaned, de-duplicated run names (empty: every implemented method). A name is a method or
     one of the config's named `variants`; anything else is a UsageError naming the valid ones."""
-    from thinwire.config import METHOD_NAMES
-    from thinwire.methods import available
+    from thinwire.methods import METHOD_NAMES
 
     names = list(dict.fromkeys(m.strip() for item in methods for m in item.split(",") if m.strip()))
     unknown = [m for m in names if m not in METHOD_NAMES and m not in variants]
     if unknown:
         defined = f"; variants in the config: {', '.join(variants)}" if variants else ""
-        raise UsageError(f"unknown method {unknown[0]!r} in --methods; valid names: {', '.join(METHOD_NAMES)} "
-                         f"(implemented now: {', '.join(available())}){defined}")
-    return names or available()
+        raise UsageError(f"unknown method {unknown[0]!r} in --methods; valid names: {', '.join(METHOD_NAMES)}"
+                         f"{defined}")
+    return names or list(METHOD_NAMES)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -172,7 +171,8 @@ def run_compare(config_path: str | Path | None, methods: list[str], overrides: l
     """
     from rich.markup import escape
 
-    from thinwire.config import METHOD_NAMES, compare_variants, load_config
+    from thinwire.config import compare_variants, load_config
+    from thinwire.methods import METHOD_NAMES
     from thinwire.runtime.display import console, make_progress
     from thinwire.runtime.local import run_local
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from thinwire.errors import UsageError
+from thinwire.methods import METHOD_NAMES, option_classes, train_defaults
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"  # shipped inside the package
 
@@ -27,9 +28,6 @@ EXAMPLES = Path(__file__).resolve().parent / "examples"  # shipped inside the pa
 def default_config() -> Path:
     """`examples/quickstart.toml`: what `thinwire run` runs without a config."""
     return EXAMPLES / "quickstart.toml"
-
-
-METHOD_NAMES = ("fedavg", "fedit", "fedkseed", "fedkseed-pro", "ferret", "cgfedllm", "fedpt")
 
 
 def opt(default: Any, doc: str, *, choices: tuple | None = None, low: float | None = None,
@@ -50,6 +48,18 @@ class ModelConfig:
     lora_alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / rank)", low=0)
     lora_dropout: float = opt(0.0, "LoRA dropout", low=0, high=0.99)
     lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "module names LoRA wraps")
+    # how `smollm2-small` (FedPT's device model) is cut down from SmolLM2-135M and healed
+    # (models/small.py); a cached build with another recipe is rebuilt
+    small_layers: int = opt(30, "smollm2-small: decoder layers kept", low=1)
+    small_keep_last: int = opt(0, "smollm2-small: how many of the kept layers are the large model's last", low=0)
+    small_mlp_width: int = opt(256, "smollm2-small: MLP neurons kept per layer (0: whole MLPs)", low=0)
+    small_head_rank: int = opt(96, "smollm2-small: rank of the factorised LM head (0: the full tied head)", low=0)
+    small_heal_steps: int = opt(180, "smollm2-small: distillation steps that heal it", low=0)
+    small_heal_per_family: int = opt(8, "smollm2-small: healing examples per task family", low=1)
+    small_heal_focus: str = opt("all", "smollm2-small: KL on every position, or on the response's (and a "
+                                "quarter of the prompt's)", choices=("all", "response"))
+    small_heal_data: str = opt("disjoint", "smollm2-small: heal on the families outside the headline's "
+                               "evaluation, or on all 42", choices=("disjoint", "all"))
 
 
 @dataclass
@@ -73,8 +83,9 @@ class DataConfig:
     category_field: str = opt("category", "example field that dirichlet partitions over")
     quantity_skew: float = opt(0.0, "lognormal sigma of per-client dataset sizes (0: equal)", low=0)
     max_length: int = opt(256, "tokens per training example (longer ones are truncated)", low=8)
-    template: str = opt("alpaca", "prompt template: Alpaca, the tokenizer's chat template, or auto (chat "
-                        "when the tokenizer has one); the loss covers the response in each",
+    template: str = opt("auto", "prompt template: Alpaca, the tokenizer's chat template, or auto (chat "
+                        "when the tokenizer has one: SmolLM2-Instruct's served it better); the loss "
+                        "covers the response in each",
                         choices=("alpaca", "chat", "auto"))
 
 
@@ -144,6 +155,18 @@ class EvalConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    dp: str = opt("none", "client-level differential privacy: none; central (the server clips every update "
+                  "and noises their sum); local (each client clips and noises its own)",
+                  choices=("none", "central", "local"))
+    clip_norm: float = opt(1.0, "L2 bound of one client's update, in the method's update space", low=1e-12)
+    noise_multiplier: float = opt(0.0, "Gaussian noise std / clip_norm (on the sum for central DP, on each "
+                                  "update for local DP)", low=0)
+    delta: float = opt(1e-5, "the delta of the reported (epsilon, delta)", low=1e-300, high=1.0)
+    secagg: bool = opt(False, "secure aggregation through Flower's SecAgg+ (not available yet)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -151,6 +174,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -265,6 +289,9 @@ def from_dict(table: dict[str, Any]) -> Config:
         if name == "method":
             raw = dict(raw)
             options = {k: raw.pop(k) for k in list(raw) if isinstance(raw[k], dict)}
+            private = isinstance(table.get("privacy"), dict) and table["privacy"].get("dp", "none") != "none"
+            if private:  # under DP a client's weight must not depend on what it claims
+                raw.setdefault("weighting", "equal")
             section = parse_section(cls, raw, name)
             section.options = _method_options(section.name, options)
         elif name == "train":
@@ -333,8 +360,6 @@ def _is_type(value: Any, hint: Any) -> bool:
 
 def _method_options(method: str, options: dict[str, dict]) -> dict[str, Any]:
     """Validate `[method.<name>]` tables against each method's options dataclass."""
-    from thinwire.methods import option_classes
-
     classes = option_classes()
     parsed = {}
     for name, raw in options.items():
@@ -349,8 +374,6 @@ def _method_options(method: str, options: dict[str, dict]) -> dict[str, Any]:
 
 def _method_train_defaults(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """The `[train]` values `method` is meant to run with when the config does not set them."""
-    from thinwire.methods import train_defaults
-
     return train_defaults(method, options)
 
 
@@ -367,6 +390,9 @@ def _check_cross_fields(config: Config) -> None:
     if fed.min_replies > fed.clients_per_round:
         raise UsageError(f"config key federation.min_replies = {fed.min_replies} exceeds "
                          f"federation.clients_per_round = {fed.clients_per_round}; lower it or sample more clients")
+    from thinwire.privacy import check_privacy
+
+    check_privacy(config)
 
 
 def _apply_override(table: dict[str, Any], item: str) -> None:

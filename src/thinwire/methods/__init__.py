@@ -1,4 +1,7 @@
-"""The method registry: name -> (server side, client side, options dataclass)."""
+"""The method registry: name -> (server side, client side, options dataclass).
+
+A leaf of the import graph: method modules load by name when first asked for, so the config
+can validate against the registry without importing torch or any method."""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from thinwire.config import METHOD_NAMES
 from thinwire.errors import UsageError
 
 # name -> (module, server class, client class, options class or None)
@@ -20,6 +22,8 @@ _REGISTRY = {
     "cgfedllm": ("thinwire.methods.cgfedllm", "CGFedLLMServer", "CGFedLLMClient", "CGFedLLMOptions"),
 }
 
+METHOD_NAMES = tuple(_REGISTRY)
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -29,15 +33,9 @@ class MethodSpec:
     options: type | None
 
 
-def available() -> list[str]:
-    return [name for name in METHOD_NAMES if name in _REGISTRY]
-
-
 def get_method(name: str) -> MethodSpec:
     if name not in _REGISTRY:
-        if name in METHOD_NAMES:
-            raise UsageError(f"method {name!r} is not implemented yet; available: {', '.join(available())}")
-        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(available())}")
+        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHOD_NAMES)}")
     module_name, server, client, options = _REGISTRY[name]
     module = importlib.import_module(module_name)
     return MethodSpec(name, getattr(module, server), getattr(module, client),

@@ -356,7 +356,8 @@ class FedPTServer(FedITServer):
         """The proxy-tuned large model as `proxy.save_proxy` writes it (adapter + JSON)."""
         m = self.config.model
         lora = {"lora_rank": m.lora_rank, "lora_alpha": m.lora_alpha, "lora_dropout": m.lora_dropout,
-                "lora_targets": list(m.lora_targets)}
+                "lora_targets": list(m.lora_targets),
+                **{f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name.startswith("small_")}}
         return save_proxy(directory, self.expert, self.small_name, self.large_name, self.options.alpha, lora,
                           seed=self.config.federation.seed, anti_adapter=self.anti_weights,
                           extra={"distill": self.options.distill})

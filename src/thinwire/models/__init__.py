@@ -7,12 +7,11 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-
-from transformers.utils import logging as hf_logging
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from thinwire.config import ModelConfig
 from thinwire.errors import UsageError
+from thinwire.models.pretrained import from_pretrained
 
 BUILTIN = ("tiny", "smollm2-135m", "tiny-small", "smollm2-small")
 
@@ -41,7 +40,7 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 def load_model(cfg: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the base model and tokenizer named by `cfg`, on its device and dtype, in eval mode."""
-    model, tokenizer = _load(cfg.name, seed)
+    model, tokenizer = _load(cfg, seed)
     device = resolve_device(cfg.device)
     model.to(device=device, dtype=resolve_dtype(cfg.dtype, device))
     model.eval()
@@ -55,26 +54,27 @@ SMALL_MODELS = ("tiny-small", "smollm2-small")  # built-in device models that sh
 SMALL_PAIRS = {"tiny": "tiny-small", "smollm2-135m": "smollm2-small"}
 
 
-def _load(name: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load(cfg: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    name = cfg.name
     if name == "tiny":
         from thinwire.models.tiny import build_tiny
 
         return build_tiny(seed)
     if name in SMALL_MODELS:
-        from thinwire.models.small import load_small
+        from thinwire.models.small import load_small, recipe_of
 
-        return load_small(name, seed)
+        return load_small(name, seed, recipe_of(cfg))
     if name == "smollm2-135m":
         from thinwire.models.smollm2 import prepare
 
-        return _from_pretrained(str(prepare()), local_only=True)
+        return from_pretrained(str(prepare()), local_only=True)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UsageError(f"model file {path} does not exist; pass an existing .gguf file")
-        return _from_pretrained(str(path.parent), local_only=True, gguf_file=path.name)
+        return from_pretrained(str(path.parent), local_only=True, gguf_file=path.name)
     if path.is_dir():
-        return _from_pretrained(str(path), local_only=True)
+        return from_pretrained(str(path), local_only=True)
     if path.exists() or name.startswith((".", "/", "~")):
         raise UsageError(f"model {name!r} is not a model directory or .gguf file")
     if name.count("/") != 1:
@@ -86,7 +86,7 @@ def _load(name: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
 def _from_hub(repo_id: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Cached copy first; then the hub with short timeouts, so an unreachable hub fails fast."""
     try:
-        return _from_pretrained(repo_id, local_only=True)
+        return from_pretrained(repo_id, local_only=True)
     except UsageError:
         pass
     if os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -94,22 +94,7 @@ def _from_hub(repo_id: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
                          "download it on a connected machine or pass a local directory")
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
-    return _from_pretrained(repo_id, local_only=False)
-
-
-def _from_pretrained(source: str, local_only: bool, gguf_file: str | None = None):
-    hf_logging.disable_progress_bar()
-    kwargs = {"local_files_only": local_only}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot load model {source!r}: {first}; check the name, "
-                         "or pass a local directory when the hub is unreachable") from exc
-    return model, tokenizer
+    return from_pretrained(repo_id, local_only=False)
 
 
 def vocab_rows(model: torch.nn.Module) -> int:

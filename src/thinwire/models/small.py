@@ -16,7 +16,7 @@
   per token. Built on first use (675 s of healing on 2 cores) and cached under
   `cache_root()/models/smollm2-small` (temp dir + atomic rename, like smollm2.py).
 
-Healing data (`THINWIRE_SMALL_HEAL_DATA`, recorded as `heal_data`): `disjoint` (the default) uses
+Healing data (`[model] small_heal_data`, recorded as `heal_data`): `disjoint` (the default) uses
 only the built-in families that the headline work (benchmarks/compare_smollm2.toml) neither trains
 nor evaluates on: its eight `data.tasks` and its four held-out families (`HEADLINE_FAMILIES`) are
 left out of the healing text, and of the calibration batches that choose the head's directions
@@ -47,17 +47,16 @@ session.) The cached directory is a plain Hugging Face
 model (the pruned layers with the tied head) plus `lowrank_head.safetensors`; `load_small`
 installs the factorised head from it.
 
-The recipe comes from the environment so a loaded machine can build a cheaper model, and so
-other recipes can be measured (`RECIPE`; `benchmarks/small_model.py`):
-`THINWIRE_SMALL_LAYERS` (30), `THINWIRE_SMALL_MLP_WIDTH` (256; 0 keeps the MLPs whole),
-`THINWIRE_SMALL_KEEP_LAST` (0: how many of the layers are the large model's last ones),
-`THINWIRE_SMALL_HEAL_STEPS` (180, ~3.7 s a step on 2 cores: the teacher's forward and the
-student's backward dominate), `THINWIRE_SMALL_HEAD_RANK` (96; 0 keeps the full tied head),
-`THINWIRE_SMALL_HEAL_PER_FAMILY` (8), `THINWIRE_SMALL_HEAL_FOCUS` (`all`, or `response`: the KL
-on the response positions plus a quarter of the prompt's), `THINWIRE_SMALL_HEAL_DATA` (`disjoint`,
-or `all`: see Healing data above). The earlier default is
-`THINWIRE_SMALL_LAYERS=11 THINWIRE_SMALL_MLP_WIDTH=0 THINWIRE_SMALL_HEAL_STEPS=320`. The marker
-file records what was run (recipe, KL before/after, seconds, FLOPs); a cached model built with
+The recipe is part of the run's config (`[model] small_*`, recorded in config.toml), so a loaded
+machine can build a cheaper model and other recipes can be measured (`RECIPE`;
+`benchmarks/small_model.py`): `small_layers` (30), `small_mlp_width` (256; 0 keeps the MLPs
+whole), `small_keep_last` (0: how many of the layers are the large model's last ones),
+`small_heal_steps` (180, ~3.7 s a step on 2 cores: the teacher's forward and the student's
+backward dominate), `small_head_rank` (96; 0 keeps the full tied head), `small_heal_per_family`
+(8), `small_heal_focus` (`all`, or `response`: the KL on the response positions plus a quarter of
+the prompt's), `small_heal_data` (`disjoint`, or `all`: see Healing data above). The earlier
+default is `small_layers = 11, small_mlp_width = 0, small_heal_steps = 320`. The marker file
+records what was run (recipe, KL before/after, seconds, FLOPs); a cached model built with
 another recipe is rebuilt.
 
 Compute: per token, a decoder layer of SmolLM2-135M costs ~2 x 3.54M FLOPs (attention 0.89M
@@ -79,21 +78,23 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from thinwire.config import ModelConfig
+
 NAME = "smollm2-small"
 TINY_NAME = "tiny-small"
-LAYERS = 30
-KEEP_LAST = 0
-MLP_WIDTH = 256
-HEAD_RANK = 96
+LAYERS = ModelConfig.small_layers  # the recipe's defaults are the config's (`[model] small_*`)
+KEEP_LAST = ModelConfig.small_keep_last
+MLP_WIDTH = ModelConfig.small_mlp_width
+HEAD_RANK = ModelConfig.small_head_rank
 TINY_LAYERS = 1
-HEAL_STEPS = 180
+HEAL_STEPS = ModelConfig.small_heal_steps
 HEAL_BATCH = 4
 HEAL_LR = 5e-4
 HEAL_MAX_LENGTH = 96
-HEAL_PER_FAMILY = 8
-HEAL_FOCUS = "all"
+HEAL_PER_FAMILY = ModelConfig.small_heal_per_family
+HEAL_FOCUS = ModelConfig.small_heal_focus
 HEAL_FOCI = ("all", "response")
-HEAL_DATA = "disjoint"
+HEAL_DATA = ModelConfig.small_heal_data
 HEAL_DATAS = ("disjoint", "all")
 # the headline work's evaluation families (benchmarks/compare_smollm2.toml: data.tasks, then the
 # held-out ones): `disjoint` healing leaves them out
@@ -250,42 +251,33 @@ def prepared_dir(root: Path | None = None) -> Path:
     return Path(root if root is not None else cache_root()).expanduser() / "models" / NAME
 
 
-# recipe key -> (environment variable, default, value of a marker that lacks the key: what the
-# earlier builds did). The defaults are the fifth session's model.
+# recipe key -> (default, value of a marker that lacks the key: what the earlier builds did)
 RECIPE = {
-    "layers": ("THINWIRE_SMALL_LAYERS", LAYERS, 0),
-    "keep_last": ("THINWIRE_SMALL_KEEP_LAST", KEEP_LAST, 0),
-    "mlp_width": ("THINWIRE_SMALL_MLP_WIDTH", MLP_WIDTH, 0),
-    "heal_steps": ("THINWIRE_SMALL_HEAL_STEPS", HEAL_STEPS, 0),
-    "head_rank": ("THINWIRE_SMALL_HEAD_RANK", HEAD_RANK, 0),
-    "heal_per_family": ("THINWIRE_SMALL_HEAL_PER_FAMILY", HEAL_PER_FAMILY, 8),
-    "heal_focus": ("THINWIRE_SMALL_HEAL_FOCUS", HEAL_FOCUS, "all"),
-    "heal_data": ("THINWIRE_SMALL_HEAL_DATA", HEAL_DATA, "all"),
+    "layers": (LAYERS, 0),
+    "keep_last": (KEEP_LAST, 0),
+    "mlp_width": (MLP_WIDTH, 0),
+    "heal_steps": (HEAL_STEPS, 0),
+    "head_rank": (HEAD_RANK, 0),
+    "heal_per_family": (HEAL_PER_FAMILY, 8),
+    "heal_focus": (HEAL_FOCUS, "all"),
+    "heal_data": (HEAL_DATA, "all"),
 }
-CHOICES = {"heal_focus": HEAL_FOCI, "heal_data": HEAL_DATAS}  # the recipe keys that are words
 
 
 def recipe(**overrides: Any) -> dict[str, Any]:
-    """What `smollm2-small` is built with: `overrides`, else the environment, else the defaults."""
-    want = {}
-    for key, (variable, default, _) in RECIPE.items():
-        if overrides.get(key) is not None:
-            want[key] = overrides[key]
-        elif key in CHOICES:
-            want[key] = os.environ.get(variable, "").strip() or default
-            if want[key] not in CHOICES[key]:
-                from thinwire.errors import UsageError
+    """What `smollm2-small` is built with: `overrides` (None: the default) over the defaults."""
+    return {key: default if overrides.get(key) is None else overrides[key] for key, (default, _) in RECIPE.items()}
 
-                raise UsageError(f"{variable} = {want[key]!r}: choose one of {', '.join(CHOICES[key])}")
-        else:
-            want[key] = _env_int(variable, default)
-    return want
+
+def recipe_of(model: ModelConfig) -> dict[str, Any]:
+    """The recipe a config's `[model] small_*` keys name."""
+    return {key: getattr(model, f"small_{key}") for key in RECIPE}
 
 
 def is_ready(root: Path | None = None, **overrides: Any) -> bool:
     """Built, complete, and built with this `recipe`."""
     info = _marker(prepared_dir(root))
-    return info is not None and all(info.get(k, RECIPE[k][2]) == v for k, v in recipe(**overrides).items())
+    return info is not None and all(info.get(k, RECIPE[k][1]) == v for k, v in recipe(**overrides).items())
 
 
 def _marker(target: Path) -> dict[str, Any] | None:
@@ -302,22 +294,12 @@ def describe(root: Path | None = None) -> dict[str, Any]:
     target = prepared_dir(root)
     info = _marker(target) if is_ready(root) else None
     ratio = info["flops_per_token"] / info["large_flops_per_token"] if info else None
-    shape = {k: info.get(k, RECIPE[k][2]) for k in RECIPE} if info else recipe()
+    shape = {k: info.get(k, RECIPE[k][1]) for k in RECIPE} if info else recipe()
     return {"name": NAME, "ready": info is not None, "path": str(target),
             **{k: shape[k] for k in ("layers", "keep_last", "mlp_width", "heal_focus", "head_rank")},
             "parameters": info["parameters"] if info else None,
             "size_bytes": sum(f.stat().st_size for f in target.iterdir() if f.is_file()) if info else None,
             "compute_ratio": ratio}
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    try:
-        return int(value) if value else default
-    except ValueError:
-        from thinwire.errors import UsageError
-
-        raise UsageError(f"{name} = {value!r} is not an integer") from None
 
 
 def heal_families(data: str = HEAL_DATA) -> list[str]:
@@ -563,9 +545,9 @@ def prepare(root: Path | None = None, show_progress: bool = True, **overrides: A
 
 def load_prepared(directory: Path):
     """(model, tokenizer) of a prepared `smollm2-small` directory, its factorised head installed."""
-    from thinwire.models import _from_pretrained
+    from thinwire.models.pretrained import from_pretrained
 
-    model, tokenizer = _from_pretrained(str(directory), local_only=True)
+    model, tokenizer = from_pretrained(str(directory), local_only=True)
     if (directory / HEAD_FILE).is_file():
         factors = load_file(str(directory / HEAD_FILE))
         head = FactorisedHead(factors["down"].shape[1], factors["down"].shape[0], factors["up"].shape[0])
@@ -574,10 +556,10 @@ def load_prepared(directory: Path):
     return model, tokenizer
 
 
-def load_small(name: str, seed: int):
-    """(model, tokenizer) for `tiny-small` or `smollm2-small`."""
+def load_small(name: str, seed: int, small_recipe: dict[str, Any] | None = None):
+    """(model, tokenizer) for `tiny-small` or `smollm2-small` (built with `small_recipe`)."""
     if name == TINY_NAME:
         return build_tiny_small(seed)
     if name == NAME:
-        return load_prepared(prepare())
+        return load_prepared(prepare(**(small_recipe or {})))
     raise ValueError(f"unknown small model {name!r}")

@@ -10,9 +10,9 @@ Two ways to run them:
   (see `thinwire.runtime.deploy`). The components are `server_app` and `client_app` of this module;
   the run config keys `config`, `set` and `out` name the experiment (see `config_from_run_config`).
 
-The server side is the local runtime's loop: `server.setup()`, base evaluation, then per round the
-same seeded sample (`sample_clients`), one download per sampled client, `server.aggregate`, the
-same evaluation, the same run directory (records.py, RunDir). What changes is transport:
+The server side is the round engine every runtime shares (runtime/engine.py: sampling,
+simulated faults, validation, retries, aggregation, evaluation, records, checkpoints and
+`--resume`) over a Flower transport (runtime/flower_server.py). What changes is transport:
 
 - Each thinwire client id is a Flower *partition id*. Before round 1 the server sends every
   SuperNode a `query.thinwire_hello` carrying the resolved config (TOML); the ClientApp keeps it in
@@ -25,9 +25,11 @@ same evaluation, the same run directory (records.py, RunDir). What changes is tr
   full-weight FedAvg download is hundreds of MB; a single ConfigRecord value would have to fit
   one transport message) and deduplicates identical chunks; and because decoding stays ours
   (`Payload.decode` validates everything; Flower's numpy path never runs, nothing is unpickled).
-- The ClientApp decodes, runs `client.fit` with the client's `ClientState` (kept in
-  `Context.state` as encoded Payload bytes, the same Array form) and replies with the upload
-  bytes, the example count and the client's metrics (a MetricRecord).
+- The ClientApp decodes, runs `client.fit` with the client's `ClientState` and replies with the
+  upload bytes, the example count and the client's metrics (a MetricRecord). The state lives on
+  the node's disk, by round (`load_client_state`), under `$THINWIRE_REPLICAS/<run key>`: the run
+  key (RunDir.run_key) outlives Flower's run id, so a ServerApp resumed from its checkpoint finds
+  every client's state, and every replica, as of the checkpoint's round.
 - Traffic is thinwire's payload bytes, counted exactly as the local runtime counts them
   (records.py): every download the SuperLink accepted counts, whatever became of the client, and
   every reply that arrived (malformed, rejected or discarded for a round with too few included);
@@ -39,13 +41,14 @@ same evaluation, the same run directory (records.py, RunDir). What changes is tr
   record; a client's stay in its process's stderr.
 - A client whose ClientApp raises, whose node is gone, or that does not answer within
   `federation.round_timeout_s` costs that client's update for the round; it is logged in the
-  round record under `failures` and the run goes on. A round in which no client answered skips
-  aggregation.
+  round record under `failures` and the run goes on; the engine's too-few rule (skip or retry)
+  applies as on the local runtime.
 
 In deployment a SuperNode starts the ClientApp afresh for every message: the base model is
 reloaded from its cached safetensors each time, and methods that keep a model replica
 (`ReplicaClient`) resume it from `$THINWIRE_REPLICAS` (default `$THINWIRE_CACHE/replicas`).
-In simulation the Ray actors persist, so the workbench and replica are reused across messages.
+In simulation the Ray actors persist, so the workbench and replica are reused across messages,
+and `$THINWIRE_REPLICAS` is `<out>.partial/nodes` (removed when the run finishes).
 
 Heavy imports (torch, transformers, the methods) happen inside the handlers, so a hello message
 costs a node little more than starting Python and Flower.
@@ -53,349 +56,29 @@ costs a node little more than starting Python and Flower.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from thinwire.config import Config, from_dict, load_config, to_toml
+from thinwire.config import Config, from_dict, load_config
 from thinwire.errors import UsageError
+from thinwire.runtime.flower_wire import (BASE_DIGEST, DATA_PATH, FINGERPRINT, META, METRICS, PARTITION_ID, PAYLOAD,
+                                          RUN_KEY, STATE_CONFIG, config_digest, pack, unpack)
 from thinwire.seeding import random_fingerprint
 
 if TYPE_CHECKING:
-    from thinwire.methods.base import ClientSide
-
-HELLO = "query.thinwire_hello"
-FIT = "train.thinwire_fit"
-STYPE = "thinwire.payload"
-META = "thinwire"            # ConfigRecord: round, client, config digest, counts
-PAYLOAD = "payload"          # ArrayRecord holding one Array of payload bytes
-METRICS = "metrics"          # MetricRecord: the client's upload metrics
-STATE_CONFIG = "thinwire.config"  # Context.state keys on the client
-STATE_CLIENT = "thinwire.client-state"
-PARTITION_ID = "partition-id"
-FINGERPRINT = "random-fingerprint"
-BASE_DIGEST = "base-digest"
-DATA_PATH = "data-path"
-DEFAULT_ROUND_TIMEOUT_S = 600.0
-POLL_S = 0.25
-
-
-# --- wire helpers ---------------------------------------------------------------------------
-
-def pack(data: bytes) -> ArrayRecord:
-    """Payload bytes as a one-Array record (uint8, stype `thinwire.payload`)."""
-    return ArrayRecord({PAYLOAD: Array(dtype="uint8", shape=(len(data),), stype=STYPE, data=bytes(data))})
-
-
-def unpack(record: ArrayRecord) -> bytes:
-    array = record.get(PAYLOAD)
-    if array is None or array.stype != STYPE or array.dtype != "uint8" or tuple(array.shape) != (len(array.data),):
-        raise ValueError("message does not carry a thinwire payload")
-    return array.data
-
-
-def flower_bytes(message: Message) -> int:
-    """Flower's size of a message: every distinct object of its tree as deflated for transport."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
-
-
-def config_digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_CLASS_PREFIX = re.compile(r"^<class '([\w.()]+)'>:<'")  # Flower's str(type(ex)) + ":<'" + str(ex) + "'>"
-_WRAPPER = re.compile(r"ClientAppException|RayTaskError|RayActorError")
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b[^\n]*")
-
-
-def short_reason(text: str) -> str:
-    """The telling line of an error report (Flower wraps ClientApp tracebacks in Ray's and its
-    own text): the last `SomeError: message` line, else the first line."""
-    text = _CLASS_PREFIX.sub(lambda m: f"{m.group(1).rsplit('.', 1)[-1]}: ", _ANSI.sub("", str(text)))
-    text = text[:-2] if text.endswith("'>") else text
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    found = [line for line in lines if _EXCEPTION_LINE.match(line)]
-    own = [line for line in found if not _WRAPPER.search(line)]  # the ClientApp's, not Flower's/Ray's
-    return ((own or found)[-1] if found else lines[0] if lines else "unknown error")[:500]
-
-
-def round_timeout(config: Config) -> float:
-    return float(getattr(config.federation, "round_timeout_s", DEFAULT_ROUND_TIMEOUT_S))
-
-
-# --- server side ----------------------------------------------------------------------------
-
-@dataclass
-class _Link:
-    """What the server knows of the federation's nodes: partition (client id) -> node id."""
-
-    grid: Grid
-    hello: RecordDict
-    timeout_s: float
-    nodes: dict[int, int] = field(default_factory=dict)
-    flower_bytes: int = 0
-    # what a node must match to join (`refusal`): the base weights' digest, and the random
-    # fingerprint where the method rebuilds state from shared seeds
-    expected: dict[str, str] = field(default_factory=dict)
-    warn: Callable[[str], None] = print
-
-    def discover(self, wanted: set[int], wait: bool) -> None:
-        """Ask nodes not yet mapped which partition they own; with `wait`, until all of `wanted`
-        are mapped or the round timeout passes (nodes may still be connecting)."""
-        deadline = time.monotonic() + self.timeout_s
-        asked: set[int] = set()
-        while True:
-            online = set(self.grid.get_node_ids())
-            self.nodes = {cid: node for cid, node in self.nodes.items() if node in online}
-            fresh = sorted(online - set(self.nodes.values()) - asked)
-            if fresh:
-                asked.update(fresh)
-                messages = [Message(self.hello, dst_node_id=node, message_type=HELLO, ttl=self.timeout_s)
-                            for node in fresh]
-                self.flower_bytes += sum(flower_bytes(m) for m in messages)
-                replies, _ = exchange(self.grid, messages, max(1.0, deadline - time.monotonic()))
-                for reply in replies.values():
-                    if reply.has_error():
-                        log(logging.WARNING, "node %s refused the hello: %s", reply.metadata.src_node_id,
-                            reply.error.reason)
-                        continue
-                    self._adopt(reply)
-            if wanted <= self.nodes.keys() or not wait or time.monotonic() >= deadline:
-                return
-            time.sleep(1.0)
-
-    def _adopt(self, reply: Message) -> None:
-        self.flower_bytes += flower_bytes(reply)
-        node = reply.metadata.src_node_id
-        try:
-            cid = int(reply.content[META][PARTITION_ID])
-        except (KeyError, TypeError, ValueError):
-            log(logging.WARNING, "node %s sent a malformed hello reply", node)
-            return
-        reason = refusal(dict(reply.content[META]), self.expected)
-        if reason is not None:
-            self.warn(f"the node of partition {cid} was refused: {reason}")
-            return
-        if cid in self.nodes and self.nodes[cid] != node:
-            self.warn(f"nodes {self.nodes[cid]} and {node} both claim partition {cid}; keeping the first "
-                      "(start every SuperNode with its own partition-id, and use node authentication)")
-            return
-        self.nodes[cid] = node
-
-    def forget(self, cid: int) -> None:
-        self.nodes.pop(cid, None)
-
-
-def refusal(hello: dict[str, Any], expected: dict[str, str]) -> str | None:
-    """Why a node whose hello reply is `hello` may not join (None: it may)."""
-    if BASE_DIGEST in expected and hello.get(BASE_DIGEST) != expected[BASE_DIGEST]:
-        return "its base model's weights differ from the server's (another checkpoint or model.name)"
-    if FINGERPRINT in expected and hello.get(FINGERPRINT) != expected[FINGERPRINT]:
-        return ("it draws other random bits from the same seeds (its torch kernels differ: set "
-                "ATEN_CPU_CAPABILITY alike on every machine), so its replica would drift from the server's")
-    return None
-
-
-def exchange(grid: Grid, messages: list[Message], timeout_s: float) -> tuple[dict[int, Message], set[int]]:
-    """Push `messages`, pull replies until all arrived or `timeout_s` passed.
-
-    Returns the replies by index into `messages`, and the indices whose push failed.
-    (Grid.send_and_receive polls every 3 s on a deployment; this polls every 0.25 s.)
-    """
-    ids = list(grid.push_messages(messages))
-    failed = {i for i, mid in enumerate(ids) if not mid}
-    waiting = {mid: i for i, mid in enumerate(ids) if mid}
-    replies: dict[int, Message] = {}
-    deadline = time.monotonic() + timeout_s
-    while waiting:
-        for reply in grid.pull_messages(list(waiting)):
-            index = waiting.pop(reply.metadata.reply_to_message_id, None)
-            if index is not None:
-                replies[index] = reply
-        if not waiting or time.monotonic() >= deadline:
-            break
-        time.sleep(POLL_S)
-    return replies, failed
-
-
-def serve(grid: Grid, config: Config, out: Path, quiet: bool = True, runtime: str = "flower") -> dict[str, Any]:
-    """The ServerApp's whole run; writes the run directory and returns the summary."""
-    from thinwire.data import build_federation
-    from thinwire.methods import get_method
-    from thinwire.runtime.rundir import RunDir
-
-    spec = get_method(config.method.name)
-    federation = build_federation(config)
-    run_dir = RunDir(out)
-    run_dir.open(config)
-    try:
-        summary, server = _federate(grid, config, spec, federation, run_dir, quiet, runtime)
-    except BaseException:
-        run_dir.abandon()
-        raise
-    run_dir.finish(summary, server)
-    return summary
-
-
-def _federate(grid, config, spec, federation, run_dir, quiet, runtime):
-    from thinwire.methods.base import Reply, RunContext, Workbench
-    from thinwire.runtime import records
-    from thinwire.runtime.display import make_progress
-    from thinwire.methods.validate import rejection as rejection_reason
-    from thinwire.runtime.local import sample_clients
-    from thinwire.wire import Payload
-
-    fed = config.federation
-    started = time.perf_counter()
-    timeout_s = round_timeout(config)
-    workbench = Workbench(config)
-    ctx = RunContext(config, workbench, partition_sizes=[len(c) for c in federation.clients])
-    warnings = records.Warnings(ctx)  # the server's (a client's warnings stay in its process)
-    if fed.failure_rate or fed.straggler_rate:
-        ctx.warn("federation.failure_rate and straggler_rate are simulated by the local runtime only; "
-                 "on Flower, clients fail for real or not at all")
-    if fed.on_too_few == "retry":
-        ctx.warn("federation.on_too_few = 'retry' is not implemented on Flower: a round with too few replies "
-                 "is skipped")
-    server = spec.server(ctx)
-    text = to_toml(config)
-    digest = config_digest(text)
-    link = _Link(grid, RecordDict({META: ConfigRecord({"config": text, "config-sha": digest})}), timeout_s,
-                 warn=ctx.warn)
-
-    def evaluate_global() -> dict[str, float]:
-        return records.evaluate_global(config, server, workbench.tokenizer, federation, run_dir)
-
-    progress = make_progress()
-    rounds: list[dict[str, Any]] = []
-    with progress if not quiet else contextlib.nullcontext():
-        rounds_bar = progress.add_task("rounds", total=fed.rounds)
-        server.setup()
-        link.expected[BASE_DIGEST] = server.ctx.workbench.base_digest  # the model devices start from
-        if server.needs_shared_draws:
-            link.expected[FINGERPRINT] = random_fingerprint()
-        base_eval = evaluation = evaluate_global()
-        link.discover(set(range(fed.clients)), wait=True)
-        missing = sorted(set(range(fed.clients)) - link.nodes.keys())
-        log(logging.INFO, "thinwire: %d of %d partitions have a node%s", len(link.nodes), fed.clients,
-            f" (missing: {missing})" if missing else "")
-        for rnd in range(1, fed.rounds + 1):
-            round_start = time.perf_counter()
-            sampled = sample_clients(config, rnd)
-            hello_bytes = link.flower_bytes
-            if not set(sampled) <= link.nodes.keys():
-                link.discover(set(sampled), wait=False)
-            failures: list[dict[str, Any]] = []
-            rejected: list[dict[str, Any]] = []
-            messages, targets, sent = [], [], {}
-            for cid in sampled:
-                if cid not in link.nodes:
-                    failures.append(records.failure(cid, "no SuperNode owns this partition"))
-                    continue
-                down = server.download(rnd, cid).encode()
-                content = RecordDict({PAYLOAD: pack(down), META: ConfigRecord(
-                    {"round": rnd, "client": cid, "config-sha": digest})})
-                message = Message(content, dst_node_id=link.nodes[cid], message_type=FIT,
-                                  group_id=str(rnd), ttl=timeout_s)
-                messages.append(message)
-                targets.append(cid)
-                sent[cid] = (len(down), flower_bytes(message))
-                del down, content
-            t0 = time.perf_counter()
-            replies, push_failed = exchange(grid, messages, timeout_s) if messages else ({}, set())
-            local_s = time.perf_counter() - t0
-            del messages
-            accepted: list[tuple[int, Reply, dict[str, Any]]] = []
-            flower_down = sum(sent[cid][1] for index, cid in enumerate(targets) if index not in push_failed)
-            flower_up = sum(flower_bytes(reply) for reply in replies.values())
-            for index, cid in enumerate(targets):
-                reply = replies.pop(index, None)  # drop each reply's bytes once decoded
-                reason, up = None, None
-                down_len = None if index in push_failed else sent[cid][0]  # the download left the server
-                if index in push_failed:
-                    reason = "the SuperLink did not accept the message"
-                elif reply is None:
-                    reason = f"no reply within {timeout_s:g} s"
-                elif reply.has_error():
-                    reason = f"{short_reason(reply.error.reason)} (Flower error code {reply.error.code})"
-                    log(logging.DEBUG, "thinwire: client %d error: %s", cid, reply.error.reason)
-                if reason is None:
-                    try:
-                        up = unpack(reply.content[PAYLOAD])  # bytes that arrived count, malformed or not
-                        meta = reply.content[META]
-                        if int(meta["client"]) != cid:
-                            raise ValueError(f"reply is for client {meta['client']}")
-                        metrics = dict(reply.content[METRICS]) if METRICS in reply.content else {}
-                        examples = int(meta["num-examples"])
-                    except Exception as exc:  # a malformed reply costs that client, not the run
-                        reason = f"malformed reply: {exc}"
-                if reason is not None:
-                    failures.append(records.failure(cid, reason[:1000], down_len, None if up is None else len(up)))
-                    link.forget(cid)  # ask its node again when next sampled (it may have restarted)
-                    continue
-                try:  # the same checks as the local runtime: size cap, then the method's validation
-                    decoded = Payload.decode(up, max_bytes=server.max_upload_bytes() + (1 << 20))
-                    server.validate(Reply(cid, decoded, examples, metrics))
-                except Exception as exc:  # a hostile upload may break validation any way: its sender pays
-                    rejected.append(records.failure(cid, rejection_reason(exc), down_len, len(up)))
-                    continue
-                record = records.client_record(
-                    cid, down_len, len(up), examples, metrics, node=reply.metadata.src_node_id,
-                    flower_downlink_bytes=sent[cid][1], flower_uplink_bytes=flower_bytes(reply),
-                    clientapp_age_s=float(meta.get("process-age-s", -1.0)), import_s=float(meta.get("import-s", 0.0)),
-                    setup_s=float(meta.get("setup-s", 0.0)))
-                accepted.append((cid, Reply(cid, decoded, examples, metrics), record))
-                del reply, up
-            accepted.sort(key=lambda item: item[0])  # aggregate in client order, as the local runtime does
-            failures.sort(key=lambda f: f["client"])
-            for failure in failures:
-                log(logging.WARNING, "thinwire: round %d: client %d failed: %s", rnd, failure["client"],
-                    failure["reason"])
-            skipped = len(accepted) < max(fed.min_replies, 1)
-            if skipped and accepted:
-                failures.extend(records.discarded([record for _, _, record in accepted], fed.min_replies))
-                accepted = []
-            aggregate, round_eval, times = records.close_round(
-                config, server, rnd, [r for _, r, _ in accepted], skipped, evaluate_global, local_s, round_start)
-            if round_eval is not None:
-                evaluation = round_eval
-            clients = [record for _, _, record in accepted]
-            rounds.append(records.round_record(
-                rnd, spec.name, sampled, clients, aggregate, round_eval, times, phase=server.phase(rnd),
-                failures=failures, rejected=rejected, skipped=skipped, warnings=warnings.take(),
-                flower_downlink_bytes=flower_down, flower_uplink_bytes=flower_up,
-                flower_control_bytes=link.flower_bytes - hello_bytes))
-            run_dir.log_round(rounds[-1])
-            log(logging.INFO, "thinwire: round %d/%d: %d/%d clients ok, %d B down, %d B up%s", rnd, fed.rounds,
-                len(clients), len(sampled), rounds[-1]["downlink_bytes"], rounds[-1]["uplink_bytes"],
-                f", loss {round_eval['loss']:.4f}" if round_eval and "loss" in round_eval else "")
-            progress.advance(rounds_bar)
-    summary = records.summary(
-        config, spec.name, rounds, base_eval, evaluation, server.trainable_parameters(),
-        time.perf_counter() - started, runtime=runtime,
-        flower_downlink_bytes_total=sum(r["flower_downlink_bytes"] for r in rounds),
-        flower_uplink_bytes_total=sum(r["flower_uplink_bytes"] for r in rounds),
-        flower_control_bytes_total=link.flower_bytes,
-        failures_total=sum(len(r["failures"]) for r in rounds))
-    return summary, server
-
+    from thinwire.methods.base import ClientSide, ClientState
 
 # --- client side ----------------------------------------------------------------------------
 
@@ -405,6 +88,7 @@ class _Host:
 
     config: Config
     digest: str
+    run_key: str
     client: ClientSide
     examples: dict[tuple[int, str], list[dict]] = field(default_factory=dict)
 
@@ -445,7 +129,8 @@ def _host(context: Context) -> tuple[_Host, float]:
         raise RuntimeError("thinwire: this node has no config for the run (it restarted?); "
                            "the server will send it again")
     text, digest = str(saved["config"]), str(saved["config-sha"])
-    if _HOST is not None and _HOST.digest == digest:
+    run_key = str(saved.get(RUN_KEY, digest[:20]))
+    if _HOST is not None and _HOST.digest == digest and _HOST.run_key == run_key:
         return _HOST, 0.0
     t0 = time.perf_counter()
     _HOST = None
@@ -456,9 +141,9 @@ def _host(context: Context) -> tuple[_Host, float]:
     ctx = RunContext(config, Workbench(config))
     client = get_method(config.method.name).client(ctx)
     if hasattr(client, "replica_dir"):  # ReplicaClient: survive a fresh process per message
-        client.replica_dir = replica_root() / f"{context.run_id}-{digest[:12]}"
+        client.replica_dir = replica_root() / run_key
     ctx.workbench.tokenizer  # noqa: B018 - load the base model now, so setup_s measures it
-    _HOST = _Host(config, digest, client)
+    _HOST = _Host(config, digest, run_key, client)
     return _HOST, time.perf_counter() - t0
 
 
@@ -470,6 +155,35 @@ def replica_root() -> Path:
     from thinwire.models.smollm2 import cache_root
 
     return cache_root() / "replicas"
+
+
+def load_client_state(store: Path, cid: int, rnd: int) -> ClientState:
+    """Client `cid`'s state as it was before round `rnd`: its newest stored round below `rnd`.
+
+    A client's state lives on its node's disk, by round, rather than in Flower's Context (which
+    lasts one run): a ServerApp that resumes from its round-k checkpoint reruns round k+1, and
+    finds each client's state as of round k even where a node had already finished k+1."""
+    from thinwire.methods.base import ClientState
+
+    rounds = sorted(r for r in _stored_rounds(store, cid) if r < rnd)
+    return ClientState.decode((store / f"c{cid}-r{rounds[-1]}").read_bytes()) if rounds else ClientState()
+
+
+def save_client_state(store: Path, cid: int, rnd: int, state: ClientState) -> None:
+    """Store the state after round `rnd`; keep the one before it too (see `load_client_state`)."""
+    from thinwire.runtime.rundir import atomic_write
+
+    store.mkdir(parents=True, exist_ok=True)
+    atomic_write(store / f"c{cid}-r{rnd}", state.encode())
+    for old in sorted(_stored_rounds(store, cid))[:-2]:
+        (store / f"c{cid}-r{old}").unlink(missing_ok=True)
+
+
+def _stored_rounds(store: Path, cid: int) -> list[int]:
+    if not store.is_dir():
+        return []
+    found = (re.fullmatch(rf"c{cid}-r(\d+)", p.name) for p in store.iterdir())
+    return [int(m.group(1)) for m in found if m]
 
 
 def process_age() -> float:
@@ -505,7 +219,8 @@ def _hello(message: Message, context: Context) -> Message:
     clients = int(tomllib.loads(text).get("federation", {}).get("clients", 0) or 0)
     if clients and not 0 <= partition < clients:
         raise ValueError(f"partition-id {partition} is outside the run's {clients} clients")
-    context.state[STATE_CONFIG] = ConfigRecord({"config": text, "config-sha": digest})
+    context.state[STATE_CONFIG] = ConfigRecord({"config": text, "config-sha": digest,
+                                                RUN_KEY: str(meta.get(RUN_KEY, digest[:20]))})
     host, _ = _host(context)
     claims = {PARTITION_ID: partition, FINGERPRINT: random_fingerprint(),
               BASE_DIGEST: host.client.ctx.workbench.base_digest}
@@ -516,7 +231,6 @@ def _hello(message: Message, context: Context) -> Message:
 def _fit(message: Message, context: Context) -> Message:
     """Decode the download, run the method's client side with this client's state, reply."""
     entered, age = time.perf_counter(), process_age()
-    from thinwire.methods.base import ClientState
     from thinwire.wire import Payload
 
     import_s = time.perf_counter() - entered
@@ -529,12 +243,14 @@ def _fit(message: Message, context: Context) -> Message:
     if str(meta["config-sha"]) != host.digest:
         raise RuntimeError("thinwire: the server's config differs from the one this node holds")
     download = Payload.decode(unpack(message.content[PAYLOAD]))
-    saved = context.state.array_records.get(STATE_CLIENT)
-    state = ClientState.decode(unpack(saved)) if saved is not None else ClientState()
+    store = replica_root() / host.run_key / "states"
+    state = load_client_state(store, cid, rnd)
     examples = host.examples_for(partition, str(context.node_config.get(DATA_PATH, "") or ""))
     upload = host.client.fit(rnd, cid, download, examples, state)
-    up = upload.payload.encode()
-    context.state[STATE_CLIENT] = pack(state.encode())
+    from thinwire.privacy import privatize_upload
+
+    up = privatize_upload(host.config, rnd, cid, upload.payload, secret=True).encode()
+    save_client_state(store, cid, rnd, state)
     metrics = {k: v for k, v in upload.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     content = RecordDict({
         PAYLOAD: pack(up),
@@ -579,20 +295,24 @@ def _server_main(grid: Grid, context: Context) -> None:
     config, out = config_from_run_config(dict(context.run_config))
     log(logging.INFO, "thinwire: %s on %s, %d clients, %d rounds -> %s", config.method.name, config.model.name,
         config.federation.clients, config.federation.rounds, out.resolve())
+    from thinwire.runtime.flower_server import serve
+
     serve(grid, config, out, quiet=True, runtime="flower")
 
 
 # --- simulation -----------------------------------------------------------------------------
 
 def make_server_app(config: Config, out: Path, quiet: bool, result: dict[str, Any],
-                    runtime: str = "flower-sim") -> ServerApp:
+                    runtime: str = "flower-sim", resume: bool = False) -> ServerApp:
     """A ServerApp bound to one experiment (the simulation's); the summary lands in `result`."""
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
+        from thinwire.runtime.flower_server import serve
+
         result["run_id"] = grid.run.run_id
-        result["summary"] = serve(grid, config, out, quiet=quiet, runtime=runtime)
+        result["summary"] = serve(grid, config, out, quiet=quiet, runtime=runtime, resume=resume)
 
     return app
 
@@ -616,48 +336,46 @@ def simulation_backend(config: Config, num_cpus: int | None = None) -> dict[str,
 
 
 def run_flower_sim(config: Config, out: Path, quiet: bool = False, *, num_cpus: int | None = None,
-                   client_app: ClientApp | None = None) -> dict[str, Any]:
+                   client_app: ClientApp | None = None, resume: bool = False) -> dict[str, Any]:
     """`thinwire run --runtime flower-sim`: the experiment on Flower's simulation engine.
 
-    Writes the same run directory as `run_local` and returns the summary. `num_cpus` bounds the
-    concurrent clients (default: the machine's cores). `client_app` replaces this module's
-    ClientApp (tests wrap it to inject failures).
+    Writes the same run directory as `run_local` and returns the summary; `resume=True`
+    continues `<out>.partial` from its checkpoint. `num_cpus` bounds the concurrent clients
+    (default: the machine's cores). `client_app` replaces this module's ClientApp (tests wrap it
+    to inject failures). What the simulated nodes keep on disk (replicas, client states) lives in
+    `<out>.partial/nodes` while the run is open, so a resumed run finds it.
     """
     from flwr.simulation import run_simulation
 
     from thinwire.methods import get_method
-    from thinwire.runtime.display import console, summary_table
 
     out = Path(out)
     get_method(config.method.name)  # fail before Ray starts
     if out.exists():
         raise UsageError(f"output directory {out} already exists; pass a new --out or remove it")
+    nodes = out.with_name(out.name + ".partial") / "nodes"
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    replicas = tempfile.mkdtemp(prefix="thinwire-replicas-")
     previous_replicas = os.environ.get("THINWIRE_REPLICAS")
-    os.environ["THINWIRE_REPLICAS"] = replicas  # Ray workers inherit it; removed with the run
+    os.environ["THINWIRE_REPLICAS"] = str(nodes.resolve())  # Ray workers inherit it
     flwr_logger = logging.getLogger("flwr")
     previous_level = flwr_logger.level
     flwr_logger.setLevel(logging.CRITICAL + 1 if quiet else logging.ERROR)
     result: dict[str, Any] = {}
     try:
-        run_simulation(make_server_app(config, out, quiet, result), client_app or globals()["client_app"],
+        run_simulation(make_server_app(config, out, quiet, result, resume=resume), client_app or globals()["client_app"],
                        num_supernodes=config.federation.clients,
                        backend_config=simulation_backend(config, num_cpus))
     finally:
         flwr_logger.setLevel(previous_level)
-        shutil.rmtree(replicas, ignore_errors=True)
         if previous_replicas is None:
             os.environ.pop("THINWIRE_REPLICAS", None)
         else:
             os.environ["THINWIRE_REPLICAS"] = previous_replicas
     if "summary" not in result:
         raise RuntimeError("the Flower simulation ended without a summary; see the log above")
-    if not quiet:
-        console.print(summary_table(result["summary"]))
-        console.print(f"run directory: {out}")
+    shutil.rmtree(out / "nodes", ignore_errors=True)
     return result["summary"]

@@ -8,9 +8,11 @@ directory named `<out>` is always complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from thinwire.methods.base import ServerSide
 
 PREDICTIONS_FILE = "predictions.jsonl"
+RUN_KEY_FILE = "run-key"
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -58,6 +61,16 @@ class RunDir:
                              "pass a writable --out") from exc
         atomic_write(self.partial / "config.toml", to_toml(config))
         self._metrics = (self.partial / "metrics.jsonl").open("w")
+
+    @property
+    def run_key(self) -> str:
+        """This run's identity, kept across resumes: what remote clients key their stored state by
+        (Flower's run id changes when a ServerApp is started again)."""
+        path = self.partial / RUN_KEY_FILE
+        if not path.is_file():
+            text = f"{self.partial.resolve()}|{time.time_ns()}|{(self.partial / 'config.toml').read_text()}"
+            atomic_write(path, hashlib.sha256(text.encode()).hexdigest()[:20])
+        return path.read_text().strip()
 
     def log_round(self, record: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(record, sort_keys=True) + "\n")

@@ -1,0 +1,279 @@
+"""The round engine: every rule of a federated run, whatever carries the bytes.
+
+One loop, read top to bottom, for every runtime: seeded sampling, simulated faults, the
+size cap and validation of every upload, `min_replies` with skip or retry, aggregation,
+evaluation, the round records, checkpoints and resume. What differs between runtimes is only
+how a round's downloads reach the clients and what comes back: a `Transport` (in-process in
+runtime/local.py, Flower messages in runtime/flower.py).
+
+Faults (all logged in the round record of metrics.jsonl):
+
+- `federation.failure_rate` / `straggler_rate`: each sampled client independently fails
+  outright, or misses the round deadline, drawn from the stream (seed, "failures", round). A
+  failed client is one the server cannot reach (nothing is sent); a straggler got its download
+  and its reply never came. The engine decides both before the transport sees the round, so
+  the same clients fail in the same rounds on every runtime;
+- a client whose work raises, whose machine is gone or that misses `federation.round_timeout_s`
+  costs only its own update (`failures: [{client, reason}]`);
+- each upload is decoded under the method's size cap and checked by `server.validate`; a reply
+  that fails is dropped (`rejected: [{client, reason}]`) and never reaches the global model;
+- a round with fewer than `federation.min_replies` accepted replies is skipped (`skipped: true`)
+  or, with `on_too_few = "retry"`, resampled from the stream (seed, "sample", round, "retry", i)
+  up to `max_retries` times (`retries`).
+
+Traffic counts every byte sent (records.py). With `federation.checkpoint` (default on) the
+server's complete state, and what the transport keeps of the clients, is committed after every
+round (runtime/checkpoint.py); a resumed run continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from thinwire.config import Config
+from thinwire.data import Federation, build_federation
+from thinwire import privacy
+from thinwire.errors import UsageError
+from thinwire.methods import MethodSpec, get_method
+from thinwire.methods.base import ClientState, Reply, RunContext, ServerSide, Workbench
+from thinwire.methods.validate import rejection as rejection_reason
+from thinwire.runtime import records
+from thinwire.runtime.checkpoint import Checkpoint, ResumableRunDir
+from thinwire.runtime.display import console, make_progress, summary_table
+from thinwire.seeding import derive_seed
+from thinwire.wire import Payload
+
+
+@dataclass
+class Arrival:
+    """What became of one client's download, as the transport saw it."""
+
+    up: bytes | None = None  # the upload's bytes, when any arrived (in time or not)
+    num_examples: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    failure: str | None = None  # why there is no usable upload (None: it arrived in time)
+    delivered: bool = True  # the download left the server (its bytes count as sent)
+    measured: dict[str, Any] = field(default_factory=dict)  # the transport's own fields for the client record
+
+
+class Transport(ABC):
+    """How a round's downloads reach their clients and what comes back by the deadline."""
+
+    name = "local"
+
+    def bind(self, ctx: RunContext, federation: Federation, progress: Any, run_dir: ResumableRunDir) -> None:
+        """Called once, before the server is set up."""
+
+    def start(self, server: ServerSide) -> None:
+        """Called once, after the server is set up and before the first round (handshakes)."""
+
+    @abstractmethod
+    def exchange(self, rnd: int, downloads: dict[int, bytes]) -> tuple[dict[int, Arrival], float]:
+        """Deliver each client its download (client -> bytes, in client order); return an Arrival
+        per client and the seconds the clients' work took."""
+
+    def state(self) -> tuple[Payload | None, dict[int, ClientState]]:
+        """What the transport keeps of the clients, for the checkpoint: shared client-side state
+        and each client's ClientState (a transport whose clients keep their own: None, {})."""
+        return None, {}
+
+    def restore(self, client: Payload | None, states: dict[int, ClientState]) -> None:
+        """Adopt a checkpoint's `state()`."""
+
+    def round_fields(self) -> dict[str, Any]:
+        """Extra fields of the round record (reset for the next round)."""
+        return {}
+
+    def summary_fields(self, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+        return {}
+
+
+def sample_clients(config: Config, rnd: int, attempt: int = 0) -> list[int]:
+    """The round's clients: a seeded draw without replacement, independent of earlier rounds
+    (`attempt` > 0: the draw of that retry of the round, from its own stream)."""
+    fed = config.federation
+    keys = ("sample", rnd) if attempt == 0 else ("sample", rnd, "retry", attempt)
+    rng = np.random.default_rng(derive_seed(fed.seed, *keys))
+    return sorted(rng.choice(fed.clients, size=fed.clients_per_round, replace=False).tolist())
+
+
+def simulated_faults(config: Config, rnd: int, sampled: list[int], attempt: int = 0) -> dict[int, str]:
+    """client -> "failure" | "straggler" for the sampled clients that the simulation knocks out.
+
+    One uniform pair per sampled client (in the sample's order) from the stream
+    (seed, "failures", round[, "retry", attempt]): u₀ < failure_rate fails, else u₁ <
+    straggler_rate misses the deadline.
+    """
+    fed = config.federation
+    if not (fed.failure_rate or fed.straggler_rate):
+        return {}
+    keys = ("failures", rnd) if attempt == 0 else ("failures", rnd, "retry", attempt)
+    draws = np.random.default_rng(derive_seed(fed.seed, *keys)).random((len(sampled), 2))
+    out = {}
+    for cid, (u_fail, u_late) in zip(sampled, draws.tolist()):
+        if u_fail < fed.failure_rate:
+            out[cid] = "failure"
+        elif u_late < fed.straggler_rate:
+            out[cid] = "straggler"
+    return out
+
+
+def run(config: Config, out: Path, transport: Transport, *, quiet: bool = False, resume: bool = False,
+        runtime: str = "local") -> dict[str, Any]:
+    """Run `config` into `out` (via `<out>.partial`) over `transport`; `resume=True` continues
+    `<out>.partial` from its checkpoint."""
+    spec = get_method(config.method.name)
+    federation = build_federation(config)
+    run_dir = ResumableRunDir(out)
+    if not resume:
+        run_dir.open(config)
+    try:
+        summary, server = Rounds(config, spec, federation, run_dir, transport, quiet, runtime).run(resume)
+    except UsageError:
+        # bad input found late (model, method options): leave nothing behind unless rounds ran
+        if not resume and run_dir.logged == 0:
+            run_dir.discard()
+        else:
+            run_dir.abandon()
+        raise
+    except BaseException:
+        run_dir.abandon()
+        raise
+    Checkpoint(run_dir.partial).remove()
+    run_dir.finish(summary, server)
+    if not quiet:
+        console.print(summary_table(summary))
+        console.print(f"run directory: {out}")
+    return summary
+
+
+class Rounds:
+    """One run's rounds: the state the loop carries, and the loop."""
+
+    def __init__(self, config: Config, spec: MethodSpec, federation: Federation, run_dir: ResumableRunDir,
+                 transport: Transport, quiet: bool, runtime: str):
+        self.config, self.spec, self.federation, self.run_dir = config, spec, federation, run_dir
+        self.transport, self.quiet, self.runtime = transport, quiet, runtime
+        self.workbench = Workbench(config)
+        self.workbench.tokenizer  # noqa: B018 -- load the model now: a bad model name fails before any display
+        self.ctx = RunContext(config, self.workbench, partition_sizes=[len(c) for c in federation.clients])
+        self.warnings = records.Warnings(self.ctx)
+        self.progress = make_progress()
+        transport.bind(self.ctx, federation, self.progress, run_dir)
+        self.server = spec.server(self.ctx)
+        self.checkpoint = Checkpoint(run_dir.partial)
+
+    def evaluate(self) -> dict[str, float]:
+        return records.evaluate_global(self.config, self.server, self.workbench.tokenizer, self.federation,
+                                       self.run_dir)
+
+    def run(self, resume: bool) -> tuple[dict[str, Any], ServerSide]:
+        fed, server = self.config.federation, self.server
+        started = time.perf_counter()
+        rounds: list[dict[str, Any]] = []
+        elapsed_before = 0.0
+        with self.progress if not self.quiet else contextlib.nullcontext():
+            rounds_bar = self.progress.add_task("rounds", total=fed.rounds)
+            server.setup()
+            restored = self.checkpoint.load(self.config) if resume else None
+            if restored is not None:
+                server.load_state_dict(restored.server)
+                self.transport.restore(restored.client, restored.states)
+                rounds, base_eval, evaluation = restored.rounds, restored.base_eval, restored.evaluation
+                elapsed_before = restored.elapsed_s
+                self.progress.update(rounds_bar, completed=restored.round)
+            if resume:
+                self.run_dir.reopen(self.config, rounds)
+            if restored is None:
+                base_eval = evaluation = self.evaluate()
+            self.transport.start(server)
+            for rnd in range(len(rounds) + 1, fed.rounds + 1):
+                record, round_eval = self.round(rnd)
+                if self.config.privacy.dp != "none":
+                    record["epsilon"] = privacy.epsilon(self.config, [*rounds, record])
+                if round_eval is not None:
+                    evaluation = round_eval
+                rounds.append(record)
+                self.run_dir.log_round(record)
+                if fed.checkpoint and rnd < fed.rounds:
+                    state = server.state_dict()
+                    if state is not None:
+                        client, states = self.transport.state()
+                        self.checkpoint.save(self.config, rnd, state, client, states, self.run_dir.metrics_mark(),
+                                             base_eval, evaluation, elapsed_before + time.perf_counter() - started)
+                self.progress.advance(rounds_bar)
+        summary = records.summary(self.config, self.spec.name, rounds, base_eval, evaluation,
+                                  server.trainable_parameters(), elapsed_before + time.perf_counter() - started,
+                                  runtime=self.runtime, **self.transport.summary_fields(rounds))
+        if self.config.privacy.dp != "none":
+            summary["privacy"] = privacy.summary(self.config, rounds)
+        return summary, server
+
+    def round(self, rnd: int) -> tuple[dict[str, Any], dict[str, float] | None]:
+        """Round `rnd`, retried while it has too few replies and retries are left."""
+        fed, server = self.config.federation, self.server
+        round_start = time.perf_counter()
+        failures: list[dict[str, Any]] = []
+        rejected: list[dict[str, Any]] = []
+        retries, local_s = 0, 0.0
+        while True:
+            sampled = sample_clients(self.config, rnd, retries)
+            faults = simulated_faults(self.config, rnd, sampled, retries)
+            downloads: dict[int, bytes] = {}
+            failed: list[dict[str, Any]] = []  # this attempt's, logged in client order
+            for cid in sampled:
+                if faults.get(cid) == "failure":  # unreachable: its download is never sent
+                    failed.append(records.failure(cid, "simulated failure (federation.failure_rate)"))
+                    continue
+                down = server.download(rnd, cid).encode()
+                if faults.get(cid) == "straggler":
+                    failed.append(records.failure(
+                        cid, f"no reply within {fed.round_timeout_s:g} s (simulated straggler)", len(down)))
+                    continue
+                downloads[cid] = down
+            arrivals, took = self.transport.exchange(rnd, downloads) if downloads else ({}, 0.0)
+            local_s += took
+            replies, clients = [], []
+            for cid, down in downloads.items():
+                arrival = arrivals[cid]
+                down_len = len(down) if arrival.delivered else None
+                up_len = None if arrival.up is None else len(arrival.up)
+                if arrival.failure is not None:
+                    failed.append(records.failure(cid, arrival.failure[:1000], down_len, up_len))
+                    continue
+                try:  # the size cap, then the method's own checks
+                    reply = Reply(cid, Payload.decode(arrival.up, max_bytes=server.max_upload_bytes() + (1 << 20)),
+                                  arrival.num_examples, arrival.metrics)
+                    server.validate(reply)
+                except Exception as exc:  # a hostile upload may break validation any way: its sender pays
+                    rejected.append(records.failure(cid, rejection_reason(exc), down_len, up_len))
+                    continue
+                replies.append(reply)
+                clients.append(records.client_record(cid, down_len, up_len, arrival.num_examples, arrival.metrics,
+                                                     **arrival.measured))
+            del downloads, arrivals
+            failures.extend(sorted(failed, key=lambda entry: entry["client"]))
+            if len(replies) >= max(fed.min_replies, 1):
+                skipped = False
+                break
+            failures.extend(records.discarded(clients, fed.min_replies))
+            if fed.on_too_few == "retry" and retries < fed.max_retries:
+                retries += 1
+                continue
+            skipped, replies, clients = True, [], []
+            break
+        replies, dp_metrics = privacy.privatize_round(self.config, rnd, replies)
+        aggregate, round_eval, times = records.close_round(self.config, server, rnd, replies, skipped, self.evaluate,
+                                                           local_s, round_start)
+        aggregate.update(dp_metrics)
+        record = records.round_record(rnd, self.spec.name, sampled, clients, aggregate, round_eval, times,
+                                      phase=server.phase(rnd), failures=failures, rejected=rejected, retries=retries,
+                                      skipped=skipped, warnings=self.warnings.take(), **self.transport.round_fields())
+        return record, round_eval
