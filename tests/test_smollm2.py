@@ -142,7 +142,7 @@ def test_tokenizer_offline_and_sane(reloaded):
     assert ids.endswith("<|im_start|>assistant\n")
     from thinwire.config import DataConfig
     from thinwire.data.template import use_template
-    assert use_template(tok, DataConfig().template) == "chat"  # the default serves it its own template
+    assert use_template(tok, "auto") == "chat" and use_template(tok, DataConfig().template) == "alpaca"
     assert reloaded.model.config.eos_token_id == tok.eos_token_id
     assert reloaded.model.generation_config.eos_token_id == tok.eos_token_id
 

@@ -40,6 +40,25 @@ def test_round_trip(payload):
     assert back.encode() == data
 
 
+@settings(max_examples=100, deadline=None)
+@given(payloads())
+def test_a_streamed_payload_decodes_to_the_same_payload(payload):
+    """`write` (checkpoints: one tensor at a time) gives bytes that decode like `encode`'s, and
+    reports their true size and SHA-256."""
+    import hashlib
+    import io
+
+    buffer = io.BytesIO()
+    size, digest = payload.write(buffer)
+    data = buffer.getvalue()
+    assert (size, digest) == (len(data), hashlib.sha256(data).hexdigest())
+    back = Payload.decode(data)
+    assert back.scalars == payload.scalars and set(back.tensors) == set(payload.tensors)
+    for name, t in payload.tensors.items():
+        assert back.tensors[name].dtype == t.dtype and torch.equal(back.tensors[name], t)
+    assert back.encode() == payload.encode()
+
+
 @settings(max_examples=300, deadline=None)
 @given(payloads(), st.data())
 def test_mutated_bytes_never_crash(payload, data):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from thinwire.report import Run
+    from thinwire.tables import Run
 
 SEED_KEY = "federation.seed"
 _SEED_SUFFIX = re.compile(r"[-_.]?seed-?\d+$")

@@ -24,14 +24,16 @@ import gc
 import json
 import threading
 import time
-import tomllib
 import traceback
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from thinwire.errors import UsageError
-from thinwire.report import COMPARE_FILE, ReportResult, render_report
+from thinwire.report import ReportResult, render_report
 from thinwire.runtime.rundir import atomic_write
+from thinwire.tables import COMPARE_FILE
 
 
 def check_methods(methods: list[str], variants: list[str] = ()) -> list[str]:

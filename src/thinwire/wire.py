@@ -6,10 +6,12 @@ hostile bytes fail with a `PayloadError` naming the problem; nothing is ever unp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import torch
 from safetensors.torch import load as st_load
@@ -32,6 +34,7 @@ _DTYPES = {
     "U8": (torch.uint8, 1),
     "BOOL": (torch.bool, 1),
 }
+_NAMES = {dtype: name for name, (dtype, _) in _DTYPES.items()}
 _META_KEY = "thinwire"  # one key: safetensors writes metadata keys in hash order
 
 
@@ -47,14 +50,38 @@ class Payload:
     scalars: dict[str, Scalar] = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        for key, value in self.scalars.items():
-            if not isinstance(value, (int, float, str)) or isinstance(value, bool):
-                raise TypeError(f"scalar {key!r} must be int, float or str, not {type(value).__name__}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"scalar {key!r} is not finite")
+        _check_scalars(self.scalars)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(self.tensors.items())}
         meta = json.dumps({"format": FORMAT_VERSION, "scalars": self.scalars}, sort_keys=True)
         return st_save(tensors, metadata={_META_KEY: meta})
+
+    def write(self, handle: BinaryIO) -> tuple[int, str]:
+        """Stream the payload into an open binary file, one tensor at a time, so a model-sized
+        payload (a checkpoint) never exists twice in memory; returns (bytes written, SHA-256).
+
+        The bytes are a valid payload (`decode` reads them back) with tensors in name order; they
+        need not equal `encode()`'s, whose layout safetensors chooses."""
+        _check_scalars(self.scalars)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(self.tensors.items())}
+        header: dict[str, object] = {"__metadata__": {_META_KEY: json.dumps(
+            {"format": FORMAT_VERSION, "scalars": self.scalars}, sort_keys=True)}}
+        offset = 0
+        for name, tensor in tensors.items():
+            size = tensor.numel() * tensor.element_size()
+            header[name] = {"dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        digest = hashlib.sha256()
+        for chunk in (struct.pack("<Q", len(text)), text):
+            handle.write(chunk)
+            digest.update(chunk)
+        for tensor in tensors.values():
+            raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+            handle.write(raw)
+            digest.update(raw)
+        return 8 + len(text) + offset, digest.hexdigest()
 
     @classmethod
     def decode(cls, data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Payload:
@@ -68,6 +95,14 @@ class Payload:
         except Exception as exc:  # the parsers' own errors: recursion depth, integer length, ...
             raise PayloadError(f"malformed payload ({type(exc).__name__}: {str(exc)[:200]})") from None
         return cls(tensors={name: loaded[name] for name in sorted(loaded)}, scalars=scalars)
+
+
+def _check_scalars(scalars: dict[str, Scalar]) -> None:
+    for key, value in scalars.items():
+        if not isinstance(value, (int, float, str)) or isinstance(value, bool):
+            raise TypeError(f"scalar {key!r} must be int, float or str, not {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"scalar {key!r} is not finite")
 
 
 def _check_header(data: bytes, max_bytes: int) -> tuple[dict, dict[str, Scalar]]:

@@ -27,9 +27,10 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 from thinwire.config import Config, to_toml
 from thinwire.errors import UsageError
@@ -38,6 +39,7 @@ from thinwire.runtime.rundir import RunDir, atomic_write
 from thinwire.wire import Payload, PayloadError
 
 FORMAT = 1
+T = TypeVar("T")
 DIRNAME = "checkpoint"
 STATE = "state.json"
 PARTIAL = ".partial"
@@ -47,14 +49,16 @@ def config_digest(config: Config) -> str:
     return hashlib.sha256(to_toml(config).encode()).hexdigest()
 
 
-def _durable_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name, flush to disk, rename over `path`."""
+def _durable_write(path: Path, fill: Callable[[BinaryIO], T]) -> T:
+    """`fill` writes into a temporary file, which is flushed to disk and renamed over `path`;
+    returns what `fill` returned."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:
-        handle.write(data)
+        result = fill(handle)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    return result
 
 
 def _fsync_dir(path: Path) -> None:
@@ -118,16 +122,14 @@ class Checkpoint:
         for role, payload in parts.items():
             if payload is None:
                 continue
-            data = payload.encode()
             name = f"{role}-r{rnd}.safetensors"
-            _durable_write(self.dir / name, data)
-            files[role] = {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            del data
+            size, digest = _durable_write(self.dir / name, payload.write)  # streamed: never whole in memory
+            files[role] = {"name": name, "bytes": size, "sha256": digest}
         record = {"format": FORMAT, "round": rnd, "method": config.method.name, "config_sha256": config_digest(config),
                   "files": files, "metrics_bytes": metrics[0], "metrics_sha256": metrics[1],
                   "base_eval": base_eval, "evaluation": evaluation,
                   "elapsed_s": elapsed_s}
-        _durable_write(self.dir / STATE, json.dumps(record, sort_keys=True).encode())
+        _durable_write(self.dir / STATE, lambda handle: handle.write(json.dumps(record, sort_keys=True).encode()))
         _fsync_dir(self.dir)
         keep = {f["name"] for f in files.values()} | {STATE}
         for path in self.dir.iterdir():
