@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 from conftest import crash_in_round
 from thinwire.cli import main
 from thinwire.errors import UsageError
+from thinwire.fuzz import FUZZ_SETTINGS
 from thinwire.methods import get_method
 from thinwire.methods.base import RunContext, Upload, Workbench
 from thinwire.methods.history import HistoryServer, ReplicaClient, UpdateRule
@@ -150,6 +151,14 @@ def test_simulation_with_replica_clients_on_two_actors(tmp_path, smoke_config):
     assert_same_run(tmp_path / "local", tmp_path / "sim")
 
 
+def with_nan(payload: Payload) -> Payload:
+    """`payload` with a NaN in its first non-empty floating tensor."""
+    tensors = {k: v.clone() for k, v in payload.tensors.items()}
+    name = next(k for k in sorted(tensors) if tensors[k].is_floating_point() and tensors[k].numel())
+    tensors[name].view(-1)[0] = float("nan")
+    return Payload(tensors=tensors, scalars=dict(payload.scalars))
+
+
 def _faulty_client_app(bad_client: int, bad_round: int, fault: str) -> ClientApp:
     """thinwire's ClientApp, except that one client in one round raises (fault "raise") or uploads
     a NaN (fault "nan"); defined in a function so Ray ships it to its actors by value."""
@@ -168,9 +177,7 @@ def _faulty_client_app(bad_client: int, bad_round: int, fault: str) -> ClientApp
         reply = flower._fit(message, context)
         if bad and fault == "nan":
             payload = Payload.decode(flower.unpack(reply.content[flower.PAYLOAD]))
-            tensors = {k: v.clone() for k, v in payload.tensors.items()}
-            tensors[sorted(tensors)[0]].view(-1)[0] = float("nan")
-            reply.content[flower.PAYLOAD] = flower.pack(Payload(tensors=tensors, scalars=payload.scalars).encode())
+            reply.content[flower.PAYLOAD] = flower.pack(with_nan(payload).encode())
         if bad and fault == "deep-nesting":  # a header the JSON parser cannot recurse through
             reply.content[flower.PAYLOAD] = flower.pack(struct.pack("<Q", 100_000) + b"[" * 100_000)
         if bad and fault == "huge-example-count":
@@ -240,6 +247,36 @@ def test_a_poisoned_update_is_rejected_as_if_it_never_came(tmp_path, smoke_confi
 
     monkeypatch.setattr(client, "fit", down_in_round_1)
     run_local(config, tmp_path / "local", quiet=True)
+    assert (tmp_path / "sim/final_state.safetensors").read_bytes() == \
+        (tmp_path / "local/final_state.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(FUZZ_SETTINGS))
+def test_every_method_rejects_a_poisoned_upload_on_flower_sim_as_locally(tmp_path, smoke_config, monkeypatch,
+                                                                         method):
+    """The attack suite's NaN upload, for every method, on flower-sim: rejected and logged, and the
+    run is bit-identical to the local run with the same hostile client (which tests/test_attacks.py
+    shows equal to the run where that client was down)."""
+    config = smoke_config(*FUZZ_SETTINGS[method], "eval.generate=false",
+                          f"federation.rounds={2 if method == 'cgfedllm' else 1}")
+    bad = sample_clients(config, 1)[-1]
+    flower.run_flower_sim(config, tmp_path / "sim", quiet=True, num_cpus=1,
+                          client_app=_faulty_client_app(bad, 1, "nan"))
+    client = get_method(config.method.name).client
+    fit = client.fit
+
+    def hostile(self, rnd, cid, *args):
+        upload = fit(self, rnd, cid, *args)
+        if (rnd, cid) == (1, bad):
+            upload.payload = with_nan(upload.payload)
+        return upload
+
+    monkeypatch.setattr(client, "fit", hostile)
+    run_local(config, tmp_path / "local", quiet=True)
+    sim, local = _rounds(tmp_path / "sim"), _rounds(tmp_path / "local")
+    assert [r["client"] for r in sim[0]["rejected"]] == [bad] and "non-finite" in sim[0]["rejected"][0]["reason"]
+    assert [r["rejected"] for r in sim] == [r["rejected"] for r in local]
     assert (tmp_path / "sim/final_state.safetensors").read_bytes() == \
         (tmp_path / "local/final_state.safetensors").read_bytes()
 
