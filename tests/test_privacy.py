@@ -20,7 +20,7 @@ def test_the_settings_whose_guarantee_would_not_hold_are_usage_errors(smoke_conf
     assert smoke_config("privacy.dp='central'").method.weighting == "equal"  # DP's default
     assert smoke_config().method.weighting == "examples"
     cases = {
-        "method.name='fedkseed'": "does not support method 'fedkseed'",
+        "method.name='fedkseed-pro'": "does not support method 'fedkseed-pro'",
         "method.weighting='examples'": "needs method.weighting = 'equal'",
         "method.aggregation='median'": "needs method.aggregation = 'mean'",
         "method.clip_update_norm=1.0": "needs method.clip_update_norm = 0",
@@ -74,7 +74,7 @@ def _epsilons(out):
     return [r["epsilon"] for r in rounds], json.loads((out / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["fedavg", "ferret"])
+@pytest.mark.parametrize("method", ["fedavg", "ferret", "fedkseed"])
 def test_without_noise_and_clipping_central_dp_is_the_equal_weight_run(tmp_path, smoke_config, method):
     """The DP path (update view, float32 shares, with_update) changes nothing else: with z = 0 and a
     bound no update reaches, the weights are bit-identical to the equal-weight run's."""
@@ -127,3 +127,24 @@ def test_local_dp_noises_every_upload_and_counts_the_busiest_client(tmp_path, sm
     # every block is full and the upload is the same size for every client: k_max float16 per block
     ups = {c["uplink_bytes"] for r in rounds for c in r["clients"]}
     assert len(ups) == 1
+
+
+def test_fedkseed_sums_become_one_dense_vector_over_the_pool_and_round_trip():
+    payload = Payload(tensors={"seeds": torch.tensor([5, 1], dtype=torch.int32),
+                               "values": torch.tensor([0.5, -2.0])})
+    view = update_view("fedkseed", payload, k_max=0, pool_size=8)
+    assert view["sums"].tolist() == [0, -2.0, 0, 0, 0, 0.5, 0, 0]
+    back = with_update("fedkseed", payload, view, torch.float32)
+    assert back.tensors["seeds"].tolist() == list(range(8)) and torch.equal(back.tensors["values"], view["sums"])
+
+
+def test_fedkseed_under_local_dp_uploads_the_whole_pool_and_is_accepted(tmp_path, smoke_config):
+    """A locally noised FedKSeed upload names every seed of the pool; the server's bounds expect it."""
+    config = smoke_config("method.name='fedkseed'", "eval.generate=false", "method.fedkseed.pool_size=64",
+                          "method.fedkseed.local_steps=4", "privacy.dp='local'", "privacy.clip_norm=1.0",
+                          "privacy.noise_multiplier=2.0")
+    run_local(config, tmp_path / "run", quiet=True)
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(not r["rejected"] and r["clients"] for r in rounds)
+    ups = {c["uplink_bytes"] for r in rounds for c in r["clients"]}
+    assert len(ups) == 1 and ups.pop() >= 64 * 8  # an int32 seed and a float32 sum per pool entry

@@ -337,6 +337,28 @@ def test_report_ratios_against_a_measured_baseline_and_per_phase(compared, tmp_p
     assert "## Traffic by phase" in markdown and 'id="phases"' in html
 
 
+def test_report_shows_the_epsilon_each_run_spent(compared, tmp_path):
+    """A private run's ε (at its δ) is in every table; a run without DP says none."""
+    from thinwire.config import load_config
+    from thinwire.runtime.local import run_local
+
+    out, _ = compared
+    runs = tmp_path / "runs"
+    shutil.copytree(out / "fedavg", runs / "plain")
+    config = load_config(EXAMPLES / "smoke.toml", [*FAST, "privacy.dp='central'", "privacy.clip_norm=0.1",
+                                                   "privacy.noise_multiplier=1.0"])
+    epsilon = run_local(config, runs / "private", quiet=True)["privacy"]["epsilon"]
+    assert 0 < epsilon < float("inf")
+    report = render_report([runs], tmp_path / "report")
+    rows = {Path(r["run_dir"]).name: r for r in report.rows}
+    assert rows["plain"]["privacy"] == "none" and rows["plain"]["epsilon"] is None
+    assert rows["private"]["epsilon"] == epsilon
+    cell = f"ε {epsilon:.2f}, δ 1e-05 (central)"
+    assert rows["private"]["privacy"] == cell
+    assert cell in (tmp_path / "report" / "comparison.md").read_text()
+    assert cell in (tmp_path / "report" / "report.html").read_text()
+
+
 def test_report_with_many_runs_labels_them_apart(compared, tmp_path):
     out, _ = compared
     for i in range(10):

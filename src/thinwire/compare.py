@@ -33,7 +33,8 @@ import tomllib
 from thinwire.errors import UsageError
 from thinwire.report import ReportResult, render_report
 from thinwire.runtime.rundir import atomic_write
-from thinwire.tables import COMPARE_FILE
+from thinwire.privacy import privacy_text
+from thinwire.tables import COMPARE_FILE, any_private
 
 
 def check_methods(methods: list[str], variants: list[str] = ()) -> list[str]:
@@ -279,9 +280,10 @@ def _status_table(rows: list[dict[str, Any]], result: ReportResult) -> Any:
     by_dir = {row["run_dir"]: row for row in result.rows}
     missing = [f"no ratio for {r['run']}: {r['traffic_baseline']}" for r in result.rows
                if r["traffic_ratio_vs_baseline"] is None]
+    private = any_private(result.rows)
     table = Table(title="compare (traffic: whole run, every byte sent)", caption="; ".join(missing) or None)
-    for column in ("method", "status", "Rouge-L", "loss", "up / down per client-round", "total sent",
-                   "vs baseline (up+down)", "wall"):
+    for column in ("method", "status", "Rouge-L", "loss", *(["privacy"] if private else []),
+                   "up / down per client-round", "total sent", "vs baseline (up+down)", "wall"):
         table.add_column(column, justify="left" if column in ("method", "status") else "right")
     for row in rows:
         summary = row.get("summary") or {}
@@ -293,6 +295,7 @@ def _status_table(rows: list[dict[str, Any]], result: ReportResult) -> Any:
             row["method"], status + (" (kept)" if row.get("reused") else ""),
             f"{final['rougeL']:.4f}" if "rougeL" in final else "-",
             f"{final['loss']:.4f}" if "loss" in final else "-",
+            *([privacy_text(summary) if summary else "-"] if private else []),
             f"{human_bytes(summary['uplink_bytes_per_client_round'])} / "
             f"{human_bytes(summary['downlink_bytes_per_client_round'])}" if summary else "-",
             human_bytes(summary["uplink_bytes_total"] + summary["downlink_bytes_total"]) if summary else "-",

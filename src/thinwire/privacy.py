@@ -11,6 +11,11 @@ Where a client's update is clipped and noised (its *update space*):
   norms), so every coordinate the server could receive gets noise, and a noised upload has the
   same shape whatever the data. Padding does not change what γ means: the scale 1/(ρK) is
   applied when projecting, the server only computes V γ̄.
+- `fedkseed`: the per-seed sums ΔG over the whole pool of K seeds, as one dense K-vector (a
+  client's seeds are zero where it drew none). The model update −η Σ_s ΔḠ_s z_s is linear in
+  the mean of those vectors. Every one of the K entries gets noise, so a noised upload carries
+  K scalars (16 KB at K = 4096) instead of one per local step. FedKSeed-Pro is not covered: its
+  server records every client's per-step |g| in the clear to steer the seed sampling.
 
 Why the sensitivity holds. A client's update u is clipped to ‖u‖₂ ≤ C in that space. The
 server's aggregate is the equal-weight mean (1/r) Σ u_i over the r accepted replies, linear in
@@ -54,10 +59,10 @@ from thinwire.wire import Payload
 if TYPE_CHECKING:
     from thinwire.config import Config
 
-UPDATE_SPACE = {"fedavg": "weight delta", "fedit": "LoRA delta (A and B)", "ferret": "projection coordinates"}
+UPDATE_SPACE = {"fedavg": "weight delta", "fedit": "LoRA delta (A and B)", "ferret": "projection coordinates",
+                "fedkseed": "per-seed sums over the seed pool"}
 UNSUPPORTED = {
-    "fedkseed": "its server broadcasts every client's (seed, scalar) pairs one by one, so no sum hides a client",
-    "fedkseed-pro": "its server broadcasts every client's (seed, scalar) pairs one by one, so no sum hides a client",
+    "fedkseed-pro": "its server records every client's per-step |g| in the clear to steer the seed sampling",
     "cgfedllm": "its server trains the autoencoder on clients' raw updates",
     "fedpt": "its clients' adapters are distilled on the server one by one",
 }
@@ -87,8 +92,11 @@ def check_privacy(config: Config) -> None:
             raise UsageError(f"{where} needs {needed}")
 
 
-def update_view(method: str, payload: Payload, k_max: int) -> dict[str, torch.Tensor]:
+def update_view(method: str, payload: Payload, k_max: int, pool_size: int = 0) -> dict[str, torch.Tensor]:
     """The upload's update in its DP space, as float32 tensors of a shape fixed by the method."""
+    if method == "fedkseed":
+        dense = torch.zeros(pool_size).index_add_(0, payload.tensors["seeds"].long(), payload.tensors["values"].float())
+        return {"sums": dense}
     if method == "ferret":
         from thinwire.compress.projection import unpack
 
@@ -103,6 +111,10 @@ def update_view(method: str, payload: Payload, k_max: int) -> dict[str, torch.Te
 
 def with_update(method: str, payload: Payload, view: dict[str, torch.Tensor], wire_dtype: torch.dtype) -> Payload:
     """`payload` with its update replaced by `view` (Ferret's coordinates in `wire_dtype`)."""
+    if method == "fedkseed":
+        sums = view["sums"]
+        return Payload(tensors={"seeds": torch.arange(sums.numel(), dtype=torch.int32), "values": sums.float()},
+                       scalars=dict(payload.scalars))
     if method == "ferret":
         from thinwire.compress.projection import pack
 
@@ -131,6 +143,14 @@ def _k_max(config: Config) -> int:
     return int(config.method.options.get("ferret", {}).get("k_max", 0))
 
 
+def _pool_size(config: Config) -> int:
+    return int(config.method.options.get("fedkseed", {}).get("pool_size", 0))
+
+
+def _view(config: Config, payload: Payload) -> dict[str, torch.Tensor]:
+    return update_view(config.method.name, payload, _k_max(config), _pool_size(config))
+
+
 def _wire_dtype(config: Config) -> torch.dtype:
     return getattr(torch, config.method.options.get("ferret", {}).get("value_dtype", "float16"))
 
@@ -145,7 +165,7 @@ def privatize_upload(config: Config, rnd: int, client_id: int, payload: Payload,
         generator = torch.Generator().manual_seed(secrets.randbits(63))
     else:
         generator = torch_generator(config.federation.seed, "dp-local", rnd, client_id)
-    view, _ = clip_and_noise(update_view(method, payload, _k_max(config)), privacy.clip_norm,
+    view, _ = clip_and_noise(_view(config, payload), privacy.clip_norm,
                              privacy.noise_multiplier * privacy.clip_norm, generator)
     return with_update(method, payload, view, _wire_dtype(config) if method == "ferret" else torch.float32)
 
@@ -160,8 +180,7 @@ def privatize_round(config: Config, rnd: int, replies: list[Any]) -> tuple[list[
     out, norms = [], []
     for reply in replies:
         generator = torch_generator(config.federation.seed, "dp-central", rnd, reply.client_id)
-        view, norm = clip_and_noise(update_view(method, reply.payload, _k_max(config)), privacy.clip_norm, share,
-                                    generator)
+        view, norm = clip_and_noise(_view(config, reply.payload), privacy.clip_norm, share, generator)
         norms.append(norm)
         out.append(dataclasses.replace(reply, payload=with_update(method, reply.payload, view, torch.float32)))
     clipped = sum(n > privacy.clip_norm for n in norms)
@@ -199,3 +218,12 @@ def summary(config: Config, rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return {"dp": privacy.dp, "clip_norm": privacy.clip_norm, "noise_multiplier": privacy.noise_multiplier,
             "delta": privacy.delta, "epsilon": epsilon(config, rounds), "update_space": UPDATE_SPACE[config.method.name],
             "accountant": ACCOUNTANT}
+
+
+def privacy_text(summary: dict[str, Any]) -> str:
+    """A run's client-level DP in one cell: the ε spent at its δ and the mechanism, or 'none'."""
+    privacy = summary.get("privacy") or {}
+    if privacy.get("dp", "none") == "none":
+        return "none"
+    spent = privacy["epsilon"]
+    return f"ε {'∞' if math.isinf(spent) else f'{spent:.2f}'}, δ {privacy['delta']:g} ({privacy['dp']})"

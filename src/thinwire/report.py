@@ -32,6 +32,7 @@ from thinwire.runtime.display import human_bytes
 from thinwire.runtime.rundir import atomic_write
 from thinwire.tables import (
     Run,
+    any_private,
     build_rows,
     expand_dirs,
     is_number,
@@ -276,13 +277,15 @@ def write_markdown(runs: list[Run], rows: list[dict[str, Any]], skipped: list[tu
         lines += ["; ".join(f"{label}: {value}" for label, value in common), ""]
     if differing:
         lines += ["Config keys that differ between runs (besides the method): " + ", ".join(differing), ""]
-    header = ["run"] + [_metric_label(k) for k in keys]
+    private = any_private(rows)
+    header = ["run"] + [_metric_label(k) for k in keys] + (["privacy"] if private else [])
     header += ["up / client-round", "down / client-round", "total traffic (whole run)", "up+down vs baseline",
                "round time (local + agg)", "peak RSS"]
     lines += [_md_row(header), "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["run"]]
         cells += [f"{_fmt_metric(row[f'base_{k}'])} → {_fmt_metric(row[f'final_{k}'])}" for k in keys]
+        cells += [row["privacy"]] if private else []
         cells += [human_bytes(row["uplink_bytes_per_client_round"]),
                   human_bytes(row["downlink_bytes_per_client_round"]), human_bytes(row["bytes_total"]),
                   _ratio_cell(row),
@@ -448,7 +451,8 @@ def write_html(runs: list[Run], rows: list[dict[str, Any]], plots: dict[str, byt
         name = _metric_label(key)
         arrow = "↑" if _higher_is_better(key) else "↓"
         parts.append(f"<th>{_e(name)} {arrow}<br><small>base → final</small></th>")
-    parts.append("</tr></thead><tbody>")
+    private = any_private(rows)
+    parts.append(("<th>privacy<br><small>ε spent</small></th>" if private else "") + "</tr></thead><tbody>")
     best = {k: _best(rows, f"final_{k}", _higher_is_better(k)) for k in keys}
     for i, row in enumerate(rows):
         parts.append(f'<tr data-run="{_e(row["run"])}">' + _td(_e(row["run"]), cls="name"))
@@ -456,7 +460,7 @@ def write_html(runs: list[Run], rows: list[dict[str, Any]], plots: dict[str, byt
             base, final = row[f"base_{k}"], row[f"final_{k}"]
             parts.append(_td(f"{_fmt_metric(base)} → <b>{_fmt_metric(final)}</b>{_delta_html(base, final, k)}",
                              i in best[k]))
-        parts.append("</tr>")
+        parts.append((_td(_e(row["privacy"])) if private else "") + "</tr>")
     parts.append("</tbody></table></div>")
     if _has_repeats(seed_rows):
         parts += ["<h2>Across seeds</h2>", '<div class="scroll"><table id="seeds">',

@@ -13,6 +13,7 @@ from typing import Any
 
 import tomllib
 
+from thinwire.privacy import privacy_text
 from thinwire.runtime.rundir import PREDICTIONS_FILE
 
 SUMMARY_KEYS = ("method", "model", "rounds", "base_eval", "final_eval", "uplink_bytes_total",
@@ -273,6 +274,10 @@ def phase_rows(runs: list[Run]) -> list[dict[str, Any]]:
     return rows
 
 
+def any_private(rows: list[dict[str, Any]]) -> bool:
+    return any(row["privacy"] != "none" for row in rows)
+
+
 def build_rows(runs: list[Run]) -> list[dict[str, Any]]:
     """One row per run. Traffic is whole-run (every byte sent, summary.json); per client-round is
     all bytes sent / downloads sent; ratios compare per-client-round figures with the baseline run
@@ -285,6 +290,7 @@ def build_rows(runs: list[Run]) -> list[dict[str, Any]]:
             "run": run.label, "method": run.method, "run_dir": str(run.path), "model": s["model"],
             "rounds": s["rounds"], "clients": s.get("clients"),
             "clients_per_round": s.get("clients_per_round"), "seed": s.get("seed"),
+            "privacy": privacy_text(s), "epsilon": (s.get("privacy") or {}).get("epsilon"),
         }
         for key in keys:
             row[f"base_{key}"] = s["base_eval"].get(key)

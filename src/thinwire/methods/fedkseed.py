@@ -140,8 +140,8 @@ class FedKSeedServer(_FedKSeedRule, HistoryServer):
         validate.check_names(tensors, ("seeds", "values", "step_seeds", "step_g") if self.pro else ("seeds", "values"))
         seeds = validate.check_tensor(tensors, "seeds", torch.int32, ndim=1)
         validate.check_tensor(tensors, "values", torch.float32, shape=tuple(seeds.shape))
-        if seeds.numel() > steps:
-            raise PayloadError(f"{seeds.numel()} seeds from {steps} local steps")
+        if seeds.numel() > self._max_seeds():
+            raise PayloadError(f"{seeds.numel()} seeds where at most {self._max_seeds()} may be sent")
         validate.check_indices(seeds, "seeds", self.pool.size, unique=True)
         if self.pro:
             step_seeds = validate.check_tensor(tensors, "step_seeds", torch.int32, ndim=1)
@@ -154,9 +154,14 @@ class FedKSeedServer(_FedKSeedRule, HistoryServer):
     def update_norm(self, reply: Reply) -> float:
         return robust.l2_norm(reply.payload.tensors, ["values"])
 
+    def _max_seeds(self) -> int:
+        """Seeds one upload may name: one per local step, or the whole pool under local DP (the
+        noise fills every entry)."""
+        return self.pool.size if self.config.privacy.dp == "local" else self.options.local_steps
+
     def upload_bound(self) -> int:
-        """An int32 seed index and a float32 sum per local step (FedKSeed-Pro: also each step's g)."""
-        return 8 * self.options.local_steps * (2 if self.pro else 1)
+        """An int32 seed index and a float32 sum per seed sent (FedKSeed-Pro: also each step's g)."""
+        return 8 * self._max_seeds() * (2 if self.pro else 1)
 
     def combine(self, rnd: int, replies: list[Reply]) -> tuple[Payload, dict[str, float]]:
         cfg = self.config.method

@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from thinwire.privacy import privacy_text
+
 console = Console(stderr=True)
 
 
@@ -48,6 +50,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
         table.add_row(f"  {phase} rounds ({figures['rounds']})", "", _up_down(figures))
     table.add_row("total bytes sent (up + down), whole run", "",
                   human_bytes(summary["uplink_bytes_total"] + summary["downlink_bytes_total"]))
+    if "privacy" in summary:
+        table.add_row("client-level DP", "", privacy_text(summary))
     table.add_row("peak RSS", "", f"{summary['peak_rss_mb']:,.0f} MB")
     return table
 
