@@ -50,6 +50,12 @@ def run(config: Config, out: Path) -> dict:
     return json.loads(summary.read_text()) if summary.is_file() else run_local(config, out, quiet=True)
 
 
+def aggregated(run_dir: Path) -> int:
+    """Rounds whose aggregate was released (a round whose every reply was rejected spends no ε)."""
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return sum(1 for r in rounds if not r.get("skipped"))
+
+
 def quality(evaluation: dict[str, float]) -> list[str]:
     return [f"{evaluation[k]:.3f}" if k in evaluation else "-" for k in ("exact_match", "rougeL", "loss")]
 
@@ -65,7 +71,8 @@ def main() -> None:
     args = ap.parse_args()
     baselines = dict(item.split("=", 1) for item in args.baseline)
     table = Table(title="central DP (δ = 1e-5) against the non-private run")
-    for column in ("method", "ε", "noise multiplier", "clip norm", "exact match", "Rouge-L", "loss"):
+    for column in ("method", "target ε", "ε spent", "rounds aggregated", "noise multiplier", "clip norm",
+                   "exact match", "Rouge-L", "loss"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for method in args.methods.split(","):
         base = [*args.overrides, f"method.name={method}", "privacy.dp=central"]
@@ -76,13 +83,14 @@ def main() -> None:
         clip = json.loads(first)["aggregate"]["dp_update_norm_median"]
         if method in baselines:
             plain = json.loads((Path(baselines[method]) / "summary.json").read_text())
-            table.add_row(method, "∞ (no DP)", "0", "-", *quality(plain["final_eval"]))
+            table.add_row(method, "∞ (no DP)", "∞", str(plain["rounds"]), "0", "-", *quality(plain["final_eval"]))
         for target in (float(e) for e in args.epsilons.split(",")):
             config = load_config(args.config, [*base, f"privacy.clip_norm={clip}"])
             z = noise_for(target, config)
             config = load_config(args.config, [*base, f"privacy.clip_norm={clip}", f"privacy.noise_multiplier={z}"])
             summary = run(config, args.out / f"{method}-eps{target:g}")
-            table.add_row(method, f"{summary['privacy']['epsilon']:.2f}", f"{z:.3f}", f"{clip:.4g}",
+            table.add_row(method, f"{target:g}", f"{summary['privacy']['epsilon']:.2f}",
+                          str(aggregated(args.out / f"{method}-eps{target:g}")), f"{z:.3f}", f"{clip:.4g}",
                           *quality(summary["final_eval"]))
     Console().print(table)
 

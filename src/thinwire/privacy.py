@@ -184,7 +184,11 @@ def privatize_round(config: Config, rnd: int, replies: list[Any]) -> tuple[list[
         norms.append(norm)
         out.append(dataclasses.replace(reply, payload=with_update(method, reply.payload, view, torch.float32)))
     clipped = sum(n > privacy.clip_norm for n in norms)
-    return out, {"dp_clipped": float(clipped), "dp_update_norm_median": float(sorted(norms)[len(norms) // 2])}
+    dimension = sum(t.numel() for t in _view(config, replies[0].payload).values())
+    # the noise on the mean against the largest update it can hide, per round: z·√d / r
+    return out, {"dp_clipped": float(clipped), "dp_update_norm_median": float(sorted(norms)[len(norms) // 2]),
+                 "dp_dimension": float(dimension),
+                 "dp_noise_to_clip": privacy.noise_multiplier * math.sqrt(dimension) / len(replies)}
 
 
 def epsilon(config: Config, rounds: list[dict[str, Any]]) -> float:
