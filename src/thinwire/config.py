@@ -163,7 +163,14 @@ class PrivacyConfig:
     noise_multiplier: float = opt(0.0, "Gaussian noise std / clip_norm (on the sum for central DP, on each "
                                   "update for local DP)", low=0)
     delta: float = opt(1e-5, "the delta of the reported (epsilon, delta)", low=1e-300, high=1.0)
-    secagg: bool = opt(False, "secure aggregation through Flower's SecAgg+ (not available yet)")
+    secagg: bool = opt(False, "secure aggregation (Flower's SecAgg+): the server learns only the sum of the "
+                       "round's updates")
+    secagg_clip_range: float = opt(8.0, "SecAgg+: every update value is clipped to [-range, range] before "
+                                   "quantisation", low=1e-12)
+    secagg_quantization: int = opt(1 << 22, "SecAgg+: integer levels over [-range, range] (the step is "
+                                   "2 range / levels)", low=2, high=1 << 31)
+    secagg_threshold: float = opt(0.66, "SecAgg+: fraction of the round's clients whose shares rebuild a "
+                                  "secret (at least 2 clients)", low=0.0, high=1.0)
 
 
 @dataclass
@@ -289,8 +296,9 @@ def from_dict(table: dict[str, Any]) -> Config:
         if name == "method":
             raw = dict(raw)
             options = {k: raw.pop(k) for k in list(raw) if isinstance(raw[k], dict)}
-            private = isinstance(table.get("privacy"), dict) and table["privacy"].get("dp", "none") != "none"
-            if private:  # under DP a client's weight must not depend on what it claims
+            privacy = table.get("privacy") if isinstance(table.get("privacy"), dict) else {}
+            private = privacy.get("dp", "none") != "none" or privacy.get("secagg") is True
+            if private:  # under DP or SecAgg a client's weight must not depend on what it claims
                 raw.setdefault("weighting", "equal")
             section = parse_section(cls, raw, name)
             section.options = _method_options(section.name, options)

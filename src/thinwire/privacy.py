@@ -66,27 +66,32 @@ UNSUPPORTED = {
     "cgfedllm": "its server trains the autoencoder on clients' raw updates",
     "fedpt": "its clients' adapters are distilled on the server one by one",
 }
+SECAGG_MOD_RANGE = 1 << 32  # SecAgg+ sums modulo 2^32 (Flower's default modulus_range)
 ACCOUNTANT = "dp-accounting RDP, replace-one, sampled without replacement"
 
 
 def check_privacy(config: Config) -> None:
     """A one-line usage error for every `[privacy]` setting whose guarantee would not hold."""
     privacy, method = config.privacy, config.method
-    if privacy.secagg:
-        raise UsageError("privacy.secagg = true: secure aggregation is not available in thinwire yet; "
-                         "set privacy.secagg = false")
-    if privacy.dp == "none":
+    if privacy.dp == "none" and not privacy.secagg:
         return
-    where = f"privacy.dp = '{privacy.dp}'"
+    where = f"privacy.dp = '{privacy.dp}'" if privacy.dp != "none" else "privacy.secagg = true"
     if method.name not in UPDATE_SPACE:
         raise UsageError(f"{where} does not support method {method.name!r}: {UNSUPPORTED[method.name]}; "
                          f"use one of {', '.join(UPDATE_SPACE)}")
     rules = [(method.weighting == "equal", "method.weighting = 'equal' (a client's weight must not depend on "
                                            "what it claims)"),
              (method.aggregation == "mean", "method.aggregation = 'mean' (the sensitivity bound is for a sum)"),
-             (method.clip_update_norm == 0, "method.clip_update_norm = 0 (privacy.clip_norm clips instead)"),
+             (method.clip_update_norm == 0, "method.clip_update_norm = 0 (the server may not rescale single "
+                                            "updates; under DP privacy.clip_norm clips)"),
              (method.max_update_norm == 0, "method.max_update_norm = 0 (a rejection that depends on the update "
                                            "would leak it)")]
+    if privacy.secagg:
+        fed = config.federation
+        rules += [(privacy.dp != "central", "privacy.dp = 'local' or 'none' (the server sees only the sum, so "
+                                            "it cannot clip each update; clients noise their own)"),
+                  (fed.clients_per_round * privacy.secagg_quantization < SECAGG_MOD_RANGE,
+                   "federation.clients_per_round x privacy.secagg_quantization below 2^32 (the sum must not wrap)")]
     for holds, needed in rules:
         if not holds:
             raise UsageError(f"{where} needs {needed}")
@@ -147,11 +152,23 @@ def _pool_size(config: Config) -> int:
     return int(config.method.options.get("fedkseed", {}).get("pool_size", 0))
 
 
-def _view(config: Config, payload: Payload) -> dict[str, torch.Tensor]:
+def update_dimension(config: Config, server: Any) -> int:
+    """How many values a client's update has in its update space, as the server knows it."""
+    method = config.method.name
+    if method == "ferret":
+        return len(server.blocks) * _k_max(config)
+    if method == "fedkseed":
+        return _pool_size(config)
+    return server.trainable_parameters()
+
+
+def update_view_of(config: Config, payload: Payload) -> dict[str, torch.Tensor]:
+    """`update_view` with the run's method, k_max and pool size."""
     return update_view(config.method.name, payload, _k_max(config), _pool_size(config))
 
 
-def _wire_dtype(config: Config) -> torch.dtype:
+def wire_dtype(config: Config) -> torch.dtype:
+    """The dtype Ferret's coordinates travel in."""
     return getattr(torch, config.method.options.get("ferret", {}).get("value_dtype", "float16"))
 
 
@@ -165,9 +182,9 @@ def privatize_upload(config: Config, rnd: int, client_id: int, payload: Payload,
         generator = torch.Generator().manual_seed(secrets.randbits(63))
     else:
         generator = torch_generator(config.federation.seed, "dp-local", rnd, client_id)
-    view, _ = clip_and_noise(_view(config, payload), privacy.clip_norm,
+    view, _ = clip_and_noise(update_view_of(config, payload), privacy.clip_norm,
                              privacy.noise_multiplier * privacy.clip_norm, generator)
-    return with_update(method, payload, view, _wire_dtype(config) if method == "ferret" else torch.float32)
+    return with_update(method, payload, view, wire_dtype(config) if method == "ferret" else torch.float32)
 
 
 def privatize_round(config: Config, rnd: int, replies: list[Any]) -> tuple[list[Any], dict[str, float]]:
@@ -180,11 +197,11 @@ def privatize_round(config: Config, rnd: int, replies: list[Any]) -> tuple[list[
     out, norms = [], []
     for reply in replies:
         generator = torch_generator(config.federation.seed, "dp-central", rnd, reply.client_id)
-        view, norm = clip_and_noise(_view(config, reply.payload), privacy.clip_norm, share, generator)
+        view, norm = clip_and_noise(update_view_of(config, reply.payload), privacy.clip_norm, share, generator)
         norms.append(norm)
         out.append(dataclasses.replace(reply, payload=with_update(method, reply.payload, view, torch.float32)))
     clipped = sum(n > privacy.clip_norm for n in norms)
-    dimension = sum(t.numel() for t in _view(config, replies[0].payload).values())
+    dimension = sum(t.numel() for t in update_view_of(config, replies[0].payload).values())
     # the noise on the mean against the largest update it can hide, per round: z·√d / r
     return out, {"dp_clipped": float(clipped), "dp_update_norm_median": float(sorted(norms)[len(norms) // 2]),
                  "dp_dimension": float(dimension),

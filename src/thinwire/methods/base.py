@@ -56,6 +56,7 @@ class Reply:
     payload: Payload
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    contributors: int = 1  # clients whose updates it holds: under SecAgg, the round's mean of all
 
 
 class Workbench:

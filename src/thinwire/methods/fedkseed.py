@@ -156,8 +156,9 @@ class FedKSeedServer(_FedKSeedRule, HistoryServer):
 
     def _max_seeds(self) -> int:
         """Seeds one upload may name: one per local step, or the whole pool under local DP (the
-        noise fills every entry)."""
-        return self.pool.size if self.config.privacy.dp == "local" else self.options.local_steps
+        noise fills every entry) and under SecAgg (the round's mean arrives dense)."""
+        dense = self.config.privacy.dp == "local" or self.config.privacy.secagg
+        return self.pool.size if dense else self.options.local_steps
 
     def upload_bound(self) -> int:
         """An int32 seed index and a float32 sum per seed sent (FedKSeed-Pro: also each step's g)."""

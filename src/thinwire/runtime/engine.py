@@ -39,7 +39,7 @@ import numpy as np
 
 from thinwire.config import Config
 from thinwire.data import Federation, build_federation
-from thinwire import privacy
+from thinwire import privacy, secagg
 from thinwire.errors import UsageError
 from thinwire.methods import MethodSpec, get_method
 from thinwire.methods.base import ClientState, Reply, RunContext, ServerSide, Workbench
@@ -78,6 +78,11 @@ class Transport(ABC):
     def exchange(self, rnd: int, downloads: dict[int, bytes]) -> tuple[dict[int, Arrival], float]:
         """Deliver each client its download (client -> bytes, in client order); return an Arrival
         per client and the seconds the clients' work took."""
+
+    @abstractmethod
+    def control(self, rnd: int, stage: str, messages: dict[int, bytes]) -> dict[int, bytes | str]:
+        """Deliver a secure-aggregation stage message to each client (secagg.py); return each
+        client's reply bytes, or why there is none."""
 
     def state(self) -> tuple[Payload | None, dict[int, ClientState]]:
         """What the transport keeps of the clients, for the checkpoint: shared client-side state
@@ -214,6 +219,9 @@ class Rounds:
                                   runtime=self.runtime, **self.transport.summary_fields(rounds))
         if self.config.privacy.dp != "none":
             summary["privacy"] = privacy.summary(self.config, rounds)
+        if self.config.privacy.secagg:
+            for key in ("secagg_downlink_bytes", "secagg_uplink_bytes"):
+                summary[f"{key}_total"] = sum(r.get(key, 0) for r in rounds)
         return summary, server
 
     def round(self, rnd: int) -> tuple[dict[str, Any], dict[str, float] | None]:
@@ -223,6 +231,8 @@ class Rounds:
         failures: list[dict[str, Any]] = []
         rejected: list[dict[str, Any]] = []
         retries, local_s = 0, 0.0
+        secure_traffic = {"secagg_downlink_bytes": 0, "secagg_uplink_bytes": 0}  # stage messages (secagg.py)
+        secure_metrics: dict[str, float] = {}
         while True:
             sampled = sample_clients(self.config, rnd, retries)
             faults = simulated_faults(self.config, rnd, sampled, retries)
@@ -238,6 +248,7 @@ class Rounds:
                         cid, f"no reply within {fed.round_timeout_s:g} s (simulated straggler)", len(down)))
                     continue
                 downloads[cid] = down
+            secure = self._secure_setup(rnd, downloads, failed) if self.config.privacy.secagg and downloads else None
             arrivals, took = self.transport.exchange(rnd, downloads) if downloads else ({}, 0.0)
             local_s += took
             replies, clients = [], []
@@ -248,10 +259,13 @@ class Rounds:
                 if arrival.failure is not None:
                     failed.append(records.failure(cid, arrival.failure[:1000], down_len, up_len))
                     continue
-                try:  # the size cap, then the method's own checks
-                    reply = Reply(cid, Payload.decode(arrival.up, max_bytes=server.max_upload_bytes() + (1 << 20)),
-                                  arrival.num_examples, arrival.metrics)
-                    server.validate(reply)
+                try:  # the size cap, then the method's own checks (under SecAgg: on the unmasked mean)
+                    cap = secure.upload_cap() if secure else server.max_upload_bytes() + (1 << 20)
+                    reply = Reply(cid, Payload.decode(arrival.up, max_bytes=cap), arrival.num_examples, arrival.metrics)
+                    if secure:
+                        secure.check(reply.payload)
+                    else:
+                        server.validate(reply)
                 except Exception as exc:  # a hostile upload may break validation any way: its sender pays
                     rejected.append(records.failure(cid, rejection_reason(exc), down_len, up_len))
                     continue
@@ -259,8 +273,14 @@ class Rounds:
                 clients.append(records.client_record(cid, down_len, up_len, arrival.num_examples, arrival.metrics,
                                                      **arrival.measured))
             del downloads, arrivals
+            if secure:
+                if replies:
+                    replies, clients, left, secure_metrics = self._unmask(secure, replies, clients)
+                    failed.extend(left)
+                secure_traffic["secagg_downlink_bytes"] += secure.bytes_down
+                secure_traffic["secagg_uplink_bytes"] += secure.bytes_up
             failures.extend(sorted(failed, key=lambda entry: entry["client"]))
-            if len(replies) >= max(fed.min_replies, 1):
+            if sum(r.contributors for r in replies) >= max(fed.min_replies, 1):
                 skipped = False
                 break
             failures.extend(records.discarded(clients, fed.min_replies))
@@ -272,8 +292,41 @@ class Rounds:
         replies, dp_metrics = privacy.privatize_round(self.config, rnd, replies)
         aggregate, round_eval, times = records.close_round(self.config, server, rnd, replies, skipped, self.evaluate,
                                                            local_s, round_start)
-        aggregate.update(dp_metrics)
+        aggregate.update({**dp_metrics, **secure_metrics})
+        extra = {**self.transport.round_fields(), **(secure_traffic if self.config.privacy.secagg else {})}
         record = records.round_record(rnd, self.spec.name, sampled, clients, aggregate, round_eval, times,
                                       phase=server.phase(rnd), failures=failures, rejected=rejected, retries=retries,
-                                      skipped=skipped, warnings=self.warnings.take(), **self.transport.round_fields())
+                                      skipped=skipped, warnings=self.warnings.take(), **extra)
         return record, round_eval
+
+    def _secure_setup(self, rnd: int, downloads: dict[int, bytes], failed: list[dict[str, Any]]) -> secagg.SecureRound:
+        """SecAgg+'s key stages with the clients about to get `downloads`; a client that cannot
+        take part is logged in `failed` and its download is not sent."""
+        secure = secagg.SecureRound(self.config, rnd, lambda stage, messages: self.transport.control(
+            rnd, stage, messages), privacy.update_dimension(self.config, self.server))
+        for cid, reason in secure.setup(list(downloads)).items():
+            failed.append(records.failure(cid, reason))
+            del downloads[cid]
+        return secure
+
+    def _unmask(self, secure: secagg.SecureRound, replies: list[Reply], clients: list[dict[str, Any]]
+                ) -> tuple[list[Reply], list[dict[str, Any]], list[dict[str, Any]], dict[str, float]]:
+        """The round's masked replies as one reply holding their mean, checked by the method, and
+        the client records of those it covers; if it cannot be had, every reply becomes a failure."""
+        try:
+            mean, metrics = secure.unmask({r.client_id: r.payload for r in replies})
+            covered = [r for r in replies if r.client_id in secure.unmasked]
+            examples = sum(r.num_examples for r in covered) // len(covered)  # equal weights: the count is a label
+            merged = Reply(covered[0].client_id, mean, examples, {}, contributors=len(covered))
+            self.server.validate(merged)
+        except Exception as exc:  # too few shares, a bad layout, a mean the method refuses: the round's loss
+            reason = f"secure aggregation failed: {rejection_reason(exc)}"
+            return [], [], [records.failure(c["client"], reason, c["downlink_bytes"], c["uplink_bytes"])
+                            for c in clients], {}
+        if metrics["secagg_clipped"]:
+            self.ctx.warn(f"secure aggregation clipped update values to ±{self.config.privacy.secagg_clip_range:g} "
+                          "(round records: secagg_clipped); raise privacy.secagg_clip_range above the updates' range")
+        kept = [c for c in clients if c["client"] in secure.unmasked]
+        left = [records.failure(c["client"], "secure aggregation: its upload's layout differs from the round's",
+                                c["downlink_bytes"], c["uplink_bytes"]) for c in clients if c["client"] not in secure.unmasked]
+        return [merged], kept, left, metrics

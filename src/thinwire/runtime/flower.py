@@ -74,11 +74,12 @@ from flwr.serverapp import Grid, ServerApp
 from thinwire.config import Config, from_dict, load_config
 from thinwire.errors import UsageError
 from thinwire.runtime.flower_wire import (BASE_DIGEST, DATA_PATH, FINGERPRINT, META, METRICS, PARTITION_ID, PAYLOAD,
-                                          RUN_KEY, STATE_CONFIG, config_digest, pack, unpack)
+                                          RUN_KEY, STATE_CONFIG, STATE_SECAGG, config_digest, pack, unpack)
 from thinwire.seeding import random_fingerprint
 
 if TYPE_CHECKING:
     from thinwire.methods.base import ClientSide, ClientState
+    from thinwire.secagg import SecAggClient
 
 # --- client side ----------------------------------------------------------------------------
 
@@ -247,9 +248,9 @@ def _fit(message: Message, context: Context) -> Message:
     state = load_client_state(store, cid, rnd)
     examples = host.examples_for(partition, str(context.node_config.get(DATA_PATH, "") or ""))
     upload = host.client.fit(rnd, cid, download, examples, state)
-    from thinwire.privacy import privatize_upload
+    from thinwire.secagg import client_upload
 
-    up = privatize_upload(host.config, rnd, cid, upload.payload, secret=True).encode()
+    up = client_upload(host.config, rnd, cid, upload.payload, secret=True, secagg_state=lambda: _secagg_state(context))
     save_client_state(store, cid, rnd, state)
     metrics = {k: v for k, v in upload.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     content = RecordDict({
@@ -259,6 +260,31 @@ def _fit(message: Message, context: Context) -> Message:
         METRICS: MetricRecord(metrics),
     })
     return Message(content, reply_to=message)
+
+
+@client_app.query("thinwire_secagg")
+def _secagg(message: Message, context: Context) -> Message:
+    """One SecAgg+ stage for this node's client; the protocol state stays in Context.state."""
+    from thinwire.secagg import STAGES, SecAggClient
+
+    meta = message.content[META]
+    rnd, cid, stage = int(meta["round"]), int(meta["client"]), str(meta["stage"])
+    if cid != _partition(context):
+        raise RuntimeError(f"thinwire: secagg message for client {cid} reached the node of partition "
+                           f"{_partition(context)}")
+    state = SecAggClient(cid, rnd) if stage == STAGES[0] else _secagg_state(context)
+    if state is None or state.rnd != rnd:
+        raise RuntimeError(f"thinwire: no secagg state for round {rnd} on this node")
+    reply = state.step(stage, unpack(message.content[PAYLOAD]))
+    context.state[STATE_SECAGG] = ConfigRecord({"state": state.encode()})
+    return Message(RecordDict({PAYLOAD: pack(reply), META: ConfigRecord({"client": cid})}), reply_to=message)
+
+
+def _secagg_state(context: Context) -> SecAggClient | None:
+    from thinwire.secagg import SecAggClient
+
+    saved = context.state.config_records.get(STATE_SECAGG)
+    return None if saved is None else SecAggClient.decode(bytes(saved["state"]))
 
 
 # --- deployment entry point -----------------------------------------------------------------

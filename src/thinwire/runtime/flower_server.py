@@ -20,8 +20,8 @@ from thinwire.config import Config, to_toml
 from thinwire.runtime import engine
 from thinwire.runtime.engine import Arrival, Transport
 from thinwire.runtime.flower_wire import (BASE_DIGEST, FINGERPRINT, FIT, HELLO, META, METRICS, PARTITION_ID, PAYLOAD,
-                                          POLL_S, RUN_KEY, config_digest, flower_bytes, pack, round_timeout, short_reason,
-                                          unpack)
+                                          POLL_S, RUN_KEY, SECAGG, config_digest, flower_bytes, pack, round_timeout,
+                                          short_reason, unpack)
 from thinwire.seeding import random_fingerprint
 
 @dataclass
@@ -185,6 +185,39 @@ class FlowerTransport(Transport):
             if arrivals[cid].failure is not None:
                 link.forget(cid)  # ask its node again when next sampled (it may have restarted)
         return arrivals, took
+
+    def control(self, rnd: int, stage: str, messages: dict[int, bytes]) -> dict[int, bytes | str]:
+        """A SecAgg+ stage as `query.thinwire_secagg` messages; Flower's bytes count as control."""
+        link = self.link
+        replies: dict[int, bytes | str] = {}
+        outgoing, targets = [], []
+        for cid, data in messages.items():
+            if cid not in link.nodes:
+                replies[cid] = "no SuperNode owns this partition"
+                continue
+            content = RecordDict({PAYLOAD: pack(data), META: ConfigRecord({"round": rnd, "client": cid,
+                                                                            "stage": stage})})
+            outgoing.append(Message(content, dst_node_id=link.nodes[cid], message_type=SECAGG, group_id=str(rnd),
+                                    ttl=self.timeout_s))
+            targets.append(cid)
+        got, push_failed = exchange(self.grid, outgoing, self.timeout_s) if outgoing else ({}, set())
+        link.flower_bytes += sum(flower_bytes(m) for m in outgoing) + sum(flower_bytes(r) for r in got.values())
+        for index, cid in enumerate(targets):
+            reply = got.get(index)
+            if index in push_failed:
+                replies[cid] = "the SuperLink did not accept the message"
+            elif reply is None:
+                replies[cid] = f"no reply within {self.timeout_s:g} s"
+            elif reply.has_error():
+                replies[cid] = short_reason(reply.error.reason)
+            else:
+                try:
+                    if int(reply.content[META]["client"]) != cid:
+                        raise ValueError("reply for another client")
+                    replies[cid] = unpack(reply.content[PAYLOAD])
+                except Exception as exc:  # a malformed reply costs that client's part
+                    replies[cid] = f"malformed reply: {exc}"
+        return replies
 
     def _arrival(self, cid: int, reply: Message | None, push_failed: bool, flower_down: int) -> Arrival:
         if push_failed:

@@ -13,11 +13,13 @@ from thinwire.config import Config
 
 HELLO = "query.thinwire_hello"
 FIT = "train.thinwire_fit"
+SECAGG = "query.thinwire_secagg"  # one SecAgg+ stage (secagg.py)
 STYPE = "thinwire.payload"
 META = "thinwire"            # ConfigRecord: round, client, config digest, counts
 PAYLOAD = "payload"          # ArrayRecord holding one Array of payload bytes
 METRICS = "metrics"          # MetricRecord: the client's upload metrics
 STATE_CONFIG = "thinwire.config"  # Context.state keys on the client
+STATE_SECAGG = "thinwire.secagg"
 PARTITION_ID = "partition-id"
 FINGERPRINT = "random-fingerprint"
 BASE_DIGEST = "base-digest"

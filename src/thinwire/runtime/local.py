@@ -23,7 +23,7 @@ from thinwire.data import Federation
 from thinwire.methods import get_method
 from thinwire.methods.base import ClientSide, ClientState, RunContext
 from thinwire.methods.validate import reason as short_reason
-from thinwire.privacy import privatize_upload
+from thinwire import secagg
 from thinwire.runtime import engine
 from thinwire.runtime.checkpoint import ResumableRunDir, resume_paths
 from thinwire.runtime.engine import Arrival, Transport
@@ -54,6 +54,18 @@ class InProcess(Transport):
         self.clients_bar = progress.add_task("clients", total=ctx.config.federation.clients_per_round)
         self.steps_bar = progress.add_task("steps", total=self.client.steps_per_round())
         ctx.on_step = lambda: progress.advance(self.steps_bar)
+        self.secagg_clients: dict[int, secagg.SecAggClient] = {}  # this round's protocol states
+
+    def control(self, rnd: int, stage: str, messages: dict[int, bytes]) -> dict[int, bytes | str]:
+        replies: dict[int, bytes | str] = {}
+        for cid, message in messages.items():
+            if stage == secagg.STAGES[0]:
+                self.secagg_clients[cid] = secagg.SecAggClient(cid, rnd)
+            try:
+                replies[cid] = self.secagg_clients[cid].step(stage, message)
+            except Exception as exc:  # a client that cannot follow the protocol costs its own part
+                replies[cid] = f"{type(exc).__name__}: {short_reason(exc)}"
+        return replies
 
     def exchange(self, rnd: int, downloads: dict[int, bytes]) -> tuple[dict[int, Arrival], float]:
         self.progress.reset(self.clients_bar)
@@ -67,7 +79,8 @@ class InProcess(Transport):
             t0 = time.perf_counter()
             try:
                 upload = self.client.fit(rnd, cid, Payload.decode(down), self.federation.clients[cid], state)
-                up = privatize_upload(self.config, rnd, cid, upload.payload, secret=False).encode()
+                up = secagg.client_upload(self.config, rnd, cid, upload.payload, secret=False,
+                                          secagg_state=lambda: self.secagg_clients.get(cid))
             except Exception as exc:  # a crashing client costs its own update, not the run
                 errors += 1
                 first_error = first_error or exc
