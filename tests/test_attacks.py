@@ -10,6 +10,7 @@ import torch
 from thinwire.fuzz import FUZZ_SETTINGS
 from thinwire.methods import get_method
 from thinwire.runtime.local import run_local
+from thinwire.runtime.upload import CLIENT, ROUND
 from thinwire.wire import Payload
 
 ATTACKER = 1
@@ -42,6 +43,11 @@ def _renamed(payload: Payload) -> Payload:
     return Payload(tensors={k + ".evil": t for k, t in payload.tensors.items()}, scalars=dict(payload.scalars))
 
 
+def _stamped(payload: Payload, rnd: int, cid: int) -> RawBytes:
+    """The upload as a client would send it for round `rnd` as client `cid` (runtime/upload.py)."""
+    return RawBytes(Payload(tensors=payload.tensors, scalars={**payload.scalars, ROUND: rnd, CLIENT: cid}).encode())
+
+
 # attack -> how the attacker's honest upload (payload, example count) becomes the hostile one
 ATTACKS = {
     "random-bytes": lambda up: (RawBytes(bytes(range(256)) * 4), up.num_examples),
@@ -51,8 +57,11 @@ ATTACKS = {
     "nan": lambda up: (_nan(up.payload), up.num_examples),
     "wrong-names": lambda up: (_renamed(up.payload), up.num_examples),
     "huge-example-count": lambda up: (up.payload, 10 ** 12),
+    "replayed-from-an-earlier-round": lambda up: (_stamped(up.payload, 0, ATTACKER), up.num_examples),
+    "another-clients-upload": lambda up: (_stamped(up.payload, 1, 0), up.num_examples),
 }
-FAST = [("fedavg", "deep-nesting"), ("ferret", "nan"), ("fedkseed", "huge-example-count")]
+FAST = [("fedavg", "deep-nesting"), ("ferret", "nan"), ("fedkseed", "huge-example-count"),
+        ("fedit", "replayed-from-an-earlier-round"), ("fedavg", "another-clients-upload")]
 CASES = [pytest.param(m, a, marks=[] if (m, a) in FAST else [pytest.mark.slow])
          for m in FUZZ_SETTINGS for a in ATTACKS]
 

@@ -339,6 +339,25 @@ def test_deployment_on_loopback_matches_local(tmp_path, smoke_config, loopback_f
     assert len({c["node"] for c in clients}) == len({c["client"] for c in clients})  # one node per client
 
 
+@pytest.mark.slow
+def test_secure_aggregation_on_loopback_matches_local(tmp_path, smoke_config, loopback_federation):
+    """SecAgg+ across real processes: keys, shares and masks travel as Flower messages, each node
+    keeps its protocol state in Context.state, and the unmasked mean is the local runtime's."""
+    home, logs = loopback_federation
+    overrides = ["eval.generate=false", "federation.rounds=1", "method.name='ferret'", "privacy.secagg=true"]
+    result = deploy.submit(REPO, "loopback",
+                           {"config": "smoke.toml", "set": ";".join(overrides), "out": str(tmp_path / "deployed")},
+                           flwr_home=home, timeout=400)
+    if not (tmp_path / "deployed").is_dir():
+        tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.iterdir()))
+        pytest.fail(f"flwr run exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{tails}")
+    run_local(smoke_config(*overrides), tmp_path / "local", quiet=True)
+    assert (tmp_path / "local" / "final_state.safetensors").read_bytes() == \
+           (tmp_path / "deployed" / "final_state.safetensors").read_bytes()
+    (record,) = _rounds(tmp_path / "deployed")
+    assert record["aggregate"]["secagg_unmasked"] == 2 and record["failures"] == []
+
+
 # --- pieces -----------------------------------------------------------------------------------
 
 def test_run_config_names_the_experiment(tmp_path):

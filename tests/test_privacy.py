@@ -29,8 +29,6 @@ def test_the_settings_whose_guarantee_would_not_hold_are_usage_errors(smoke_conf
     for override, message in cases.items():
         with pytest.raises(UsageError, match=message):
             smoke_config("privacy.dp='local'", override)
-    with pytest.raises(UsageError, match="secure aggregation is not available"):
-        smoke_config("privacy.secagg=true")
 
 
 def test_clip_scales_into_the_ball_and_noise_has_the_stated_std():

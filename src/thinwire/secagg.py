@@ -53,7 +53,7 @@ from flwr.supercore.primitives.asymmetric import (bytes_to_private_key, bytes_to
                                                   private_key_to_bytes, public_key_to_bytes)
 
 from thinwire.config import Config
-from thinwire.privacy import SECAGG_MOD_RANGE, privatize_upload, update_view_of, wire_dtype, with_update
+from thinwire.privacy import SECAGG_MOD_RANGE, update_view_of, wire_dtype, with_update
 from thinwire.seeding import derive_seed
 from thinwire.wire import Payload, PayloadError
 
@@ -235,19 +235,6 @@ def masked_upload(config: Config, rnd: int, cid: int, payload: Payload, state: S
               for n in names]
     return Payload(tensors={MASKED: torch.from_numpy(masked.copy())},
                    scalars={"layout": json.dumps(layout), "scalars": json.dumps(payload.scalars), "clipped": clipped})
-
-
-def client_upload(config: Config, rnd: int, cid: int, payload: Payload, *, secret: bool,
-                  secagg_state: Callable[[], SecAggClient | None]) -> bytes:
-    """What a client sends after `fit`, on every runtime: its update, noised under local DP
-    (`privatize_upload`), then masked under SecAgg+ with the round's protocol state."""
-    payload = privatize_upload(config, rnd, cid, payload, secret=secret)
-    if config.privacy.secagg:
-        state = secagg_state()
-        if state is None or state.rnd != rnd:
-            raise PayloadError(f"secagg: client {cid} holds no protocol state for round {rnd}")
-        payload = masked_upload(config, rnd, cid, payload, state)
-    return payload.encode()
 
 
 # --- server side ------------------------------------------------------------------------------

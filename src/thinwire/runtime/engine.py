@@ -21,6 +21,10 @@ Faults (all logged in the round record of metrics.jsonl):
   or, with `on_too_few = "retry"`, resampled from the stream (seed, "sample", round, "retry", i)
   up to `max_retries` times (`retries`).
 
+Under `privacy.secagg` the engine runs SecAgg+'s key stages with the round's clients before
+their downloads go out (`Transport.control`), checks each masked upload's shape, and hands the
+method one reply holding the unmasked mean (secagg.py), which the method validates as any upload.
+
 Traffic counts every byte sent (records.py). With `federation.checkpoint` (default on) the
 server's complete state, and what the transport keeps of the clients, is committed after every
 round (runtime/checkpoint.py); a resumed run continues bit-identically.
@@ -47,6 +51,7 @@ from thinwire.methods.validate import rejection as rejection_reason
 from thinwire.runtime import records
 from thinwire.runtime.checkpoint import Checkpoint, ResumableRunDir
 from thinwire.runtime.display import console, make_progress, summary_table
+from thinwire.runtime.upload import open_envelope
 from thinwire.seeding import derive_seed
 from thinwire.wire import Payload
 
@@ -261,7 +266,8 @@ class Rounds:
                     continue
                 try:  # the size cap, then the method's own checks (under SecAgg: on the unmasked mean)
                     cap = secure.upload_cap() if secure else server.max_upload_bytes() + (1 << 20)
-                    reply = Reply(cid, Payload.decode(arrival.up, max_bytes=cap), arrival.num_examples, arrival.metrics)
+                    payload = open_envelope(Payload.decode(arrival.up, max_bytes=cap), rnd, cid)
+                    reply = Reply(cid, payload, arrival.num_examples, arrival.metrics)
                     if secure:
                         secure.check(reply.payload)
                     else:

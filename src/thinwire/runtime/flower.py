@@ -30,6 +30,9 @@ simulated faults, validation, retries, aggregation, evaluation, records, checkpo
   the node's disk, by round (`load_client_state`), under `$THINWIRE_REPLICAS/<run key>`: the run
   key (RunDir.run_key) outlives Flower's run id, so a ServerApp resumed from its checkpoint finds
   every client's state, and every replica, as of the checkpoint's round.
+- Under `privacy.secagg`, each SecAgg+ stage travels as a `query.thinwire_secagg` message whose
+  ArrayRecord holds the stage's bytes (secagg.py); the node keeps its protocol state (keys,
+  shares) in `Context.state` between stages, and masks its upload in `train.thinwire_fit`.
 - Traffic is thinwire's payload bytes, counted exactly as the local runtime counts them
   (records.py): every download the SuperLink accepted counts, whatever became of the client, and
   every reply that arrived (malformed, rejected or discarded for a round with too few included);
@@ -248,7 +251,7 @@ def _fit(message: Message, context: Context) -> Message:
     state = load_client_state(store, cid, rnd)
     examples = host.examples_for(partition, str(context.node_config.get(DATA_PATH, "") or ""))
     upload = host.client.fit(rnd, cid, download, examples, state)
-    from thinwire.secagg import client_upload
+    from thinwire.runtime.upload import client_upload
 
     up = client_upload(host.config, rnd, cid, upload.payload, secret=True, secagg_state=lambda: _secagg_state(context))
     save_client_state(store, cid, rnd, state)

@@ -27,6 +27,7 @@ from thinwire import secagg
 from thinwire.runtime import engine
 from thinwire.runtime.checkpoint import ResumableRunDir, resume_paths
 from thinwire.runtime.engine import Arrival, Transport
+from thinwire.runtime.upload import client_upload
 from thinwire.wire import Payload
 
 
@@ -79,8 +80,8 @@ class InProcess(Transport):
             t0 = time.perf_counter()
             try:
                 upload = self.client.fit(rnd, cid, Payload.decode(down), self.federation.clients[cid], state)
-                up = secagg.client_upload(self.config, rnd, cid, upload.payload, secret=False,
-                                          secagg_state=lambda: self.secagg_clients.get(cid))
+                up = client_upload(self.config, rnd, cid, upload.payload, secret=False,
+                                   secagg_state=lambda: self.secagg_clients.get(cid))
             except Exception as exc:  # a crashing client costs its own update, not the run
                 errors += 1
                 first_error = first_error or exc

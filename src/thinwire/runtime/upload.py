@@ -1,0 +1,50 @@
+"""The envelope of a client's upload, the same on every runtime: what a client does to its
+method's payload before it leaves (local DP noise, SecAgg+ masking, a round-and-client stamp) and
+what the server checks of the stamp before the method sees the payload.
+
+Why the stamp: a client that replays its upload of an earlier round, or forwards another
+client's, would otherwise send a well-formed update the method accepts. The stamp binds an
+upload to the round and client it was made for; the engine drops any other as rejected. It does
+not authenticate (a hostile client can write any stamp on an update it made up); node
+authentication and TLS are Flower's (docs/flower.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from thinwire.privacy import privatize_upload
+from thinwire.wire import Payload, PayloadError
+
+if TYPE_CHECKING:
+    from thinwire.config import Config
+    from thinwire.secagg import SecAggClient
+
+ROUND, CLIENT = "thinwire.round", "thinwire.client"
+
+
+def client_upload(config: Config, rnd: int, cid: int, payload: Payload, *, secret: bool,
+                  secagg_state: Callable[[], SecAggClient | None]) -> bytes:
+    """The bytes a client sends after `fit`: its update noised under local DP (`privatize_upload`),
+    masked under SecAgg+ with the round's protocol state, stamped with (round, client)."""
+    payload = privatize_upload(config, rnd, cid, payload, secret=secret)
+    if config.privacy.secagg:
+        from thinwire.secagg import masked_upload
+
+        state = secagg_state()
+        if state is None or state.rnd != rnd:
+            raise PayloadError(f"secagg: client {cid} holds no protocol state for round {rnd}")
+        payload = masked_upload(config, rnd, cid, payload, state)
+    payload.scalars = {**payload.scalars, ROUND: rnd, CLIENT: cid}
+    return payload.encode()
+
+
+def open_envelope(payload: Payload, rnd: int, cid: int) -> Payload:
+    """The method's payload inside an upload that client `cid` made for round `rnd`; anything else
+    (a replay of another round, another client's upload, no stamp) raises PayloadError."""
+    stamp = payload.scalars.get(ROUND), payload.scalars.get(CLIENT)
+    if stamp != (rnd, cid):
+        raise PayloadError(f"upload stamped for round {stamp[0]!r}, client {stamp[1]!r}, not round {rnd}, "
+                           f"client {cid} (replayed or forwarded)")
+    return Payload(tensors=payload.tensors, scalars={k: v for k, v in payload.scalars.items() if k not in (ROUND, CLIENT)})
