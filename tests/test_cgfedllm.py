@@ -12,6 +12,7 @@ from thinwire.compress.topk import TopKCodec
 from thinwire.errors import UsageError
 from thinwire.methods.cgfedllm import QUALITY
 from thinwire.runtime.local import run_local
+from thinwire.runtime.upload import stamp
 from thinwire.wire import Payload
 
 # the tiny model's LoRA factors (rank 8, hidden 64, 2 layers, GQA: k/v project to 32)
@@ -128,7 +129,8 @@ def test_working_variant_learns_and_traffic_is_the_encoded_payloads(tmp_path, sm
                 continue
             # FAF: exactly a latent of 128 float32 values, 16 float32 scales and the quality scalars
             # (the client also reports those scalars as metrics, so the bytes can be rebuilt exactly)
-            scalars = {"phase": "faf", "ae_version": 1, **{k: _reported(c)[f"codec_{k}"] for k in QUALITY}}
+            scalars = stamp({"phase": "faf", "ae_version": 1, **{k: _reported(c)[f"codec_{k}"] for k in QUALITY}},
+                            r["round"], c["client"])  # the upload's stamp (runtime/upload.py)
             expected = Payload(tensors={"latent": torch.zeros(1, 64, 1, 2), "scales": torch.zeros(16)},
                                scalars=scalars).encode()
             assert c["uplink_bytes"] == len(expected)
@@ -348,7 +350,8 @@ def test_fixed_codec_variant_learns_and_sends_its_budget(tmp_path, smoke_config,
         # each client's upload decodes to its own update: another client's differs by about √2 of it
         assert 0.5 < r["aggregate"]["swap_change"] < 2.0
         for c in r["clients"]:
-            scalars = {"phase": "faf", "ae_version": 0, **{k: _reported(c)[f"codec_{k}"] for k in QUALITY}}
+            scalars = stamp({"phase": "faf", "ae_version": 0, **{k: _reported(c)[f"codec_{k}"] for k in QUALITY}},
+                            r["round"], c["client"])
             assert c["uplink_bytes"] == len(Payload(tensors=wire, scalars=scalars).encode())
     assert summary["artifacts"] == []
 
@@ -373,7 +376,8 @@ def test_binary_latent_variant_learns_and_sends_its_budget(tmp_path, smoke_confi
         assert r["aggregate"]["latent_values"] == 3584 and 0 < r["aggregate"]["rel_err"] < 1
         assert 0.5 < r["aggregate"]["swap_change"] < 2.0
         for c in r["clients"]:
-            scalars = {"phase": "faf", "ae_version": 1, **{k: _reported(c)[f"codec_{k}"] for k in QUALITY}}
+            scalars = stamp({"phase": "faf", "ae_version": 1, **{k: _reported(c)[f"codec_{k}"] for k in QUALITY}},
+                            r["round"], c["client"])  # the upload's stamp (runtime/upload.py)
             # the latent is FedIT's float32 tensor bytes / 64, exactly; the scales come on top
             wire = {"latent": torch.zeros(4 * 7168 // 64, dtype=torch.uint8), "scales": torch.zeros(16)}
             assert c["uplink_bytes"] == len(Payload(tensors=wire, scalars=scalars).encode())

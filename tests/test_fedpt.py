@@ -334,6 +334,7 @@ def test_end_to_end_fedpt_run(tmp_path, smoke_config):
     from thinwire.methods import get_method
     from thinwire.methods.base import RunContext, Workbench
     from thinwire.runtime.local import run_local
+    from thinwire.runtime.upload import stamp
     from thinwire.wire import Payload
 
     config = smoke_config(*FEDPT, "method.fedpt.anti='broadcast'")
@@ -343,11 +344,11 @@ def test_end_to_end_fedpt_run(tmp_path, smoke_config):
     # uplink is exactly a FedIT adapter upload; downlink the adapter too
     ctx = RunContext(config, Workbench(config))
     _, params = ctx.workbench.trainable(True)
-    adapter_bytes = len(Payload(tensors={k: p.detach() for k, p in params.items()}).encode())
+    adapter = {k: p.detach() for k, p in params.items()}
     for r in rounds:
         for c in r["clients"]:
-            assert c["uplink_bytes"] == adapter_bytes
-            assert c["downlink_bytes"] == adapter_bytes
+            assert c["uplink_bytes"] == len(Payload(tensors=adapter, scalars=stamp({}, r["round"], c["client"])).encode())
+            assert c["downlink_bytes"] == len(Payload(tensors=adapter).encode())
     assert summary["uplink_bytes_total"] == sum(c["uplink_bytes"] for r in rounds for c in r["clients"])
     assert {"kd_loss_first", "kd_loss_last", "kd_large_queries"} <= set(rounds[0]["aggregate"])
     # distillation lowers the KL from the proxy-tuned teacher to the student, every round

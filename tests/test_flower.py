@@ -490,6 +490,38 @@ def test_a_node_that_draws_other_random_bits_is_refused(tmp_path):
     assert [f["client"] for f in first["failures"]] == [2]
 
 
+def _impostor_client_app(liar: int, claims: int) -> ClientApp:
+    """thinwire's ClientApp, except that the node of partition `liar` says it owns `claims`."""
+    app = ClientApp()
+
+    @app.query("thinwire_hello")
+    def hello(message, context):
+        reply = flower._hello(message, context)
+        if int(reply.content["thinwire"]["partition-id"]) == liar:
+            reply.content["thinwire"]["partition-id"] = claims
+        return reply
+
+    @app.train("thinwire_fit")
+    def fit(message, context):
+        return flower._fit(message, context)
+
+    return app
+
+
+@pytest.mark.slow
+def test_two_nodes_claiming_one_partition_cannot_both_serve_it(tmp_path, smoke_config):
+    """One node per partition: the second claim is refused with a warning, and the run goes on
+    (the impostor's own partition has no node; if its claim came first, partition 0's messages
+    reach a node that refuses them, so that client fails too)."""
+    config = smoke_config("eval.generate=false", "federation.rounds=2", "federation.clients_per_round=3")
+    flower.run_flower_sim(config, tmp_path / "run", quiet=True, num_cpus=1, client_app=_impostor_client_app(1, 0))
+    first, second = _rounds(tmp_path / "run")
+    assert any("both claim partition 0" in w for w in first["warnings"]), first["warnings"]
+    for record in (first, second):
+        assert [f["client"] for f in record["failures"]] in ([1], [0, 1])  # whichever claim came first
+        assert [c["client"] for c in record["clients"]] in ([0, 2], [2])
+
+
 def test_the_handshake_refuses_other_base_weights_or_other_random_draws(smoke_config):
     from thinwire.methods.base import Workbench
     from thinwire.runtime.flower_server import BASE_DIGEST, FINGERPRINT, refusal

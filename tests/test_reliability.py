@@ -21,6 +21,7 @@ from thinwire.methods.fedavg import DeltaClient, DeltaServer
 from conftest import crash_in_round
 from thinwire.runtime.engine import sample_clients, simulated_faults
 from thinwire.runtime.local import resume_local, run_local
+from thinwire.runtime.upload import stamp
 from thinwire.wire import Payload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,7 +189,8 @@ def test_every_byte_sent_is_counted_whatever_became_of_the_client(tmp_path, smok
         upload = fit(self, rnd, cid, *args)
         if cid == 0:  # every upload of client 0 is rejected
             upload = Upload(_hostile(upload.payload, "fedavg", "nan"), upload.num_examples, upload.metrics)
-        sent["up"].setdefault(rnd, []).append(len(upload.payload.encode()))
+        stamped = Payload(tensors=upload.payload.tensors, scalars=stamp(upload.payload.scalars, rnd, cid))
+        sent["up"].setdefault(rnd, []).append(len(stamped.encode()))
         return upload
 
     monkeypatch.setattr(spec.server, "download", counted_download)

@@ -9,6 +9,7 @@ from thinwire.methods.base import Workbench
 from thinwire.methods.fedavg import DeltaClient
 from thinwire.runtime.engine import sample_clients
 from thinwire.runtime.local import run_local
+from thinwire.runtime.upload import stamp
 from thinwire.wire import Payload
 
 
@@ -24,16 +25,21 @@ def test_end_to_end_learns_and_counts_bytes(tmp_path, smoke_config, method, lr, 
 
     # what crosses the wire each way is exactly one payload of the trainable tensors
     _, params = Workbench(config).trainable(lora=method == "fedit")
-    expected = len(Payload(tensors={n: torch.zeros_like(p) for n, p in params.items()}).encode())
+    zeros = {n: torch.zeros_like(p) for n, p in params.items()}
+    expected = len(Payload(tensors=zeros).encode())
     assert summary["trainable_parameters"] == sum(p.numel() for p in params.values())
     rounds = _rounds(tmp_path / "run")
     assert [r["round"] for r in rounds] == [1, 2, 3]
     for r in rounds:
-        assert all(c["uplink_bytes"] == expected and c["downlink_bytes"] == expected for c in r["clients"])
-        assert r["uplink_bytes"] == r["downlink_bytes"] == expected * r["clients_ok"]
+        for c in r["clients"]:  # up: the same tensors, stamped with (round, client)
+            assert c["uplink_bytes"] == len(Payload(tensors=zeros, scalars=stamp({}, r["round"], c["client"])).encode())
+            assert c["downlink_bytes"] == expected
+        assert r["uplink_bytes"] == sum(c["uplink_bytes"] for c in r["clients"])
+        assert r["downlink_bytes"] == expected * r["clients_ok"]
         assert set(r["time_s"]) >= {"local", "aggregate", "total"} and r["eval"]["loss"] > 0
     assert summary["uplink_bytes_total"] == sum(r["uplink_bytes"] for r in rounds)
-    assert summary["uplink_bytes_per_client_round"] == expected
+    assert summary["downlink_bytes_per_client_round"] == expected
+    assert summary["uplink_bytes_per_client_round"] == summary["uplink_bytes_total"] / summary["client_rounds"]
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert files == ["config.toml", "final_state.safetensors", "metrics.jsonl", "predictions.jsonl", "summary.json"]
 
@@ -125,14 +131,16 @@ def test_client_metrics_cannot_replace_measured_fields(tmp_path, smoke_config, m
     summary = run_local(config, tmp_path / "run", quiet=True)
     (record,) = _rounds(tmp_path / "run")
     _, params = Workbench(config).trainable(lora=False)
-    expected = len(Payload(tensors={n: torch.zeros_like(p) for n, p in params.items()}).encode())
+    zeros = {n: torch.zeros_like(p) for n, p in params.items()}
+    down = len(Payload(tensors=zeros).encode())
     assert [c["client"] for c in record["clients"]] == sample_clients(config, 1)
     for c in record["clients"]:
-        assert (c["uplink_bytes"], c["downlink_bytes"]) == (expected, expected) and c["examples"] < 10**6
+        up = len(Payload(tensors=zeros, scalars=stamp({}, 1, c["client"])).encode())
+        assert (c["uplink_bytes"], c["downlink_bytes"]) == (up, down) and c["examples"] < 10**6
         assert c["metrics"] == {**c["metrics"], **claims}  # kept, apart
-    assert record["uplink_bytes"] == record["downlink_bytes"] == 2 * expected
+    assert record["downlink_bytes"] == 2 * down
     assert record["train_loss"] == 0.5  # the round's mean of what clients report as train_loss
-    assert summary["uplink_bytes_total"] == 2 * expected
+    assert summary["uplink_bytes_total"] == record["uplink_bytes"] == sum(c["uplink_bytes"] for c in record["clients"])
 
 
 def test_warnings_land_in_the_next_round_record(tmp_path, smoke_config, monkeypatch):

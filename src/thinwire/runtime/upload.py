@@ -36,8 +36,13 @@ def client_upload(config: Config, rnd: int, cid: int, payload: Payload, *, secre
         if state is None or state.rnd != rnd:
             raise PayloadError(f"secagg: client {cid} holds no protocol state for round {rnd}")
         payload = masked_upload(config, rnd, cid, payload, state)
-    payload.scalars = {**payload.scalars, ROUND: rnd, CLIENT: cid}
+    payload.scalars = stamp(payload.scalars, rnd, cid)
     return payload.encode()
+
+
+def stamp(scalars: dict, rnd: int, cid: int) -> dict:
+    """A payload's scalars with the (round, client) stamp added."""
+    return {**scalars, ROUND: rnd, CLIENT: cid}
 
 
 def open_envelope(payload: Payload, rnd: int, cid: int) -> Payload:
