@@ -10,7 +10,7 @@ continues across sessions. Runs: (methods) x (factors) x (grid points).
 
     python benchmarks/tune.py examples/smoke.toml --methods fedavg,ferret --out runs/tune-smoke
     python benchmarks/tune.py benchmarks/compare_smollm2.toml --methods fedavg,ferret-sketch \\
-        --grid ferret-sketch:method.server_lr=1,2 --rounds 3 --out runs/tune
+        --grid ferret-sketch:method.ferret.server_lr=1,2 --rounds 3 --out runs/tune
 """
 
 from __future__ import annotations

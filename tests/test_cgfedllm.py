@@ -55,9 +55,10 @@ def test_shapes_and_compression_ratio_by_hand():
     for codec in (conv2d, conv1d):
         back = codec.layout.unpack(codec.layout.pack(tensors))
         assert all(torch.equal(back[n], tensors[n]) for n in tensors)
-        latent, scales, recon = codec.encode(tensors)
-        assert tuple(latent.shape) == codec.latent_shape and scales.shape == (16,)
-        decoded = codec.decode(latent, scales)
+        wire, recon = codec.encode(tensors)
+        assert tuple(wire["latent"].shape) == codec.latent_shape and wire["scales"].shape == (16,)
+        assert codec.check(wire) is None
+        decoded = codec.decode(wire)
         assert all(torch.equal(decoded[n], recon[n]) for n in tensors)
         assert codec.model(codec.prepare(tensors)[0]).abs().max() <= 1  # tanh output
 
@@ -78,9 +79,9 @@ def test_trained_autoencoder_beats_zeros_on_structured_input(tmp_path):
 
     train = torch.cat([codec.prepare(sample())[0] for _ in range(64)])
     held_out = [sample() for _ in range(4)]
-    before = sum(quality(x, codec.encode(x)[2])["rel_err"] for x in held_out) / 4
+    before = sum(quality(x, codec.encode(x)[1])["rel_err"] for x in held_out) / 4
     stats = codec.fit(train, steps=200, lr=3e-3, batch=8, seed=0)
-    after = [quality(x, codec.encode(x)[2]) for x in held_out]
+    after = [quality(x, codec.encode(x)[1]) for x in held_out]
     assert stats["ae_rel_err"] < stats["ae_rel_err_before"]
     assert sum(q["rel_err"] for q in after) / 4 < min(0.6, before)
     assert all(q["cos"] > 0.8 and q["snr_db"] > 3 for q in after)
@@ -89,7 +90,7 @@ def test_trained_autoencoder_beats_zeros_on_structured_input(tmp_path):
     spec, weights = load_artifact(tmp_path / "ae.safetensors")
     again = AutoencoderCodec(spec, TINY, normalize=False, refit=False, seed=7)
     again.load_tensors(weights)
-    assert torch.equal(again.encode(held_out[0])[0], codec.encode(held_out[0])[0])
+    assert torch.equal(again.encode(held_out[0])[0]["latent"], codec.encode(held_out[0])[0]["latent"])
 
 
 def test_passthrough_is_fedit_bit_for_bit(tmp_path, smoke_config):
@@ -268,7 +269,7 @@ def test_binary_latent_autoencoder_by_hand_and_against_the_one_bit_bound():
     reaches what one least-squares-scaled bit per two Gaussian values can keep: a relative error of
     √(1 − 1/π) ≈ 0.826, against 1 for zeros."""
     spec = CodecSpec("conv1d", depth=1, compression=2, res_blocks=0, chunk=1024, binary=True)
-    codec = AutoencoderCodec(spec, TINY, normalize=True, refit=True)
+    codec = AutoencoderCodec(spec, TINY, normalize=True, refit=True, shuffle=True)
     assert codec.latent_shape == (7, 1, 512) and codec.latent_values == 3584
     assert codec.wire_latent == (torch.uint8, (448,))
     assert codec.ratio()["bytes_ratio"] == (448 + 16 * 4) / (4 * 7168)
@@ -278,25 +279,27 @@ def test_binary_latent_autoencoder_by_hand_and_against_the_one_bit_bound():
         return {n: torch.randn(s, generator=gen) for n, s in TINY}
 
     x = sample()
-    latent, scales, xhat = codec.encode(x)
+    wire, xhat = codec.encode(x)
+    latent = wire["latent"]
     z = codec.model.encoder(codec.prepare(x)[0])
-    assert latent.dtype == torch.uint8 and latent.shape == (448,)
+    assert latent.dtype == torch.uint8 and latent.shape == (448,) and codec.check(wire) is None
+    assert codec.check({**wire, "latent": latent[:-1]}) == "latent must be torch.uint8 of shape (448,)"
     assert torch.equal(unpack_signs(latent, 3584), torch.where(z.reshape(-1) < 0, -1.0, 1.0))
-    assert all(torch.equal(codec.decode(latent, scales)[n], xhat[n]) for n in xhat)
+    assert all(torch.equal(codec.decode(wire)[n], xhat[n]) for n in xhat)
     # shuffled: the layout sees the values in the seed's order; the server, given the same seed,
     # decodes exactly the client's reconstruction, and another seed gives another one
     perm = torch.randperm(7168, generator=torch.Generator().manual_seed(5))
     normalised = codec.flat.flatten({n: t / t.abs().max() for n, t in x.items()})
     assert torch.equal(codec.prepare(x, seed=5)[0].reshape(-1), normalised[perm])
-    latent5, scales5, xhat5 = codec.encode(x, seed=5)
-    assert not torch.equal(latent5, latent)
-    assert all(torch.equal(codec.decode(latent5, scales5, seed=5)[n], xhat5[n]) for n in x)
-    assert not all(torch.equal(codec.decode(latent5, scales5, seed=6)[n], xhat5[n]) for n in x)
+    wire5, xhat5 = codec.encode(x, seed=5)
+    assert not torch.equal(wire5["latent"], latent)
+    assert all(torch.equal(codec.decode(wire5, seed=5)[n], xhat5[n]) for n in x)
+    assert not all(torch.equal(codec.decode(wire5, seed=6)[n], xhat5[n]) for n in x)
     train = torch.cat([codec.prepare(sample())[0] for _ in range(32)])
     stats = codec.fit(train, 300, 1e-2, 16, seed=0)
     assert stats["ae_rel_err"] < stats["ae_rel_err_before"]
     held_out = [sample() for _ in range(4)]
-    err = sum(quality(h, codec.encode(h)[2])["rel_err"] for h in held_out) / 4
+    err = sum(quality(h, codec.encode(h)[1])["rel_err"] for h in held_out) / 4
     assert err == pytest.approx((1 - 1 / torch.pi) ** 0.5, abs=0.03)
 
 
@@ -562,3 +565,24 @@ def test_hostile_tgap_scalars_and_reused_payload_ids_cannot_reach_the_model(firs
     stale = {name: torch.full_like(t, 7.0) for name, t in server.weights.items()}
     server._objects[id(honest)] = (Payload(), stale)  # an entry left by another payload that had this id
     assert all(not torch.equal(t, stale[n]) for n, t in server._object(Reply(0, honest, 1)).items())
+
+
+def test_clients_in_one_process_hold_one_copy_of_the_autoencoder(tmp_path, smoke_config):
+    """Every client that downloaded the AE holds it in its state, and the in-process runtime keeps one
+    copy for all of them (each download decoded its own bytes; equal tensors are interned); a
+    client's own tensors (its error-feedback residual) stay its own."""
+    from thinwire.runtime import engine
+    from thinwire.runtime.local import InProcess
+
+    config = smoke_config("method.name='cgfedllm'", "federation.clients=6", "federation.clients_per_round=3",
+                          "federation.rounds=4", *BASE, "method.cgfedllm.ae_steps=20")
+    transport = InProcess()
+    engine.run(config, tmp_path / "r", transport, quiet=True)
+    holders = [s for s in transport.states.values() if int(s.scalars.get("ae_version", 0)) >= 1]
+    assert len(holders) >= 4
+    ae_names = [k for k in holders[0].tensors if k.startswith("ae/")]
+    assert ae_names and all(sorted(k for k in s.tensors if k.startswith("ae/")) == sorted(ae_names) for s in holders)
+    for name in ae_names:
+        assert len({id(s.tensors[name]) for s in holders}) == 1
+    residuals = [s.tensors[k] for s in holders for k in s.tensors if k.startswith("ef/")]
+    assert len({id(t) for t in residuals}) == len(residuals) > 0

@@ -12,12 +12,12 @@ from thinwire.wire import Payload
 
 
 @pytest.mark.parametrize("options", [
-    ["method.ferret.trainable='lora'", "method.server_lr=1.0"],
-    ["method.ferret.scaling='code'", "method.ferret.clip=10.0", "method.server_lr=1.0"],
-    ["method.ferret.fixed_bases=true", "method.ferret.momentum=0.5", "method.server_lr=0.2"],
+    ["method.ferret.trainable='lora'", "method.ferret.server_lr=1.0"],
+    ["method.ferret.scaling='code'", "method.ferret.clip=10.0", "method.ferret.server_lr=1.0"],
+    ["method.ferret.fixed_bases=true", "method.ferret.momentum=0.5", "method.ferret.server_lr=0.2"],
     ["method.ferret.allocation='proportional'", "method.ferret.budget=300", "method.ferret.lr_schedule='cosine'",
-     "method.server_lr=0.05"],
-    ["method.ferret.basis='sketch'", "method.ferret.clip=10.0", "method.server_lr=0.3"],
+     "method.ferret.server_lr=0.05"],
+    ["method.ferret.basis='sketch'", "method.ferret.clip=10.0", "method.ferret.server_lr=0.3"],
 ])
 def test_variants_learn_and_upload_what_they_allocate(tmp_path, smoke_config, options):
     config = smoke_config("method.name='ferret'", "federation.rounds=3", *options)

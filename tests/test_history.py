@@ -126,3 +126,25 @@ def test_fedkseed_pro_refuses_step_records_that_do_not_add_up(first_upload):
     skewed = dict(honest.tensors, step_g=honest.tensors["step_g"] * torch.tensor([100.0] + [1.0] * 5))
     with pytest.raises(PayloadError, match="do not add up"):
         server.validate(Reply(0, Payload(tensors=skewed, scalars=honest.scalars), examples))
+
+
+@pytest.mark.parametrize(("method", "own_key"), [("ferret", "method.ferret.server_lr"),
+                                                 ("fedkseed", "method.fedkseed.global_lr_scale"),
+                                                 ("fedkseed-pro", "method.fedkseed.global_lr_scale")])
+def test_server_lr_names_the_methods_own_server_step(smoke_config, method, own_key):
+    """`method.server_lr` is the server optimizer's step; these methods size theirs with their own key."""
+    from thinwire.errors import UsageError
+
+    config = smoke_config(f"method.name='{method}'", "method.server_lr=0.5")
+    with pytest.raises(UsageError, match=own_key.replace(".", r"\.")):
+        get_method(method).server(RunContext(config, Workbench(config))).setup()
+
+
+@pytest.mark.parametrize(("method", "own_key", "attribute"), [
+    ("ferret", "method.ferret.server_lr=0.25", lambda server: server.server_lr(1)),
+    ("fedkseed", "method.fedkseed.global_lr_scale=0.25", lambda server: server.step_lr() / server.options.lr)])
+def test_the_methods_own_server_step_applies(smoke_config, method, own_key, attribute):
+    config = smoke_config(f"method.name='{method}'", own_key)
+    server = get_method(method).server(RunContext(config, Workbench(config)))
+    server.setup()
+    assert attribute(server) == pytest.approx(0.25)

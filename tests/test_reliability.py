@@ -317,7 +317,7 @@ ROBUST = ["federation.clients=5", "federation.clients_per_round=5", "data.partit
 @pytest.mark.parametrize("method, kind, factor, extra", [
     ("fedavg", "scale", 100.0, []),
     ("fedavg", "flip", 10.0, []),
-    ("ferret", "scale", 100.0, ["method.server_lr=0.3"]),
+    ("ferret", "scale", 100.0, ["method.ferret.server_lr=0.3"]),
 ])
 def test_robust_aggregation_resists_one_hostile_client(tmp_path, smoke_config, monkeypatch, method, kind, factor,
                                                        extra):
@@ -379,7 +379,7 @@ class Crash(Exception):
 @pytest.mark.parametrize("method, extra", [
     ("fedavg", ["method.server_optimizer='fedadam'", "method.server_lr=0.01"]),
     ("fedit", ["federation.failure_rate=0.3"]),
-    ("ferret", ["method.ferret.fixed_bases=true", "method.ferret.momentum=0.5", "method.server_lr=0.2"]),
+    ("ferret", ["method.ferret.fixed_bases=true", "method.ferret.momentum=0.5", "method.ferret.server_lr=0.2"]),
     ("fedkseed-pro", ["method.fedkseed.local_steps=10"]),
 ])
 def test_resume_after_a_crash_is_bit_identical(tmp_path, smoke_config, monkeypatch, method, extra):
@@ -439,7 +439,7 @@ def _env():
 
 @pytest.mark.parametrize("method, extra", [
     ("fedavg", []),
-    ("ferret", ["method.server_lr=0.3"]),
+    ("ferret", ["method.ferret.server_lr=0.3"]),
 ])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, smoke_config, method, extra):
     """A real `thinwire run` process killed with SIGKILL at a seeded random moment after round k

@@ -117,7 +117,9 @@ class MethodConfig:
     server_optimizer: str = opt("none", "server optimizer over the mean update (fedexp: a step of "
                                 "server_lr x max(1, mean client |update|^2 / (2 |mean update|^2)))",
                                 choices=("none", "fedavgm", "fedadam", "fedexp"))
-    server_lr: float = opt(1.0, "server learning rate", low=0)
+    server_lr: float = opt(1.0, "the server optimizer's step on the aggregated update (fedavg, fedit, "
+                           "cgfedllm, fedpt; ferret: method.ferret.server_lr, fedkseed: "
+                           "method.fedkseed.global_lr_scale)", low=0)
     server_momentum: float = opt(0.9, "FedAvgM momentum / FedAdam beta1", low=0, high=0.999999)
     server_beta2: float = opt(0.99, "FedAdam beta2", low=0, high=0.999999)
     server_tau: float = opt(1e-3, "FedAdam adaptivity / FedExP epsilon", low=0)

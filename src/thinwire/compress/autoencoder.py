@@ -38,9 +38,9 @@ linear code of D real numbers keeps at most D/d of its energy in expectation (1/
 while the same bytes as bits can keep a third (one sign with a least-squares gain keeps 2/π of
 the energy of what it covers).
 
-Shuffling (a ``seed`` to ``prepare``/``encode``/``decode``): the (normalised) values are permuted
-by a seeded permutation before the layout, and the reconstruction is permuted back. Both sides
-draw it from the same (round, client) seed, so nothing more is sent. A trained code is fixed, so
+Shuffling (``shuffle``): the (normalised) values are permuted by the permutation drawn from the
+``seed`` given to ``prepare``/``encode``/``decode`` before the layout, and the reconstruction is
+permuted back. Both sides draw it from the same (round, client) seed, so nothing more is sent. A trained code is fixed, so
 without it the same entries share a latent value every round and error feedback keeps piling the
 same entries' losses into the residual; with it every round pairs other entries.
 
@@ -56,6 +56,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,6 +67,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from thinwire.compress.bits import pack_signs, unpack_signs
+from thinwire.compress.codec import Codec
 from thinwire.compress.fixed import FixedCodec
 
 KINDS = ("conv2d", "conv1d")
@@ -269,12 +271,14 @@ class CodecSpec:
         return reduction // comp
 
 
-class AutoencoderCodec:
+class AutoencoderCodec(Codec):
     """Layout + normalisation + autoencoder: `encode` on a client, `decode` on the server."""
 
+    learned = True
+
     def __init__(self, spec: CodecSpec, shapes: list[tuple[str, tuple[int, ...]]], *, normalize: bool,
-                 refit: bool, latent_dtype: str = "float32", seed: int = 0):
-        self.spec = spec
+                 refit: bool, latent_dtype: str = "float32", shuffle: bool = False, seed: int = 0):
+        self.spec, self.shuffle = spec, shuffle
         latent_channels = spec.latent_channels()
         if spec.kind == "conv2d":
             self.layout: GridLayout | ChunkLayout = GridLayout(shapes, 2**spec.depth)
@@ -292,6 +296,7 @@ class AutoencoderCodec:
         shape = self.layout.sample_shape
         spatial = [n // 2**spec.depth for n in shape[2:]]
         self.latent_shape = (shape[0], latent_channels, *spatial)
+        self.wire_names = ("latent", "scales") if self.sends_scales else ("latent",)
 
     # sizes ---------------------------------------------------------------------------------------
     @property
@@ -335,7 +340,7 @@ class AutoencoderCodec:
         return self.layout.pack(self._shuffled(tensors, perm)), norms
 
     def _permutation(self, seed: int | None) -> torch.Tensor | None:
-        if seed is None:
+        if not self.shuffle or seed is None:
             return None
         return torch.randperm(self.flat.total, generator=torch.Generator().manual_seed(seed))
 
@@ -353,27 +358,40 @@ class AutoencoderCodec:
         return self.flat.unflatten(out)
 
     @torch.no_grad()
-    def encode(self, tensors: dict[str, torch.Tensor], seed: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
-        """(latent as it goes on the wire, scales or None, the reconstruction the server will compute)."""
+    def encode(self, tensors: Mapping[str, torch.Tensor], seed: int | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """({"latent": as it goes on the wire, "scales": if sent}, the reconstruction the server will compute)."""
         perm = self._permutation(seed)  # drawn once for both directions
-        inputs, norms = self._prepare(tensors, perm)
+        inputs, norms = self._prepare(dict(tensors), perm)
         z = self.model.encoder(inputs)
-        latent = pack_signs(z) if self.spec.binary else z.to(self.latent_dtype)
-        unit = self._unit(latent, perm)
-        device = next(iter(tensors.values())).device
-        scales = None
+        wire = {"latent": pack_signs(z) if self.spec.binary else z.to(self.latent_dtype)}
+        unit = self._unit(wire["latent"], perm)
         if self.refit:
-            scales = torch.tensor([_lsq_gain(tensors[n], unit[n]) for n in self.names], dtype=torch.float32)
+            wire["scales"] = torch.tensor([_lsq_gain(tensors[n], unit[n]) for n in self.names], dtype=torch.float32)
         elif self.normalize:
-            scales = torch.where(norms > 0, norms, torch.ones_like(norms))
-        return latent, scales, self._scaled(unit, scales, device)
+            wire["scales"] = torch.where(norms > 0, norms, torch.ones_like(norms))
+        return wire, self._scaled(unit, wire.get("scales"), next(iter(tensors.values())).device)
 
     @torch.no_grad()
-    def decode(self, latent: torch.Tensor, scales: torch.Tensor | None,
-               device: torch.device | str = "cpu", seed: int | None = None) -> dict[str, torch.Tensor]:
+    def decode(self, wire: Mapping[str, torch.Tensor], seed: int | None = None,
+               device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """The reconstruction from a latent and its scales (the AE itself always runs on the CPU)."""
-        return self._scaled(self._unit(latent, self._permutation(seed)), scales, device)
+        return self._scaled(self._unit(wire["latent"], self._permutation(seed)), wire.get("scales"), device)
+
+    def check(self, wire: Mapping[str, torch.Tensor]) -> str | None:
+        dtype, shape = self.wire_latent
+        latent = wire["latent"]
+        if latent.dtype != dtype or tuple(latent.shape) != shape:
+            return f"latent must be {dtype} of shape {shape}"
+        if latent.is_floating_point() and not bool(torch.isfinite(latent.float()).all()):
+            return "non-finite latent values"
+        scales = wire.get("scales")
+        if scales is not None:
+            if scales.dtype != torch.float32 or tuple(scales.shape) != (len(self.names),):
+                return f"scales must be float32 of shape ({len(self.names)},)"
+            if not bool(torch.isfinite(scales).all()):
+                return "non-finite scales"
+        return None
 
     def _unit(self, latent: torch.Tensor, perm: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The decoder's output, unshuffled, before the scales."""

@@ -1,9 +1,5 @@
-"""The shared base of the codecs that need no training (top-k, signs): a fixed list of tensors.
-
-Both sides build the same codec from the trainable tensors' names and shapes; an upload is a small
-dict of wire tensors (`wire_names`). `encode` also returns what the server will decode, so the
-client can keep the error-feedback residual and report reconstruction quality; `seed` is the
-(round, client) stream a codec may draw from (one that draws nothing ignores it).
+"""The shared base of the codecs that need no training (top-k, signs, zeros): tensors flattened in
+a fixed order into one float32 vector (compress/codec.py says what a codec does).
 """
 
 from __future__ import annotations
@@ -12,13 +8,13 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["FixedCodec"]
+from thinwire.compress.codec import Codec
+
+__all__ = ["FixedCodec", "ZerosCodec"]
 
 
-class FixedCodec:
+class FixedCodec(Codec):
     """Flattens tensors in a fixed order into one float32 vector, and back."""
-
-    wire_names: tuple[str, ...] = ()
 
     def __init__(self, shapes: Sequence[tuple[str, tuple[int, ...]]]) -> None:
         self.names = [n for n, _ in shapes]
@@ -45,15 +41,23 @@ class FixedCodec:
         return {"sent_values": self.sent_values(), "input_values": self.total,
                 "ratio_values": self.sent_values() / self.total, "bytes_ratio": self.sent_bytes() / (4 * self.total)}
 
+
+class ZerosCodec(FixedCodec):
+    """Sends nothing and decodes zeros: the control that shows what the compressed rounds add."""
+
+    def sent_values(self) -> int:
+        return 0
+
+    def sent_bytes(self) -> int:
+        return 0
+
     def encode(self, tensors: Mapping[str, torch.Tensor], seed: int
                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(the wire tensors, what the server will decode from them)."""
-        raise NotImplementedError
+        return {}, self.decode({}, seed, next(iter(tensors.values())).device)
 
     def decode(self, wire: Mapping[str, torch.Tensor], seed: int, device: torch.device | str = "cpu"
                ) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        return self.unflatten(torch.zeros(self.total), device)
 
     def check(self, wire: Mapping[str, torch.Tensor]) -> str | None:
-        """Why an upload's wire tensors are malformed, or None."""
-        raise NotImplementedError
+        return None

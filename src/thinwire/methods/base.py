@@ -284,6 +284,11 @@ class WeightsServer(ServerSide):
 
 
 class ClientSide(ABC):
+    # ClientState tensors under these prefixes are the same for every client that holds them (a
+    # downloaded public artifact) and are only ever replaced, never modified in place: a runtime
+    # that keeps many clients' states in one process may keep one copy of them
+    shared_state_prefixes: tuple[str, ...] = ()
+
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.config = ctx.config

@@ -33,7 +33,11 @@ sign bit per latent value (compress/autoencoder.py): the learned codec at the sa
 The AE is a public artifact distributed once: a client's first FAF download carries the whole AE
 (encoder and decoder: the client needs the decoder for error feedback and to measure the
 reconstruction it reports) and it is counted as downlink; later downloads carry it again only
-after a calibration round changed it. The client keeps it in its ClientState.
+after a calibration round changed it. The client keeps it in its ClientState (clients that share one
+process share one copy: `shared_state_prefixes`).
+
+Every codec, learned or not, sits behind compress/codec.py's interface (encode, decode, check,
+ratio, with a (round, client) seed both sides draw from); this module holds only the rounds.
 
 What is encoded (``target``): ``state`` the adapter after local training (Algorithm 1, the paper's
 literal recipe), ``delta`` the round's change start − end, or ``grad`` the mean step
@@ -107,7 +111,8 @@ from thinwire.compress.autoencoder import (
     load_artifact,
     quality,
 )
-from thinwire.compress.fixed import FixedCodec
+from thinwire.compress.codec import Codec
+from thinwire.compress.fixed import ZerosCodec
 from thinwire.compress.signs import SignCodec
 from thinwire.compress.topk import TopKCodec
 from thinwire.config import method_options, opt
@@ -258,34 +263,46 @@ def _spec(o: CGFedLLMOptions) -> CodecSpec:
     return CodecSpec(o.codec, o.depth, o.compression, o.width, o.res_blocks, o.chunk, o.binary_latent)
 
 
+def _codec(o: CGFedLLMOptions, shapes: list[tuple[str, tuple[int, ...]]], seed: int) -> Codec:
+    """The codec `o` names, over the trainable tensors `shapes` (an AE initialised from `seed`)."""
+    if o.codec in ("conv2d", "conv1d"):
+        return AutoencoderCodec(_spec(o), shapes, normalize=o.normalize, refit=o.refit_scales,
+                                latent_dtype=o.latent_dtype, shuffle=o.shuffle, seed=seed)
+    if o.codec == "topk":
+        return TopKCodec(shapes, o.compression or 64, o.latent_dtype)
+    if o.codec == "signs":
+        return SignCodec(shapes, o.compression or 64)
+    return ZerosCodec(shapes)
+
+
 class _Rule:
     """What both sides share: options, phases, the codec and the data split."""
+
+    codec: Codec
 
     def _setup_rule(self) -> None:
         self.options = o = method_options(self.config, "cgfedllm", CGFedLLMOptions)
         _validate(o, self.config.federation.rounds)
         self.learned = o.codec in ("conv2d", "conv1d")
         self.tgap = o.codec != "none" and o.tgap_rounds > 0 and not o.ae_path
-        self._codec: AutoencoderCodec | None = None
-        self.fixed: FixedCodec | None = None
-        if o.codec in ("topk", "signs"):
+        if o.codec != "none":
             _, params = self.ctx.workbench.trainable(True)
-            shapes = [(n, tuple(p.shape)) for n, p in params.items()]
             try:
-                self.fixed = (TopKCodec(shapes, o.compression or 64, o.latent_dtype) if o.codec == "topk"
-                              else SignCodec(shapes, o.compression or 64))
+                self.codec = _codec(o, [(n, tuple(p.shape)) for n, p in params.items()],
+                                    derive_seed(self.config.federation.seed, "cgfedllm-ae-init"))
             except ValueError as exc:
                 raise UsageError(f"method.cgfedllm: {exc}") from exc
 
-    def wire_seed(self, rnd: int, client_id: int) -> int:
-        """The stream a fixed codec draws from for this client's upload of this round."""
-        return derive_seed(self.config.federation.seed, "cgfedllm-wire", rnd, client_id)
+    @property
+    def autoencoder(self) -> AutoencoderCodec:
+        """The codec where it is a learned one (TGAP's pool, AE training, artifacts)."""
+        if not isinstance(self.codec, AutoencoderCodec):
+            raise TypeError(f"codec {self.options.codec!r} has no autoencoder")
+        return self.codec
 
-    def shuffle_seed(self, rnd: int, client_id: int, snapshot: int = 0) -> int | None:
-        """The AE's input permutation for this upload (a TGAP snapshot's, for the training pool)."""
-        if not self.options.shuffle:
-            return None
-        return derive_seed(self.config.federation.seed, "cgfedllm-shuffle", rnd, client_id, snapshot)
+    def wire_seed(self, rnd: int, client_id: int, snapshot: int = 0) -> int:
+        """The stream the codec draws from for this upload (a TGAP snapshot's, for the AE's training pool)."""
+        return derive_seed(self.config.federation.seed, "cgfedllm-wire", rnd, client_id, snapshot)
 
     def phase(self, rnd: int) -> str:
         o = self.options
@@ -297,16 +314,6 @@ class _Rule:
         if o.refine_every and faf_round % o.refine_every == 0:
             return "calibrate"
         return "faf"
-
-    @property
-    def codec(self) -> AutoencoderCodec:
-        if self._codec is None:
-            o = self.options
-            _, params = self.ctx.workbench.trainable(True)
-            self._codec = AutoencoderCodec(_spec(o), [(n, tuple(p.shape)) for n, p in params.items()],
-                                           normalize=o.normalize, refit=o.refit_scales, latent_dtype=o.latent_dtype,
-                                           seed=derive_seed(self.config.federation.seed, "cgfedllm-ae-init"))
-        return self._codec
 
     def to_update(self, aggregate: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The aggregated object as an update Δ (the server subtracts it)."""
@@ -345,12 +352,12 @@ class CGFedLLMServer(_Rule, FedITServer):
                 spec, tensors = load_artifact(o.ae_path)
             except (OSError, ValueError) as exc:
                 raise UsageError(f"method.cgfedllm.ae_path: cannot read {o.ae_path}: {exc}") from exc
-            if spec != self.codec.spec:
+            if spec != self.autoencoder.spec:
                 raise UsageError(f"method.cgfedllm.ae_path holds an AE of architecture {spec}, but the options "
-                                 f"describe {self.codec.spec}; set codec/depth/compression/width/res_blocks/chunk/"
+                                 f"describe {self.autoencoder.spec}; set codec/depth/compression/width/res_blocks/chunk/"
                                  "binary_latent to match")
             try:
-                self.codec.load_tensors(tensors)
+                self.autoencoder.load_tensors(tensors)
             except ValueError as exc:
                 raise UsageError(f"method.cgfedllm.ae_path: {exc}") from exc
             self.ae_version = 1
@@ -366,7 +373,7 @@ class CGFedLLMServer(_Rule, FedITServer):
             self._pending.update(self._train_ae(rnd, "tgap"))
         tensors = dict(self.weights)
         if phase == "faf" and self.learned and self.client_ae.get(client_id, 0) < self.ae_version:
-            tensors.update({AE_PREFIX + k: v for k, v in self.codec.state_tensors().items()})
+            tensors.update({AE_PREFIX + k: v for k, v in self.autoencoder.state_tensors().items()})
         return Payload(tensors=tensors, scalars={"phase": phase, "ae_version": self.ae_version,
                                                  "accepted_round": self.accepted.get(client_id, 0)})
 
@@ -399,20 +406,10 @@ class CGFedLLMServer(_Rule, FedITServer):
             value = scalars.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise PayloadError(f"scalar {key!r} is missing or not a number")
-        if self.fixed is not None:
-            validate.check_names(tensors, self.fixed.wire_names)
-            problem = self.fixed.check(tensors)
-            if problem:
-                raise PayloadError(f"{self.options.codec} upload: {problem}")
-            return
-        if not self.learned:  # codec "zeros": nothing may be sent
-            validate.check_names(tensors, [])
-            return
-        validate.check_names(tensors, ["latent", "scales"] if self.codec.sends_scales else ["latent"])
-        dtype, shape = self.codec.wire_latent
-        validate.check_tensor(tensors, "latent", dtype, shape=shape)
-        if self.codec.sends_scales:
-            validate.check_tensor(tensors, "scales", torch.float32, shape=(len(self.codec.names),))
+        validate.check_names(tensors, self.codec.wire_names)
+        problem = self.codec.check(tensors)
+        if problem:
+            raise PayloadError(f"{self.options.codec} upload: {problem}")
 
     def update_norm(self, reply: Reply) -> float:
         if self.options.codec == "none":
@@ -429,13 +426,8 @@ class CGFedLLMServer(_Rule, FedITServer):
         device = next(iter(self.weights.values())).device
         if (self._current or "faf") in ("tgap", "calibrate"):
             obj = _snapshots(reply.payload.tensors)[-1]
-        elif self.fixed is not None:
-            obj = self.fixed.decode(reply.payload.tensors, self.wire_seed(self._round, reply.client_id), device)
-        elif not self.learned:
-            obj = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in self.weights.items()}
         else:
-            obj = self.codec.decode(reply.payload.tensors["latent"], reply.payload.tensors.get("scales"), device,
-                                    self.shuffle_seed(self._round, reply.client_id))
+            obj = self.codec.decode(reply.payload.tensors, self.wire_seed(self._round, reply.client_id), device)
         self._objects[id(reply.payload)] = (reply.payload, obj)
         return obj
 
@@ -452,16 +444,14 @@ class CGFedLLMServer(_Rule, FedITServer):
         metrics: dict[str, float] = {"phase": phase, **self._pending}
         self._pending = {}
         if phase in ("tgap", "calibrate") and self.learned:
-            self.pool.extend(self.codec.prepare(snap, self.shuffle_seed(rnd, r.client_id, k))[0] for r in replies
+            self.pool.extend(self.autoencoder.prepare(snap, self.wire_seed(rnd, r.client_id, k))[0] for r in replies
                              for k, snap in enumerate(_snapshots(r.payload.tensors)))
         if phase == "faf":
             for key in QUALITY:
                 metrics[key] = sum(float(r.payload.scalars[key]) for r in replies) / len(replies)
             metrics["rel_err_max"] = max(float(r.payload.scalars["rel_err"]) for r in replies)
             metrics["swap_change"] = self._swap_change(replies)
-            if self.learned or self.fixed is not None:
-                ratio = self.fixed.ratio() if self.fixed is not None else self.codec.ratio()
-                metrics.update({k: float(v) for k, v in ratio.items()})
+            metrics.update({k: float(v) for k, v in self.codec.ratio().items()})
         for reply in replies:
             self.client_ae[reply.client_id] = int(reply.payload.scalars.get("ae_version", 0))
             self.accepted[reply.client_id] = rnd
@@ -503,20 +493,20 @@ class CGFedLLMServer(_Rule, FedITServer):
         if not self.pool:
             raise RuntimeError("no TGAP snapshot reached the server: the autoencoder cannot be trained")
         steps = o.ae_steps if phase == "tgap" else o.refine_steps
-        stats = self.codec.fit(torch.cat(self.pool), steps, o.ae_lr, o.ae_batch,
+        stats = self.autoencoder.fit(torch.cat(self.pool), steps, o.ae_lr, o.ae_batch,
                                derive_seed(self.config.federation.seed, "cgfedllm-ae-train", rnd))
         self.ae_version += 1
         if not o.refine_every:
             self.pool = []  # a frozen AE never trains again: free the snapshots (and keep checkpoints small)
         if o.ae_save:
-            self.codec.save(o.ae_save)
+            self.autoencoder.save(o.ae_save)
         return stats
 
     def save_artifacts(self, directory: Path) -> list[str]:
         """`autoencoder.safetensors`: the trained AE, reusable through `ae_path` (skips TGAP)."""
         if not self.learned:
             return []
-        self.codec.save(directory / AE_ARTIFACT)
+        self.autoencoder.save(directory / AE_ARTIFACT)
         return [AE_ARTIFACT]
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -526,7 +516,7 @@ class CGFedLLMServer(_Rule, FedITServer):
             return None
         tensors = dict(base.tensors)
         if self.learned:
-            tensors.update({AE_PREFIX + k: v for k, v in self.codec.state_tensors().items()})
+            tensors.update({AE_PREFIX + k: v for k, v in self.autoencoder.state_tensors().items()})
             tensors.update({f"pool/{i}": t for i, t in enumerate(self.pool)})
         return Payload(tensors=tensors, scalars={"ae_version": self.ae_version,
                                                  "client_ae": json.dumps(sorted(self.client_ae.items())),
@@ -538,7 +528,8 @@ class CGFedLLMServer(_Rule, FedITServer):
         self.client_ae = {int(c): int(v) for c, v in json.loads(str(state.scalars.get("client_ae", "[]")))}
         self.accepted = {int(c): int(v) for c, v in json.loads(str(state.scalars.get("accepted", "[]")))}
         if self.learned:
-            self.codec.load_tensors({k[len(AE_PREFIX):]: t for k, t in state.tensors.items() if k.startswith(AE_PREFIX)})
+            self.autoencoder.load_tensors({k[len(AE_PREFIX):]: t for k, t in state.tensors.items()
+                                           if k.startswith(AE_PREFIX)})
             pool = {int(k[5:]): t for k, t in state.tensors.items() if k.startswith("pool/")}
             self.pool = [pool[i] for i in sorted(pool)]
 
@@ -557,6 +548,8 @@ def _snapshots(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]
 
 
 class CGFedLLMClient(_Rule, FedITClient):
+    shared_state_prefixes = (AE_PREFIX,)  # the downloaded AE: one copy for all clients in one process
+
     def __init__(self, ctx):
         super().__init__(ctx)
         self._setup_rule()
@@ -617,14 +610,8 @@ class CGFedLLMClient(_Rule, FedITClient):
         if phase == "calibrate":
             self._record_upload(state, rnd, x_in, None)
             return Upload(Payload(tensors={f"s0/{n}": t for n, t in x_in.items()}, scalars=scalars), len(data), metrics)
-        if self.learned:
-            codec = self._client_codec(state)
-            latent, scales, xhat = codec.encode(x_in, self.shuffle_seed(rnd, client_id))
-            tensors = {"latent": latent} if scales is None else {"latent": latent, "scales": scales}
-        elif self.fixed is not None:
-            tensors, xhat = self.fixed.encode(x_in, self.wire_seed(rnd, client_id))
-        else:  # zeros: nothing crosses the wire, and no residual is kept (it would only grow)
-            tensors, xhat = {}, {n: torch.zeros_like(t) for n, t in x_in.items()}
+        codec = self._client_codec(state) if self.learned else self.codec
+        tensors, xhat = codec.encode(x_in, self.wire_seed(rnd, client_id))
         if self.options.error_feedback and self.options.codec != "zeros":
             self._record_upload(state, rnd, xhat, {n: x_in[n] - xhat[n] for n in x_in})
         q = quality(x_in, xhat)
@@ -656,14 +643,14 @@ class CGFedLLMClient(_Rule, FedITClient):
             state.tensors.update({k: v.clone() for k, v in ae.items()})
             state.scalars["ae_version"] = int(download.scalars["ae_version"])
 
-    def _client_codec(self, state: ClientState) -> AutoencoderCodec:
+    def _client_codec(self, state: ClientState) -> Codec:
         version = int(state.scalars.get("ae_version", 0))
         if version < 1:
             raise PayloadError("this client holds no autoencoder: its FAF download should have carried one")
         if self._codec_version != version:
             try:
-                self.codec.load_tensors({k[len(AE_PREFIX):]: v for k, v in state.tensors.items()
-                                         if k.startswith(AE_PREFIX)})
+                self.autoencoder.load_tensors({k[len(AE_PREFIX):]: v for k, v in state.tensors.items()
+                                               if k.startswith(AE_PREFIX)})
             except ValueError as exc:
                 raise PayloadError(f"the downloaded autoencoder does not fit: {exc}") from exc
             self._codec_version = version

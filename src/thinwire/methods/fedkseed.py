@@ -35,6 +35,8 @@ class FedKSeedOptions:
     pool_size: int = opt(4096, "K: candidate seeds shared for the whole run", low=1, high=2**31 - 1)
     eps: float = opt(5e-4, "perturbation scale ε of the two-point estimate", low=1e-12)
     lr: float = opt(3e-7, "ZO learning rate η (clients and the server's rebuild)", low=0)
+    global_lr_scale: float = opt(1.0, "multiplies η where a round's (seed, ΔG) pairs update the global model "
+                                 "(the server's rebuild and every client's replay); local ZO steps keep η", low=0)
     local_steps: int = opt(200, "ZO steps per client per round", low=1)
     batch_size: int = opt(1, "examples per ZO step", low=1)
     pro_clip: float = opt(0.0, "FedKSeed-Pro: clip |g| at this value in the history (0: off)", low=0)
@@ -59,7 +61,7 @@ class _FedKSeedRule:
         apply_seed_scalars(list(weights.values()), self.pool, scalars, self.step_lr(), threads=1)
 
     def step_lr(self) -> float:
-        return self.options.lr * self.config.method.server_lr
+        return self.options.lr * self.options.global_lr_scale
 
     def seed_sums(self, updates: list[Payload], start: torch.Tensor | None = None) -> torch.Tensor:
         """`start` (default 0) + Σ ΔG per seed over `updates` (float64, dense K), in version order."""
@@ -114,6 +116,8 @@ def _sums(held: Payload | None, size: int | None = None) -> torch.Tensor | None:
 
 
 class FedKSeedServer(_FedKSeedRule, HistoryServer):
+    server_step_key = "method.fedkseed.global_lr_scale"
+
     def setup(self) -> None:
         super().setup()
         self._setup_rule()

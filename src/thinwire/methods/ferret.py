@@ -66,7 +66,9 @@ class FerretOptions:
     clip: float = opt(10.0, "clip each reconstructed (basis, block) piece to this norm, in the released "
                       "code's units (its d/K scaling; 0: off)", low=0)
     momentum: float = opt(0.0, "server momentum on coordinates (needs fixed_bases)", low=0, high=0.999)
-    lr_schedule: str = opt("constant", "server learning-rate schedule over rounds",
+    server_lr: float = opt(1.0, "η_g: the server's step on the aggregated update (the paper's global "
+                           "learning rate; lr_schedule shapes it over rounds)", low=0)
+    lr_schedule: str = opt("constant", "schedule of server_lr over rounds",
                            choices=("constant", "cosine", "linear"))
     value_dtype: str = opt("float16", "precision of coordinates on the wire", choices=tuple(WIRE_DTYPES))
     threads: int = opt(0, "codec worker threads (0: torch's intra-op thread count)", low=0)
@@ -118,6 +120,8 @@ class _FerretRule:
 
 
 class FerretServer(_FerretRule, HistoryServer):
+    server_step_key = "method.ferret.server_lr"
+
     @classmethod
     def train_defaults(cls, options: dict[str, Any]) -> dict[str, Any]:
         """The released code's local optimizer: plain SGD, momentum 0 (docs/ferret.md says why)."""
@@ -131,7 +135,7 @@ class FerretServer(_FerretRule, HistoryServer):
             self.ctx.warn(ADAMW_NOISE)
 
     def server_lr(self, rnd: int) -> float:
-        base, rounds = self.config.method.server_lr, self.config.federation.rounds
+        base, rounds = self.options.server_lr, self.config.federation.rounds
         progress = (rnd - 1) / max(1, rounds - 1)
         if self.options.lr_schedule == "cosine":
             return base * 0.5 * (1 + math.cos(math.pi * progress))

@@ -97,6 +97,7 @@ class UpdateRule:
 
 class HistoryServer(UpdateRule, WeightsServer):
     needs_shared_draws = True
+    server_step_key = ""  # the method's own option for the size of the server's step
 
     def setup(self) -> None:
         method = self.config.method
@@ -104,6 +105,9 @@ class HistoryServer(UpdateRule, WeightsServer):
             raise UsageError(f"method.server_optimizer = {method.server_optimizer!r} does not apply to {method.name}: "
                              "its clients replay the server's per-round updates, which no server optimizer "
                              "shapes; set method.server_optimizer = 'none'")
+        if method.server_lr != 1.0:
+            raise UsageError(f"method.server_lr is the server optimizer's step, which {method.name} does not use; "
+                             f"set {self.server_step_key} instead")
         _, params = self.ctx.workbench.trainable(self.lora)
         self.weights = snapshot(params)
         self.history: list[Payload] = []

@@ -14,9 +14,13 @@ fires on the built-in models.
 
 from __future__ import annotations
 
+import hashlib
 import time
+import weakref
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from thinwire.config import Config
 from thinwire.data import Federation
@@ -52,6 +56,7 @@ class InProcess(Transport):
         self.timeout_s = ctx.config.federation.round_timeout_s
         self.client: ClientSide = get_method(ctx.config.method.name).client(ctx)
         self.states = {cid: ClientState() for cid in range(ctx.config.federation.clients)}
+        self.shared = SharedTensors(self.client.shared_state_prefixes)
         self.clients_bar = progress.add_task("clients", total=ctx.config.federation.clients_per_round)
         self.steps_bar = progress.add_task("steps", total=self.client.steps_per_round())
         ctx.on_step = lambda: progress.advance(self.steps_bar)
@@ -75,8 +80,7 @@ class InProcess(Transport):
         for cid, down in downloads.items():
             self.progress.advance(self.clients_bar)
             self.progress.reset(self.steps_bar)
-            state = ClientState(tensors={k: t.clone() for k, t in self.states[cid].tensors.items()},
-                                scalars=dict(self.states[cid].scalars))
+            state = self.shared.working_copy(self.states[cid])
             t0 = time.perf_counter()
             try:
                 upload = self.client.fit(rnd, cid, Payload.decode(down), self.federation.clients[cid], state)
@@ -93,7 +97,7 @@ class InProcess(Transport):
             if took > self.timeout_s:  # its upload arrived, too late to be used
                 arrivals[cid] = Arrival(up=up, failure=f"no reply within {self.timeout_s:g} s (took {took:.1f} s)")
                 continue
-            self.states[cid] = state
+            self.states[cid] = self.shared.intern(state)
             arrivals[cid] = Arrival(up=up, num_examples=upload.num_examples, metrics=upload.metrics)
         if errors >= 2 and errors == len(downloads) and first_error is not None:
             raise first_error  # every client that ran crashed: a bug, not a client fault
@@ -105,4 +109,33 @@ class InProcess(Transport):
     def restore(self, client: Payload | None, states: dict[int, ClientState]) -> None:
         if client is not None:
             self.client.load_state_dict(client)
-        self.states = states
+        self.states = {cid: self.shared.intern(state) for cid, state in states.items()}
+
+
+class SharedTensors:
+    """One copy, in this process, of the state tensors that many clients hold alike.
+
+    Tensors under the method's `shared_state_prefixes` are never modified in place, so a client's
+    working copy may share them (everything else is cloned: a failed fit must leave the state as
+    it was), and equal ones are interned by content after each fit: with CG-FedLLM, 40 clients
+    holding the same autoencoder keep one of it, not 40.
+    """
+
+    def __init__(self, prefixes: tuple[str, ...]):
+        self.prefixes = prefixes
+        self.pool: weakref.WeakValueDictionary[tuple, torch.Tensor] = weakref.WeakValueDictionary()
+
+    def _shared(self, name: str) -> bool:
+        return name.startswith(self.prefixes) if self.prefixes else False
+
+    def working_copy(self, state: ClientState) -> ClientState:
+        return ClientState(tensors={k: t if self._shared(k) else t.clone() for k, t in state.tensors.items()},
+                           scalars=dict(state.scalars))
+
+    def intern(self, state: ClientState) -> ClientState:
+        for name, t in state.tensors.items():
+            if self._shared(name):
+                data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                key = (name, str(t.dtype), tuple(t.shape), str(t.device), hashlib.blake2b(data, digest_size=16).digest())
+                state.tensors[name] = self.pool.setdefault(key, t)
+        return state
