@@ -29,7 +29,7 @@ from rich.table import Table
 from thinwire.config import EXAMPLES
 from thinwire.config import ModelConfig, load_config
 from thinwire.models import load_model
-from thinwire.models.small import forward_flops_per_token
+from thinwire.models.surgery import forward_flops_per_token
 from thinwire.runtime.local import run_local
 
 PAIRS = {"tiny": ("tiny-small", "tiny"), "smollm2": ("smollm2-small", "smollm2-135m")}

@@ -29,7 +29,8 @@ from thinwire.data.tasks import generate_suite
 from thinwire.data.template import collate, encode_example
 from thinwire.models import load_model
 from thinwire.models.lora import add_lora
-from thinwire.models.small import factorised_head, final_hidden_states, install_head
+from thinwire.models.healing import final_hidden_states
+from thinwire.models.surgery import factorised_head, install_head
 
 CONFIG = "benchmarks/compare_smollm2.toml"
 

@@ -29,6 +29,7 @@ from rich.table import Table
 
 from head_rank import CONFIG, lora_learnability  # benchmarks/ is on sys.path when a script runs
 from thinwire.config import load_config
+from thinwire.models import healing, surgery
 from thinwire.models import small as S
 
 PROBE_SEED = 999
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--recipes", default=f"{S.LAYERS}:{S.KEEP_LAST}:{S.MLP_WIDTH}",
                         help="comma-separated layers:keep_last:mlp_width[:head_rank]")
     parser.add_argument("--focus", default="all", help="comma-separated healing foci (all, response)")
-    parser.add_argument("--per-family", type=int, default=S.HEAL_PER_FAMILY, help="healing examples per family")
+    parser.add_argument("--per-family", type=int, default=healing.HEAL_PER_FAMILY, help="healing examples per family")
     parser.add_argument("--lora-steps", type=int, default=0, help="also LoRA-tune each model this many steps")
     parser.add_argument("--lora-tasks", default="uppercase,last-item,capital-of", help="families LoRA tunes on")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -55,7 +56,7 @@ def main() -> None:
     for p in large.parameters():
         p.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
-    probe = S.probe_batches(tokenizer, PROBE_SEED)
+    probe = healing.probe_batches(tokenizer, PROBE_SEED)
     rows = []
     if args.heal_steps is None:
         model, _ = S.load_small(S.NAME, 0)
@@ -64,15 +65,15 @@ def main() -> None:
                      f"MLP {info['mlp_width'] or 'whole'}, focus {info['heal_focus']}",
                      model.eval(), float("nan")))
     else:
-        hidden = S.final_hidden_states(large, tokenizer)
+        hidden = healing.final_hidden_states(large, tokenizer)
         for recipe in args.recipes.split(","):
             layers, keep_last, width, rank = ([*map(int, recipe.split(":")), S.HEAD_RANK])[:4]
-            head = S.factorised_head(large, hidden, rank) if rank else None
+            head = surgery.factorised_head(large, hidden, rank) if rank else None
             for focus in args.focus.split(","):
                 model = S.cut_down(large, tokenizer, layers, keep_last, width, head)
-                ratio = S.forward_flops_per_token(model) / S.forward_flops_per_token(large)
+                ratio = surgery.forward_flops_per_token(model) / surgery.forward_flops_per_token(large)
                 started = time.perf_counter()
-                S.heal(model, large, tokenizer, args.heal_steps, per_family=args.per_family, focus=focus)
+                healing.heal(model, large, tokenizer, args.heal_steps, per_family=args.per_family, focus=focus)
                 rows.append((f"{layers} layers, last {keep_last} kept, MLP {width or 'whole'}, head rank "
                              f"{rank or 'full'}, focus {focus}, {args.heal_steps} steps, {ratio:.3f} of the FLOPs",
                              model, time.perf_counter() - started))
@@ -83,7 +84,7 @@ def main() -> None:
     for column in ("model", "KL response", "KL prompt", "CE small", "CE large", *lora_columns, "heal s"):
         table.add_column(column, justify="right")
     for label, model, seconds in rows:
-        c = S.closeness(model, large, probe)
+        c = healing.closeness(model, large, probe)
         lora = lora_learnability(model, tokenizer, lora_config, lora_tasks, args.lora_steps) if args.lora_steps else ()
         table.add_row(label, *(f"{c[k]:.3f}" for k in ("kl_response", "kl_prompt", "ce_small", "ce_large")),
                       *(f"{v:.3f}" for v in lora), f"{seconds:.0f}")

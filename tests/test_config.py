@@ -52,6 +52,7 @@ def test_method_train_defaults_apply_where_the_config_is_silent(tmp_path):
     recorded = tmp_path / "resolved.toml"
     recorded.write_text(to_toml(ferret))
     assert 'optimizer = "sgd"' in recorded.read_text() and load_config(recorded) == ferret
+    assert load_config(None, ["method.name=ferret", "train.momentum=0.9"]).train.momentum == 0.9  # SGD by default
 
 
 def test_named_variants_set_their_method(tmp_path):
@@ -87,6 +88,7 @@ def test_bad_compare_tables_are_named(tmp_path, text, words):
     ("federation.clients_per_round=99", "exceeds federation.clients"),
     ("model.lora_targets=[1]", "must be a list of str"),
     ("train.lr", "must look like section.key=value"),
+    ("train.momentum=0.9", "applies to SGD only"),
 ])
 def test_bad_values_name_the_key(override, words):
     with pytest.raises(UsageError, match=words):

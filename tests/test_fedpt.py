@@ -63,7 +63,7 @@ def test_small_model_shares_tokenizer_and_is_smaller():
 
 def test_factorised_head_reproduces_the_tied_head_and_costs_what_its_factors_cost():
     from thinwire.models import vocab_rows
-    from thinwire.models.small import factorised_head, forward_flops_per_token, install_head, truncate
+    from thinwire.models.surgery import factorised_head, forward_flops_per_token, install_head, truncate
 
     large, _, tok, _ = _pair()
     batch = _prompts(tok)
@@ -92,7 +92,7 @@ def test_factorised_head_reproduces_the_tied_head_and_costs_what_its_factors_cos
 def test_truncation_keeps_the_first_and_last_layers_renumbered_for_the_cache():
     from transformers import LlamaForCausalLM
 
-    from thinwire.models.small import truncate
+    from thinwire.models.surgery import truncate
     from thinwire.models.tiny import tiny_config
 
     config = tiny_config(40)
@@ -124,7 +124,7 @@ def test_truncation_keeps_the_first_and_last_layers_renumbered_for_the_cache():
 def test_mlp_pruning_keeps_the_neurons_that_carry_the_output(tmp_path):
     from transformers import LlamaForCausalLM
 
-    from thinwire.models.small import forward_flops_per_token, mlp_importance, prune_mlp, truncate
+    from thinwire.models.surgery import forward_flops_per_token, mlp_importance, prune_mlp, truncate
     from thinwire.models.tiny import tiny_config
 
     config = tiny_config(40)
@@ -156,7 +156,8 @@ def test_mlp_pruning_keeps_the_neurons_that_carry_the_output(tmp_path):
     with pytest.raises(ValueError, match="128 importance scores for 32 MLP neurons"):
         prune_mlp(small, 8, importance)
     # the built-in recipe's pieces together: truncation, pruning read on suite examples, a head copy
-    from thinwire.models.small import FactorisedHead, cut_down
+    from thinwire.models.small import cut_down
+    from thinwire.models.surgery import FactorisedHead
 
     tiny, _, tok, _ = _pair()
     head = FactorisedHead(config.hidden_size, 4, tiny.config.vocab_size)
@@ -167,7 +168,7 @@ def test_mlp_pruning_keeps_the_neurons_that_carry_the_output(tmp_path):
 
 
 def test_heal_loss_weighs_response_and_prompt_positions_and_healing_lowers_the_response_kl():
-    from thinwire.models.small import closeness, heal, heal_loss
+    from thinwire.models.healing import closeness, heal, heal_loss
 
     # by hand: one sequence of 4 tokens, the last two the response, so positions 1 and 2 (whose
     # next token is a response token) are scored as response and positions 0 and 3 as prompt
@@ -530,7 +531,7 @@ def test_smollm2_small_heals_on_families_disjoint_from_the_headline_evaluation(t
 
     from thinwire.config import load_config
     from thinwire.data.tasks import FAMILIES
-    from thinwire.models import small
+    from thinwire.models import healing, small
 
     # HEADLINE_FAMILIES is what benchmarks/compare_smollm2.toml trains on and evaluates (held-out too)
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_smollm2.toml"
@@ -540,10 +541,10 @@ def test_smollm2_small_heals_on_families_disjoint_from_the_headline_evaluation(t
     for variant in compare_variants(path):
         data = load_config(path, [], variant=variant).data
         evaluated |= set(data.tasks) | set(data.heldout_tasks)
-    assert set(small.HEADLINE_FAMILIES) == evaluated and len(evaluated) == 12
-    healed = small.heal_families()
+    assert set(healing.HEADLINE_FAMILIES) == evaluated and len(evaluated) == 12
+    healed = healing.heal_families()
     assert not set(healed) & evaluated and set(healed) | evaluated == set(FAMILIES) and len(healed) == 30
-    assert small.heal_families("all") == list(FAMILIES)
+    assert healing.heal_families("all") == list(FAMILIES)
 
     # the healing and calibration text holds no example of an evaluated family
     from thinwire.data import tasks as task_module
@@ -554,8 +555,8 @@ def test_smollm2_small_heals_on_families_disjoint_from_the_headline_evaluation(t
     monkeypatch.setattr(task_module, "generate_suite",
                         lambda n, seed, families=None: seen.append(list(families or FAMILIES)) or real(n, seed, families))
     tok = tiny_tokenizer()
-    next(small.heal_batches(tok, 4, 64, 0, per_family=1, families=small.heal_families()))
-    small.calibration_batches(tok, batches=1)
+    next(healing.heal_batches(tok, 4, 64, 0, per_family=1, families=healing.heal_families()))
+    healing.calibration_batches(tok, batches=1)
     assert seen == [healed, healed]
 
     # a cached model healed on all families (a marker without heal_data) is rebuilt

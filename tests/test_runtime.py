@@ -190,3 +190,20 @@ def test_rounds_carry_their_phase_and_the_summary_traffic_per_phase(tmp_path, sm
     run_local(smoke_config("federation.rounds=1", "eval.generate=false"), tmp_path / "plain", quiet=True)
     assert _rounds(tmp_path / "plain")[0]["phase"] is None
     assert json.loads((tmp_path / "plain" / "summary.json").read_text())["phases"] == {}
+
+
+def test_sgd_momentum_carries_the_previous_step_within_a_round():
+    """train.momentum is SGD's heavy ball: with constant gradient g and lr η, step k moves the weight
+    by η·g·(1 + μ + … + μ^(k-1)); two steps of μ = 0.5 move it by η·g·(1 + 1.5)."""
+    import torch
+
+    from thinwire.config import TrainConfig
+    from thinwire.train.first_order import make_optimizer
+
+    w = torch.nn.Parameter(torch.zeros(1))
+    optimizer = make_optimizer([w], TrainConfig(optimizer="sgd", lr=0.1, momentum=0.5))
+    for _ in range(2):
+        optimizer.zero_grad()
+        (2.0 * w).sum().backward()  # gradient 2 everywhere
+        optimizer.step()
+    assert float(w) == pytest.approx(-0.1 * 2.0 * 2.5)

@@ -178,22 +178,22 @@ def test_small_model_build_saves_what_it_healed(prepared, monkeypatch):
     back, is the healed model (pruned MLPs, healed factorised head), not the unhealed start."""
     import torch
 
-    from thinwire.models import small
+    from thinwire.models import healing, small
 
     healed = {}
-    real_heal = small.heal
+    real_heal = healing.heal
 
     def spy(model, *args, **kwargs):
         healed["model"], healed["head"] = model, model.lm_head  # both trained in place
         return real_heal(model, *args, **kwargs)
 
-    monkeypatch.setattr(small, "heal", spy)
+    monkeypatch.setattr(healing, "heal", spy)
     # one batch each for the head's directions, the neurons' importance and the KL probe: every
     # batch is a forward pass of the full large model, and the test checks what is saved, not how well
-    calibrate, probe = small.calibration_batches, small.probe_batches
-    monkeypatch.setattr(small, "calibration_batches", lambda tokenizer, **kw: calibrate(tokenizer, batches=1))
-    monkeypatch.setattr(small, "probe_batches",
-                        lambda tokenizer, seed, max_length=small.HEAL_MAX_LENGTH: probe(tokenizer, seed, max_length, 1))
+    calibrate, probe = healing.calibration_batches, healing.probe_batches
+    monkeypatch.setattr(healing, "calibration_batches", lambda tokenizer, **kw: calibrate(tokenizer, batches=1))
+    monkeypatch.setattr(healing, "probe_batches",
+                        lambda tokenizer, seed, max_length=healing.HEAL_MAX_LENGTH: probe(tokenizer, seed, max_length, 1))
     recipe = {"layers": 2, "keep_last": 1, "mlp_width": 32, "heal_steps": 2, "head_rank": 8}
     directory = small.prepare(prepared.root, show_progress=False, **recipe)
     assert small.is_ready(prepared.root, **recipe)

@@ -143,6 +143,8 @@ class TrainConfig:
     grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", low=1)
     lr: float = opt(1e-4, "local learning rate", low=0)
     optimizer: str = opt("adamw", "local optimizer", choices=("adamw", "sgd"))
+    momentum: float = opt(0.0, "SGD momentum (Ferret's released code: 0); a client's momentum starts at "
+                          "zero every round", low=0, high=0.999)
     weight_decay: float = opt(0.0, "AdamW/SGD weight decay", low=0)
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", low=0)
 
@@ -400,6 +402,9 @@ def _check_cross_fields(config: Config) -> None:
     if fed.min_replies > fed.clients_per_round:
         raise UsageError(f"config key federation.min_replies = {fed.min_replies} exceeds "
                          f"federation.clients_per_round = {fed.clients_per_round}; lower it or sample more clients")
+    if config.train.momentum and config.train.optimizer != "sgd":
+        raise UsageError(f"config key train.momentum = {config.train.momentum} applies to SGD only; set "
+                         "train.optimizer = 'sgd' or leave train.momentum at 0")
     from thinwire.privacy import check_privacy
 
     check_privacy(config)
