@@ -20,7 +20,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-METRICS = ("exact_match", "rougeL", "loss")
+from thinwire.across_seeds import SHARE_METRICS as METRICS
+from thinwire.across_seeds import gain
+
 
 
 def evaluation(run_dir: Path) -> tuple[int, dict[str, float], dict[str, float]]:
@@ -29,9 +31,8 @@ def evaluation(run_dir: Path) -> tuple[int, dict[str, float], dict[str, float]]:
     return int(summary["seed"]), summary["base_eval"], summary["final_eval"]
 
 
-def gain(final: dict[str, float], base: dict[str, float]) -> dict[str, float]:
-    return {m: (base[m] - final[m]) if m == "loss" else (final[m] - base[m]) for m in METRICS
-            if m in final and m in base}
+def gains(final: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    return {m: g for m in METRICS if (g := gain(final, base, m)) is not None}
 
 
 def mean(gains: list[dict[str, float]]) -> dict[str, float]:
@@ -44,7 +45,7 @@ def main() -> None:
     parser.add_argument("--runs", action="append", required=True, metavar="NAME=DIR,DIR,...",
                         help="a named setting and its run directories (repeatable)")
     args = parser.parse_args()
-    reference = {seed: (base, gain(final, base)) for seed, base, final in map(evaluation, args.reference)}
+    reference = {seed: (base, gains(final, base)) for seed, base, final in map(evaluation, args.reference)}
     table = Table(title="share of the reference's gain (exact match / Rouge-L / loss)")
     for column in ("setting", "seed", "gain (EM / RL / loss)", "reference gain", "share"):
         table.add_column(column, justify="left" if column == "setting" else "right")
@@ -61,7 +62,7 @@ def main() -> None:
         missing = sorted(set(finals) - set(reference))
         if missing:
             raise SystemExit(f"{name}: no reference run for seed {missing[0]}; pass one with --reference")
-        per_seed = {seed: gain(final, reference[seed][0]) for seed, final in sorted(finals.items())}
+        per_seed = {seed: gains(final, reference[seed][0]) for seed, final in sorted(finals.items())}
         for seed, mine in per_seed.items():
             row(name, str(seed), mine, reference[seed][1])
         if len(per_seed) > 1:

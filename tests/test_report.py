@@ -193,6 +193,34 @@ def test_compare_over_seeds_reports_mean_and_std(compared, tmp_path):
     assert [(r["seeds"], r["n"]) for r in repeated.seed_rows] == [("0 1 2", 3), ("1", 1)]
 
 
+def test_across_seeds_gives_each_setting_its_share_of_its_references_gain(compared, tmp_path):
+    """A LoRA method's gain is measured against FedIT's on the same seed, both from FedIT's base:
+    here a copy of the FedIT run relabelled as CG-FedLLM whose exact match gained half as much, and
+    whose loss gained a quarter as much."""
+    out = compared[0]
+    fedit = json.loads((out / "fedit" / "summary.json").read_text())
+    base = {**fedit["base_eval"], "exact_match": 0.0}
+    final = {**fedit["final_eval"], "exact_match": 0.4}
+    reference = tmp_path / "ref" / "fedit"
+    shutil.copytree(out / "fedit", reference)
+    (reference / "summary.json").write_text(json.dumps({**fedit, "base_eval": base, "final_eval": final}))
+    copy = tmp_path / "cg" / "cgfedllm"
+    shutil.copytree(out / "fedit", copy)
+    halved = {**final, "exact_match": 0.2, "loss": base["loss"] - 0.25 * (base["loss"] - final["loss"])}
+    (copy / "summary.json").write_text(json.dumps({**fedit, "method": "cgfedllm", "base_eval": base,
+                                                   "final_eval": halved}))
+    config = (copy / "config.toml").read_text()
+    (copy / "config.toml").write_text(config.replace('name = "fedit"', 'name = "cgfedllm"', 1))
+    result = render_report([reference, out / "fedavg", copy], tmp_path / "report")
+    rows = {r["run"]: r for r in result.seed_rows}
+    cg = next(r for r in rows.values() if r["method"] == "cgfedllm")
+    assert cg["reference"] == "fedit" and cg["reference_seeds"] == 1
+    assert cg["share_exact_match"] == pytest.approx(0.5) and cg["share_loss"] == pytest.approx(0.25)
+    assert cg["uplink_bytes_total_mean"] == fedit["uplink_bytes_total"]
+    fedavg = next(r for r in rows.values() if r["method"] == "fedavg")
+    assert fedavg["reference"] == "fedavg" and fedavg["share_loss"] == pytest.approx(1.0)
+
+
 def test_seed_statistics_and_parsing():
     mean, std = mean_std([1.0, 2.0, 4.0])
     assert mean == pytest.approx(7 / 3) and std == pytest.approx((7 / 3) ** 0.5)

@@ -3,6 +3,11 @@
 Two runs are the same setting when their resolved configs (`config.toml`) are equal in every key
 but `federation.seed`. One seed of a short federated run is noisy (the clients sampled in the last
 round can move exact match by several points), so a claim about a method is made on the group.
+
+A group's share of its reference's gain is the mean gain over its seeds against the mean gain of
+the reference (tables.find_baseline: FedIT for LoRA methods, FedAvg for full-parameter ones) over
+the same seeds, both measured from the reference run's base evaluation (the same model; a method
+on a smaller model is measured from the large model's start, not from its own weaker base).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from thinwire.tables import find_baseline, round_times
 
 if TYPE_CHECKING:
     from thinwire.tables import Run
@@ -70,9 +77,21 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def group_rows(groups: list[SeedGroup], metrics: list[str]) -> list[dict[str, Any]]:
+SHARE_METRICS = ("exact_match", "rougeL", "loss")
+
+
+def gain(final: dict[str, Any], base: dict[str, Any], key: str) -> float | None:
+    """How much `final` improves on `base` in `key` (lower is better for the loss)."""
+    if final.get(key) is None or base.get(key) is None:
+        return None
+    return float(base[key]) - float(final[key]) if key == "loss" else float(final[key]) - float(base[key])
+
+
+def group_rows(groups: list[SeedGroup], metrics: list[str], runs: list[Run]) -> list[dict[str, Any]]:
     """One row per group: seeds, and mean/std of each metric's final value and change from the base
-    model, and of the up+down bytes per client-round (runs lacking a metric are left out of it)."""
+    model; the share of its reference's gain (module docstring) over the seeds whose reference run
+    is among `runs`; mean whole-run bytes each way, up+down bytes per client-round and round time
+    (runs lacking a figure are left out of it)."""
     rows = []
     for group in groups:
         row: dict[str, Any] = {"run": group.label, "method": group.runs[0].method, "n": len(group.runs),
@@ -87,14 +106,48 @@ def group_rows(groups: list[SeedGroup], metrics: list[str]) -> list[dict[str, An
                         changes.append(float(final) - float(base))
             row[f"final_{key}_mean"], row[f"final_{key}_std"] = mean_std(finals)
             row[f"change_{key}_mean"], row[f"change_{key}_std"] = mean_std(changes)
-        traffic = [float(r.summary["uplink_bytes_per_client_round"] + r.summary["downlink_bytes_per_client_round"])
+        row.update(_share(group, runs))
+        s = [r.summary for r in group.runs]
+        row["bytes_per_client_round_mean"] = mean_std([float(x["uplink_bytes_per_client_round"]
+                                                             + x["downlink_bytes_per_client_round"]) for x in s])[0]
+        row["uplink_bytes_total_mean"] = mean_std([float(x["uplink_bytes_total"]) for x in s])[0]
+        row["downlink_bytes_total_mean"] = mean_std([float(x["downlink_bytes_total"]) for x in s])[0]
+        per_run = [mean_std([float(t["total"]) for t in round_times(r) if t.get("total") is not None])[0]
                    for r in group.runs]
-        row["bytes_per_client_round_mean"] = mean_std(traffic)[0]
+        row["round_s_mean"] = mean_std([t for t in per_run if t is not None])[0]
         rows.append(row)
     return rows
+
+
+def _share(group: SeedGroup, runs: list[Run]) -> dict[str, Any]:
+    """`share_<metric>`: Σ gain / Σ reference gain over the seeds with a same-seed reference run."""
+    pairs = []
+    for run in group.runs:
+        reference, _ = find_baseline(run, runs)
+        if reference is not None and reference.summary.get("seed") == run.summary.get("seed"):
+            pairs.append((run, reference))
+    if not pairs:
+        return {"reference": None, "reference_seeds": 0}
+    shares: dict[str, Any] = {"reference": pairs[0][1].method, "reference_seeds": len(pairs)}
+    for key in SHARE_METRICS:
+        mine = [gain(run.summary["final_eval"], ref.summary["base_eval"], key) for run, ref in pairs]
+        theirs = [gain(ref.summary["final_eval"], ref.summary["base_eval"], key) for _, ref in pairs]
+        if None in mine or None in theirs or not sum(theirs):
+            continue
+        shares[f"share_{key}"] = sum(mine) / sum(theirs)
+    return shares
 
 
 def format_mean_std(mean: float | None, std: float | None) -> str:
     if mean is None:
         return "-"
     return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def format_share(row: dict[str, Any]) -> str:
+    """`98% / 97% / 95% of fedavg (3 seeds)`: a group row's share of its reference's gain."""
+    if row.get("reference") is None:
+        return "-"
+    shares = [row.get(f"share_{k}") for k in SHARE_METRICS]
+    return (" / ".join("-" if v is None else f"{100 * v:.0f}%" for v in shares)
+            + f" of {row['reference']} ({row['reference_seeds']} seeds)")

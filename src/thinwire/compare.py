@@ -321,12 +321,12 @@ def _phases_table(phases: list[dict[str, Any]]) -> Any:
 def _seeds_table(seed_rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
-    from thinwire.across_seeds import format_mean_std
+    from thinwire.across_seeds import format_mean_std, format_share
 
     table = Table(title="across seeds (mean ± sample std)")
-    for column in ("setting", "seeds", "Rouge-L", "exact match", "loss"):
+    for column in ("setting", "seeds", "Rouge-L", "exact match", "loss", "share of reference's gain (EM / RL / loss)"):
         table.add_column(column, justify="left" if column in ("setting", "seeds") else "right")
     for row in seed_rows:
         table.add_row(row["run"], row["seeds"], *(format_mean_std(row.get(f"final_{k}_mean"), row.get(f"final_{k}_std"))
-                                                  for k in ("rougeL", "exact_match", "loss")))
+                                                  for k in ("rougeL", "exact_match", "loss")), format_share(row))
     return table

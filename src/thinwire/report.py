@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from thinwire.across_seeds import format_mean_std, group_rows, seed_groups
+from thinwire.across_seeds import format_mean_std, format_share, group_rows, seed_groups
 from thinwire.errors import UsageError
 from thinwire.runtime.display import human_bytes
 from thinwire.runtime.rundir import atomic_write
@@ -304,9 +304,11 @@ def write_markdown(runs: list[Run], rows: list[dict[str, Any]], skipped: list[tu
     if warned:
         lines += ["", "## Warnings", ""] + [f"- {label}: {w}" for label, w in warned]
     if _has_repeats(seed_rows):
-        header = ["setting", "seeds"] + [_metric_label(k) + " (change from base)" for k in keys]
+        header = (["setting", "seeds"] + [_metric_label(k) + " (change from base)" for k in keys]
+                  + [SHARE_HEADER, "up (whole run)", "down (whole run)", "round time"])
         lines += ["", f"## Across seeds ({SEEDS_NOTE})", "", _md_row(header), "|" + "---|" * len(header)]
-        lines += [_md_row([row["run"], row["seeds"], *(_seed_cell(row, k) for k in keys)]) for row in seed_rows]
+        lines += [_md_row([row["run"], row["seeds"], *(_seed_cell(row, k) for k in keys), *_seed_costs(row)])
+                  for row in seed_rows]
     tasks, with_tasks, cells = task_table(runs)
     if tasks:
         lines += ["", f"## By task ({TASKS_NOTE})", "", _md_row(["task", *(r.label for r in with_tasks)]),
@@ -324,7 +326,10 @@ def _md_row(cells: list[str]) -> str:
     return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
 
-SEEDS_NOTE = "mean ± sample std over runs whose configs differ only in federation.seed"
+SEEDS_NOTE = ("mean ± sample std over runs whose configs differ only in federation.seed; share of the "
+              "reference's gain: mean gain over the seeds against the reference's (FedIT for LoRA methods, "
+              "FedAvg for full-parameter ones) on the same seeds, both from the reference's base")
+SHARE_HEADER = "share of reference's gain (EM / RL / loss)"
 
 
 def _metric_label(key: str) -> str:
@@ -340,6 +345,13 @@ def _has_repeats(seed_rows: list[dict[str, Any]]) -> bool:
 def _seed_cell(row: dict[str, Any], key: str) -> str:
     final = format_mean_std(row[f"final_{key}_mean"], row[f"final_{key}_std"])
     return f"{final} ({format_mean_std(row[f'change_{key}_mean'], row[f'change_{key}_std'])})"
+
+
+def _seed_costs(row: dict[str, Any]) -> list[str]:
+    """A group's share of its reference's gain, mean whole-run bytes each way and round time."""
+    seconds = row.get("round_s_mean")
+    return [format_share(row), human_bytes(row["uplink_bytes_total_mean"]), human_bytes(row["downlink_bytes_total_mean"]),
+            "-" if seconds is None else f"{seconds:.0f} s"]
 
 
 def _reference_note(rows: list[dict[str, Any]]) -> str:
@@ -466,10 +478,12 @@ def write_html(runs: list[Run], rows: list[dict[str, Any]], plots: dict[str, byt
         parts += ["<h2>Across seeds</h2>", '<div class="scroll"><table id="seeds">',
                   '<thead><tr><th class="name">setting</th><th>seeds</th>']
         parts += [f"<th>{_e(_metric_label(k))}<br><small>final (change from base)</small></th>" for k in keys]
+        parts += [f"<th>{_e(h)}</th>" for h in (SHARE_HEADER, "up (whole run)", "down (whole run)", "round time")]
         parts.append("</tr></thead><tbody>")
         for row in seed_rows:
             parts.append(f'<tr data-run="{_e(row["run"])}">' + _td(_e(row["run"]), cls="name")
-                         + _td(_e(row["seeds"])) + "".join(_td(_e(_seed_cell(row, k))) for k in keys) + "</tr>")
+                         + _td(_e(row["seeds"])) + "".join(_td(_e(_seed_cell(row, k))) for k in keys)
+                         + "".join(_td(_e(c)) for c in _seed_costs(row)) + "</tr>")
         parts.append(f'</tbody></table></div><p class="note">{_e(SEEDS_NOTE)}.</p>')
     tasks, with_tasks, cells = task_table(runs)
     if tasks:
@@ -626,7 +640,7 @@ def render_report(run_dirs: list[Path], out: Path, failures: list[tuple[str, str
                          "directories (each with summary.json and metrics.jsonl)")
     _label_runs(runs)
     rows = build_rows(runs)
-    seed_rows = group_rows(seed_groups(runs), metric_keys(runs))
+    seed_rows = group_rows(seed_groups(runs), metric_keys(runs), runs)
     plots = render_plots(runs)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -278,6 +278,11 @@ def any_private(rows: list[dict[str, Any]]) -> bool:
     return any(row["privacy"] != "none" for row in rows)
 
 
+def round_times(run: Run) -> list[dict[str, Any]]:
+    """Each round's `time_s` split (total, local, aggregate, eval), {} where a round lacks one."""
+    return [r.get("time_s") if isinstance(r.get("time_s"), dict) else {} for r in run.rounds]
+
+
 def build_rows(runs: list[Run]) -> list[dict[str, Any]]:
     """One row per run. Traffic is whole-run (every byte sent, summary.json); per client-round is
     all bytes sent / downloads sent; ratios compare per-client-round figures with the baseline run
@@ -297,7 +302,7 @@ def build_rows(runs: list[Run]) -> list[dict[str, Any]]:
             row[f"final_{key}"] = s["final_eval"].get(key)
         base, how = find_baseline(run, runs)
         b = base.summary if base else {}
-        times = [r.get("time_s") if isinstance(r.get("time_s"), dict) else {} for r in run.rounds]
+        times = round_times(run)
         row.update({
             "uplink_bytes_per_client_round": s["uplink_bytes_per_client_round"],
             "downlink_bytes_per_client_round": s["downlink_bytes_per_client_round"],
