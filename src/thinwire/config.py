@@ -84,7 +84,7 @@ class DataConfig:
     quantity_skew: float = opt(0.0, "lognormal sigma of per-client dataset sizes (0: equal)", low=0)
     max_length: int = opt(256, "tokens per training example (longer ones are truncated)", low=8)
     template: str = opt("alpaca", "prompt template: Alpaca (measured to serve SmolLM2-Instruct as well as its "
-                        "own, BENCHMARKS.md), the tokenizer's chat template, or auto (chat when the "
+                        "own, docs/benchmarks/measurements.md), the tokenizer's chat template, or auto (chat when the "
                         "tokenizer has one); the loss covers the response in each",
                         choices=("alpaca", "chat", "auto"))
 
