@@ -4,7 +4,7 @@ For every run directory under each SOURCE (a run, or a compare's --out), copies 
 metrics.jsonl, summary.json and predictions.jsonl (not the weights) to DEST/<name>/, where
 `thinwire report DEST/*` renders them again on any machine.
 
-    python benchmarks/keep_runs.py runs/s11-headline --to docs/benchmarks/headline-s11
+    python benchmarks/keep_runs.py runs/headline --to docs/benchmarks/headline-runs
 """
 
 from __future__ import annotations

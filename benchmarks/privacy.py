@@ -8,7 +8,7 @@ dp-accounting's own ε; then one run per ε. Prints quality against the non-priv
 
     python benchmarks/privacy.py benchmarks/compare_smollm2.toml --methods fedit,ferret \\
         --epsilons 1,4,8 --baseline fedit=runs/s11-template/fedit \\
-        --baseline ferret=docs/benchmarks/s11-headline/ferret-sketch-seed0 --out runs/privacy
+        --baseline ferret=docs/benchmarks/headline-runs/ferret-sketch-seed0 --out runs/privacy
 """
 
 from __future__ import annotations
