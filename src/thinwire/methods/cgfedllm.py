@@ -283,7 +283,6 @@ class _Rule:
     def _setup_rule(self) -> None:
         self.options = o = method_options(self.config, "cgfedllm", CGFedLLMOptions)
         _validate(o, self.config.federation.rounds)
-        self.learned = o.codec in ("conv2d", "conv1d")
         self.tgap = o.codec != "none" and o.tgap_rounds > 0 and not o.ae_path
         if o.codec != "none":
             _, params = self.ctx.workbench.trainable(True)
@@ -292,6 +291,7 @@ class _Rule:
                                     derive_seed(self.config.federation.seed, "cgfedllm-ae-init"))
             except ValueError as exc:
                 raise UsageError(f"method.cgfedllm: {exc}") from exc
+        self.learned = o.codec != "none" and self.codec.learned
 
     @property
     def autoencoder(self) -> AutoencoderCodec:
