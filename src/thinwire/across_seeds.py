@@ -106,7 +106,7 @@ def group_rows(groups: list[SeedGroup], metrics: list[str], runs: list[Run]) -> 
                         changes.append(float(final) - float(base))
             row[f"final_{key}_mean"], row[f"final_{key}_std"] = mean_std(finals)
             row[f"change_{key}_mean"], row[f"change_{key}_std"] = mean_std(changes)
-        row.update(_share(group, runs))
+        row.update(_share(group, groups, runs))
         s = [r.summary for r in group.runs]
         row["bytes_per_client_round_mean"] = mean_std([float(x["uplink_bytes_per_client_round"]
                                                              + x["downlink_bytes_per_client_round"]) for x in s])[0]
@@ -119,16 +119,20 @@ def group_rows(groups: list[SeedGroup], metrics: list[str], runs: list[Run]) -> 
     return rows
 
 
-def _share(group: SeedGroup, runs: list[Run]) -> dict[str, Any]:
-    """`share_<metric>`: Σ gain / Σ reference gain over the seeds with a same-seed reference run."""
-    pairs = []
-    for run in group.runs:
-        reference, _ = find_baseline(run, runs)
-        if reference is not None and reference.summary.get("seed") == run.summary.get("seed"):
-            pairs.append((run, reference))
+def _share(group: SeedGroup, groups: list[SeedGroup], runs: list[Run]) -> dict[str, Any]:
+    """`share_<metric>`: Σ gain / Σ reference gain over the seeds the group shares with its reference
+    setting. The reference is one setting for every seed: the group of the baseline run that
+    `find_baseline` gives its runs, the plainly named one (`fedavg-seed0`, not a variant) first."""
+    found = [ref for ref, _ in (find_baseline(run, runs) for run in group.runs) if ref is not None]
+    plain = [ref for ref in found if ref.path.name in (ref.method, f"{ref.method}-seed{_seed(ref)}")]
+    reference = next((g for ref in plain + found for g in groups if ref in g.runs), None)
+    if reference is None:
+        return {"reference": None, "reference_seeds": 0}
+    by_seed = {_seed(ref): ref for ref in reference.runs}
+    pairs = [(run, by_seed[_seed(run)]) for run in group.runs if _seed(run) in by_seed]
     if not pairs:
         return {"reference": None, "reference_seeds": 0}
-    shares: dict[str, Any] = {"reference": pairs[0][1].method, "reference_seeds": len(pairs)}
+    shares: dict[str, Any] = {"reference": reference.label, "reference_seeds": len(pairs)}
     for key in SHARE_METRICS:
         mine = [gain(run.summary["final_eval"], ref.summary["base_eval"], key) for run, ref in pairs]
         theirs = [gain(ref.summary["final_eval"], ref.summary["base_eval"], key) for _, ref in pairs]
@@ -145,9 +149,9 @@ def format_mean_std(mean: float | None, std: float | None) -> str:
 
 
 def format_share(row: dict[str, Any]) -> str:
-    """`98% / 97% / 95% of fedavg (3 seeds)`: a group row's share of its reference's gain."""
+    """`98% / 97% / 95% of fedavg-sgd (3 seeds)`: a group row's share of its reference's gain."""
     if row.get("reference") is None:
         return "-"
     shares = [row.get(f"share_{k}") for k in SHARE_METRICS]
     return (" / ".join("-" if v is None else f"{100 * v:.0f}%" for v in shares)
-            + f" of {row['reference']} ({row['reference_seeds']} seeds)")
+            + f" of {row['reference']} ({row['reference_seeds']} seed{'s' if row['reference_seeds'] != 1 else ''})")
