@@ -217,6 +217,20 @@ def test_across_seeds_gives_each_setting_its_share_of_its_references_gain(compar
     assert cg["reference"] == "fedit" and cg["reference_seeds"] == 1
     assert cg["share_exact_match"] == pytest.approx(0.5) and cg["share_loss"] == pytest.approx(0.25)
     assert cg["uplink_bytes_total_mean"] == fedit["uplink_bytes_total"]
+
+    # A variant of FedAvg (another lr) over seeds 0 and 1, with plain FedAvg on seed 0 only: its
+    # reference is plain FedAvg on the seed they share, never the variant itself on seed 1.
+    plain = json.loads((out / "fedavg" / "summary.json").read_text())
+    for seed in (0, 1):
+        variant = tmp_path / "variant" / f"fedavg-lr-seed{seed}"
+        shutil.copytree(out / "fedavg", variant)
+        config = (variant / "config.toml").read_text().replace("lr = 0.003", "lr = 0.004", 1)
+        (variant / "config.toml").write_text(config.replace("seed = 0", f"seed = {seed}", 1))
+        (variant / "summary.json").write_text(json.dumps({**plain, "seed": seed}))
+    mixed = render_report([out / "fedavg", tmp_path / "variant"], tmp_path / "mixed")
+    by_label = {r["run"]: r for r in mixed.seed_rows}
+    assert by_label["fedavg-lr"]["n"] == 2 and by_label["fedavg-lr"]["reference_seeds"] == 1
+    assert by_label["fedavg-lr"]["reference"] != "fedavg-lr" and by_label["fedavg-lr"]["share_loss"] == pytest.approx(1.0)
     fedavg = next(r for r in rows.values() if r["method"] == "fedavg")
     assert fedavg["reference"] == "fedavg" and fedavg["share_loss"] == pytest.approx(1.0)
 

@@ -78,6 +78,7 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 SHARE_METRICS = ("exact_match", "rougeL", "loss")
+SHARE_HEADER = "share of reference's gain (EM / RL / loss)"
 
 
 def gain(final: dict[str, Any], base: dict[str, Any], key: str) -> float | None:

@@ -321,10 +321,10 @@ def _phases_table(phases: list[dict[str, Any]]) -> Any:
 def _seeds_table(seed_rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
-    from thinwire.across_seeds import format_mean_std, format_share
+    from thinwire.across_seeds import SHARE_HEADER, format_mean_std, format_share
 
     table = Table(title="across seeds (mean ± sample std)")
-    for column in ("setting", "seeds", "Rouge-L", "exact match", "loss", "share of reference's gain (EM / RL / loss)"):
+    for column in ("setting", "seeds", "Rouge-L", "exact match", "loss", SHARE_HEADER):
         table.add_column(column, justify="left" if column in ("setting", "seeds") else "right")
     for row in seed_rows:
         table.add_row(row["run"], row["seeds"], *(format_mean_std(row.get(f"final_{k}_mean"), row.get(f"final_{k}_std"))

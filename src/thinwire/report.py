@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from thinwire.across_seeds import format_mean_std, format_share, group_rows, seed_groups
+from thinwire.across_seeds import SHARE_HEADER, format_mean_std, format_share, group_rows, seed_groups
 from thinwire.errors import UsageError
 from thinwire.runtime.display import human_bytes
 from thinwire.runtime.rundir import atomic_write
@@ -329,7 +329,6 @@ def _md_row(cells: list[str]) -> str:
 SEEDS_NOTE = ("mean ± sample std over runs whose configs differ only in federation.seed; share of the "
               "reference's gain: mean gain over the seeds against the reference's (FedIT for LoRA methods, "
               "FedAvg for full-parameter ones) on the same seeds, both from the reference's base")
-SHARE_HEADER = "share of reference's gain (EM / RL / loss)"
 
 
 def _metric_label(key: str) -> str:

@@ -40,9 +40,10 @@ the energy of what it covers).
 
 Shuffling (``shuffle``): the (normalised) values are permuted by the permutation drawn from the
 ``seed`` given to ``prepare``/``encode``/``decode`` before the layout, and the reconstruction is
-permuted back. Both sides draw it from the same (round, client) seed, so nothing more is sent. A trained code is fixed, so
-without it the same entries share a latent value every round and error feedback keeps piling the
-same entries' losses into the residual; with it every round pairs other entries.
+permuted back. Both sides draw it from the same (round, client) seed, so nothing more is sent. A
+trained code is fixed, so without it the same entries share a latent value every round and error
+feedback keeps piling the same entries' losses into the residual; with it every round pairs other
+entries.
 
 Scales: with ``normalize`` each tensor is divided by its max |value| before encoding (so it lies
 in tanh's range [−1, 1]); with ``refit`` the client, which holds the decoder too, replaces each

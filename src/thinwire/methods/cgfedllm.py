@@ -612,6 +612,7 @@ class CGFedLLMClient(_Rule, FedITClient):
             return Upload(Payload(tensors={f"s0/{n}": t for n, t in x_in.items()}, scalars=scalars), len(data), metrics)
         codec = self._client_codec(state) if self.learned else self.codec
         tensors, xhat = codec.encode(x_in, self.wire_seed(rnd, client_id))
+        # zeros keeps no residual: nothing is ever sent, so it would only grow
         if self.options.error_feedback and self.options.codec != "zeros":
             self._record_upload(state, rnd, xhat, {n: x_in[n] - xhat[n] for n in x_in})
         q = quality(x_in, xhat)

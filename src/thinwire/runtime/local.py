@@ -124,18 +124,21 @@ class SharedTensors:
     def __init__(self, prefixes: tuple[str, ...]):
         self.prefixes = prefixes
         self.pool: weakref.WeakValueDictionary[tuple, torch.Tensor] = weakref.WeakValueDictionary()
-
-    def _shared(self, name: str) -> bool:
-        return name.startswith(self.prefixes) if self.prefixes else False
+        self.pooled: dict[int, weakref.ref] = {}  # id -> the pooled tensor: a state that kept it is not hashed again
 
     def working_copy(self, state: ClientState) -> ClientState:
-        return ClientState(tensors={k: t if self._shared(k) else t.clone() for k, t in state.tensors.items()},
+        return ClientState(tensors={k: t if k.startswith(self.prefixes) else t.clone() for k, t in state.tensors.items()},
                            scalars=dict(state.scalars))
 
     def intern(self, state: ClientState) -> ClientState:
         for name, t in state.tensors.items():
-            if self._shared(name):
-                data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-                key = (name, str(t.dtype), tuple(t.shape), str(t.device), hashlib.blake2b(data, digest_size=16).digest())
-                state.tensors[name] = self.pool.setdefault(key, t)
+            if not name.startswith(self.prefixes):
+                continue
+            known = self.pooled.get(id(t))
+            if known is not None and known() is t:
+                continue
+            data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            key = (name, str(t.dtype), tuple(t.shape), str(t.device), hashlib.blake2b(data, digest_size=16).digest())
+            state.tensors[name] = pooled = self.pool.setdefault(key, t)
+            self.pooled[id(pooled)] = weakref.ref(pooled)
         return state
