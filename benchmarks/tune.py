@@ -50,6 +50,16 @@ def score(summary: dict, metric: str) -> tuple[float, float]:
     return value, -final["loss"]
 
 
+def edge_keys(chosen: dict[str, str], points: list[dict[str, str]]) -> list[str]:
+    """The keys whose chosen value is the smallest or largest of several tried: the best may lie beyond."""
+    edges = []
+    for key, value in chosen.items():
+        tried = sorted({float(p[key]) for p in points})
+        if len(tried) > 1 and float(value) in (tried[0], tried[-1]):
+            edges.append(key)
+    return edges
+
+
 def grid_points(name: str, base_lr: float, factors: list[float], extra: dict[str, list[str]]) -> list[dict[str, str]]:
     keys = {lr_key(name): [f"{base_lr * f:.2g}" for f in factors], **extra}
     return [dict(zip(keys, values)) for values in itertools.product(*keys.values())]
@@ -78,7 +88,7 @@ def main() -> None:
 
     table = Table(title=f"tuning on the validation split ({args.metric}; ties: lower loss)")
     for col in ("method", "setting", "exact_match", "rougeL", "loss", ""):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     chosen: dict[str, dict[str, str]] = {}
     ran = reused = 0
     for name in args.methods.split(","):
@@ -97,14 +107,13 @@ def main() -> None:
             results.append((point, label, json.loads((run_dir / "summary.json").read_text())))
         best = max(range(len(results)), key=lambda i: score(results[i][2], args.metric))
         chosen[name] = results[best][0]
-        lrs = sorted({float(p[lr_key(name)]) for p, _, _ in results})
-        edge = float(chosen[name][lr_key(name)]) in (lrs[0], lrs[-1]) and len(lrs) > 1
+        edges = edge_keys(chosen[name], [p for p, _, _ in results])
         for i, (point, label, summary) in enumerate(results):
             final = summary["final_eval"]
-            mark = ("chosen (at the grid's edge: widen --factors)" if edge else "chosen") if i == best else ""
+            mark = (f"chosen (at the grid's edge in {', '.join(edges)}: widen it)" if edges else "chosen") if i == best else ""
             table.add_row(name, label, f"{final.get('exact_match', 0):.3f}", f"{final.get('rougeL', 0):.3f}",
                           f"{final['loss']:.3f}", mark)
-    Console().print(table)
+    Console(width=160).print(table)
     print(f"{ran + reused} tuning runs ({ran} run now, {reused} reused from {args.out})")
     lines = [f"# chosen by benchmarks/tune.py on the validation split ({args.metric}); paste into {args.config}"]
     for name, point in chosen.items():
@@ -115,7 +124,9 @@ def main() -> None:
         for section, fields in by_table.items():
             lines += ["", f"[compare.{name}.{section}]", *fields]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tuned.toml").write_text("\n".join(lines) + "\n")
+    partial = args.out / "tuned.toml.partial"
+    partial.write_text("\n".join(lines) + "\n")
+    partial.replace(args.out / "tuned.toml")
     print("\n".join(lines))
 
 
