@@ -21,6 +21,7 @@ from thinwire.methods.fedavg import DeltaClient, DeltaServer
 from conftest import crash_in_round
 from thinwire.runtime.engine import sample_clients, simulated_faults
 from thinwire.runtime.local import resume_local, run_local
+from thinwire.runtime.rundir import LOCK_FILE, hold
 from thinwire.runtime.upload import stamp
 from thinwire.wire import Payload
 
@@ -424,6 +425,31 @@ def test_resume_without_a_checkpoint_starts_over_and_bad_checkpoints_are_refused
     with pytest.raises(UsageError, match="corrupt"):
         resume_local(tmp_path / "bad.partial")
     assert state.exists()
+
+
+def test_a_second_writer_of_one_run_is_refused_and_the_first_ones_files_are_kept(tmp_path, smoke_config, capsys):
+    """Two processes on one output (the same command twice, a compare beside a resume): whichever
+    comes second stops with a one-line error naming the first, fresh, resumed or --force, and the
+    first one's files are untouched; a finished run keeps no lock file."""
+    config = smoke_config("eval.generate=false", "train.local_steps=2", "federation.rounds=1")
+    out, partial = tmp_path / "run", tmp_path / "run.partial"
+    partial.mkdir()
+    (partial / "metrics.jsonl").write_text("{}\n")
+    first = hold(partial)  # flock: a second open file of the lock conflicts, in this process too
+    busy = rf"another thinwire process \(pid {os.getpid()}\) is writing {partial}"
+    with pytest.raises(UsageError, match=busy):
+        run_local(config, out, quiet=True)
+    with pytest.raises(UsageError, match=busy):
+        run_local(config, out, quiet=True, resume=True)
+    args = ["run", str(SMOKE), "--quiet", "--force", "--out", str(out)]
+    assert main([*args, *(a for s in ("eval.generate=false", "federation.rounds=1") for a in ("--set", s))]) == 2
+    assert "another thinwire process" in capsys.readouterr().err
+    assert (partial / "metrics.jsonl").read_text() == "{}\n" and not out.exists()
+    first.close()  # the first process ends: the run is an interrupted one again
+    with pytest.raises(UsageError, match="an interrupted run is in"):
+        run_local(config, out, quiet=True)
+    run_local(config, tmp_path / "other", quiet=True)
+    assert (tmp_path / "other" / "summary.json").is_file() and not (tmp_path / "other" / LOCK_FILE).exists()
 
 
 def _cli(*args):

@@ -88,6 +88,7 @@ PREPARABLE = ("smollm2-135m", "smollm2-small")
 def cmd_run(args: argparse.Namespace) -> int:
     from thinwire.config import default_config, default_model_notice, load_config
     from thinwire.runtime.local import run_local
+    from thinwire.runtime.rundir import ensure_not_written
 
     if args.resume is not None:
         from thinwire.runtime.checkpoint import resume_paths
@@ -111,6 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"{config.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     partial = out.with_name(out.name + ".partial")
     if args.force and partial.is_dir():
+        ensure_not_written(partial)
         shutil.rmtree(partial)
     if args.runtime == "flower-sim":
         from thinwire.runtime.flower import run_flower_sim

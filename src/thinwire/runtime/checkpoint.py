@@ -244,5 +244,5 @@ class ResumableRunDir(RunDir):
 
     def discard(self) -> None:
         """Remove `<out>.partial` entirely (bad input before any round: no partial outputs)."""
-        self.abandon()
         shutil.rmtree(self.partial, ignore_errors=True)
+        self.abandon()

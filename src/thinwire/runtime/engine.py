@@ -142,7 +142,9 @@ def run(config: Config, out: Path, transport: Transport, *, quiet: bool = False,
     spec = get_method(config.method.name)
     federation = build_federation(config)
     run_dir = ResumableRunDir(out)
-    if not resume:
+    if resume:
+        run_dir.hold()
+    else:
         run_dir.open(config)
     try:
         summary, server = Rounds(config, spec, federation, run_dir, transport, quiet, runtime).run(resume)

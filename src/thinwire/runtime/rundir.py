@@ -3,18 +3,21 @@
 and whatever artifacts the method writes (a FedPT proxy to generate from, a CG-FedLLM autoencoder).
 
 A run writes into `<out>.partial` and renames it to `<out>` only when it finishes, so a
-directory named `<out>` is always complete.
+directory named `<out>` is always complete. The process writing it holds the lock of
+`<out>.partial/lock` until then, so a second process on the same output (the same command twice,
+a compare beside a resume) stops with a clear error instead of writing into the first one's files.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import resource
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from thinwire.config import Config, to_toml
 from thinwire.errors import UsageError
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
 
 PREDICTIONS_FILE = "predictions.jsonl"
 RUN_KEY_FILE = "run-key"
+LOCK_FILE = "lock"
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -43,15 +47,42 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def hold(partial: Path) -> TextIO:
+    """Take the writer's lock of a run's `.partial` directory; the kernel releases it when the
+    process ends, however it ends, so a killed run never leaves a stale lock."""
+    handle = (partial / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        pid = handle.read().strip() or "?"
+        handle.close()
+        raise UsageError(f"another thinwire process (pid {pid}) is writing {partial}; wait for it to end, "
+                         "or pass another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def ensure_not_written(partial: Path) -> None:
+    """A UsageError when another process is writing `partial` (before deleting or reusing it)."""
+    if partial.is_dir():
+        hold(partial).close()
+
+
 class RunDir:
     def __init__(self, out: Path):
         self.out = Path(out)
         self.partial = self.out.with_name(self.out.name + ".partial")
+        self._lock: TextIO | None = None
 
     def open(self, config: Config) -> None:
         if self.out.exists():
             raise UsageError(f"output directory {self.out} already exists; pass a new --out or remove it")
         if self.partial.exists():
+            ensure_not_written(self.partial)
             raise UsageError(f"an interrupted run is in {self.partial}; continue it with `thinwire run --resume "
                              f"{self.out}`, or start over with --force (deletes it)")
         try:
@@ -59,8 +90,19 @@ class RunDir:
         except OSError as exc:
             raise UsageError(f"cannot create output directory {self.partial}: {exc.strerror}; "
                              "pass a writable --out") from exc
+        self.hold()
         atomic_write(self.partial / "config.toml", to_toml(config))
         self._metrics = (self.partial / "metrics.jsonl").open("w")
+
+    def hold(self) -> None:
+        """Hold the writer's lock of `<out>.partial` (an interrupted run's, before resuming it)."""
+        if self._lock is None and self.partial.is_dir():
+            self._lock = hold(self.partial)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     @property
     def run_key(self) -> str:
@@ -86,7 +128,9 @@ class RunDir:
         summary["artifacts"] = server.save_artifacts(self.partial)
         atomic_write(self.partial / "final_state.safetensors", server.final_state().encode())
         atomic_write(self.partial / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+        (self.partial / LOCK_FILE).unlink(missing_ok=True)
         os.replace(self.partial, self.out)
+        self.release()
         return self.out
 
     def abandon(self) -> None:
@@ -94,3 +138,4 @@ class RunDir:
         metrics = getattr(self, "_metrics", None)
         if metrics is not None and not metrics.closed:
             metrics.close()
+        self.release()
