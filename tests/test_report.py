@@ -327,11 +327,12 @@ def test_compare_resumes_an_interrupted_run(compared, tmp_path, monkeypatch):
         (compared[0] / "fedit" / "final_state.safetensors").read_bytes()
 
 
-def _as_method(src: Path, dst: Path, method: str, phases: dict | None = None) -> None:
+def _as_method(src: Path, dst: Path, method: str, phases: dict | None = None, model: str | None = None) -> None:
     """A copy of a finished run that claims another method (report-only checks)."""
     shutil.copytree(src, dst)
     summary = json.loads((dst / "summary.json").read_text())
     summary["method"] = method
+    summary["model"] = model or summary["model"]
     if phases is not None:
         summary["phases"] = phases
     (dst / "summary.json").write_text(json.dumps(summary))
@@ -349,6 +350,7 @@ def test_report_ratios_against_a_measured_baseline_and_per_phase(compared, tmp_p
     runs = tmp_path / "runs"
     _as_method(out / "fedit", runs / "cg", "cgfedllm", {"tgap": tgap, "faf": faf})
     _as_method(out / "fedavg", runs / "kseed", "fedkseed")
+    _as_method(out / "fedit", runs / "pt", "fedpt", model="tiny-small")  # trains tiny-small, evaluates tiny
     shutil.copytree(out / "fedavg", runs / "fedavg")
 
     alone = render_report([runs], tmp_path / "alone")  # no FedIT run: no ratio for the LoRA method
@@ -367,6 +369,7 @@ def test_report_ratios_against_a_measured_baseline_and_per_phase(compared, tmp_p
     assert cg["traffic_baseline"] == "fedit"
     assert cg["traffic_ratio_vs_baseline"] == pytest.approx(1.0)  # a copy of the FedIT run's figures
     assert rows["fedavg"]["traffic_baseline"] == "fedavg"
+    assert rows["fedpt"]["traffic_baseline"] == "fedit"  # FedIT on the large model FedPT evaluates
     assert cg["phase_faf_uplink_bytes_per_client_round"] == 100.0 and cg["phase_tgap_rounds"] == 1
     assert [(p["run"], p["phase"]) for p in both.phase_rows] == [("cgfedllm", "tgap"), ("cgfedllm", "faf")]
     assert both.phase_rows[1]["uplink_ratio_vs_baseline"] == pytest.approx(

@@ -227,6 +227,18 @@ def baseline_method(run: Run) -> str | None:
     return "fedit" if run.method in LORA_METHODS else "fedavg" if run.method in FULL_METHODS else None
 
 
+def evaluated_model(run: Run) -> str:
+    """The model whose quality the run reports: FedPT trains its small device model but evaluates
+    the large one it proxy-tunes, so its baseline is FedIT on that large model."""
+    model = run.summary["model"]
+    if run.method != "fedpt":
+        return model
+    from thinwire.models import SMALL_PAIRS
+
+    larger = {small: large for large, small in SMALL_PAIRS.items()}
+    return run.config.get("method.fedpt.large") or larger.get(model, model)
+
+
 def find_baseline(run: Run, runs: list[Run]) -> tuple[Run | None, str]:
     """The measured baseline run for `run` among `runs`, or None and why there is none.
 
@@ -236,7 +248,7 @@ def find_baseline(run: Run, runs: list[Run]) -> tuple[Run | None, str]:
     if method is None:
         return None, ("its config.toml lacks method.ferret.trainable" if run.method == "ferret"
                       else f"no baseline is defined for {run.method}")
-    model, seed = run.summary["model"], run.summary.get("seed")
+    model, seed = evaluated_model(run), run.summary.get("seed")
     pool = [b for b in runs if b.method == method and b.summary["model"] == model]
     pool = [b for b in pool if b.summary.get("seed") == seed] or pool
     if not pool:
