@@ -233,10 +233,9 @@ def evaluated_model(run: Run) -> str:
     model = run.summary["model"]
     if run.method != "fedpt":
         return model
-    from thinwire.models import SMALL_PAIRS
+    from thinwire.models import large_of
 
-    larger = {small: large for large, small in SMALL_PAIRS.items()}
-    return run.config.get("method.fedpt.large") or larger.get(model, model)
+    return run.config.get("method.fedpt.large") or large_of(model) or model
 
 
 def find_baseline(run: Run, runs: list[Run]) -> tuple[Run | None, str]:

@@ -103,16 +103,15 @@ class FedPTOptions:
 
 def pair(config: Config) -> tuple[str, str]:
     """(small device model, large model) of a FedPT run; see the module docstring."""
-    from thinwire.models import SMALL_PAIRS
+    from thinwire.models import SMALL_PAIRS, large_of
 
     name, large = config.model.name, method_options(config, "fedpt", FedPTOptions).large
     if large:
         return name, large
     if name in SMALL_PAIRS:
         return SMALL_PAIRS[name], name
-    larger = {small: big for big, small in SMALL_PAIRS.items()}
-    if name in larger:
-        return name, larger[name]
+    if large_of(name):
+        return name, large_of(name)
     raise UsageError(f"fedpt: model {name!r} has no built-in small pair; set method.fedpt.large to the large "
                      f"model (model.name is then the device model), or use one of {', '.join(SMALL_PAIRS)}")
 

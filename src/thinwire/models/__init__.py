@@ -54,6 +54,11 @@ SMALL_MODELS = ("tiny-small", "smollm2-small")  # built-in device models that sh
 SMALL_PAIRS = {"tiny": "tiny-small", "smollm2-135m": "smollm2-small"}
 
 
+def large_of(small: str) -> str | None:
+    """The built-in large model whose pair `small` is (None: it is no built-in small model)."""
+    return next((large for large, paired in SMALL_PAIRS.items() if paired == small), None)
+
+
 def _load(cfg: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     name = cfg.name
     if name == "tiny":
