@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from thinwire.errors import UsageError
 from thinwire.runtime import flower
 from thinwire.runtime.local import InProcess, run_local
-from thinwire.secagg import MASKED, STAGES, SecAggClient, SecureRound, quantize
+from thinwire.secagg import MASKED, STAGES, SecAggClient, SecureRound, mask_stream, quantize
 from thinwire.wire import Payload, PayloadError
 
 SECAGG = ("privacy.secagg=true", "eval.generate=false")
@@ -34,13 +34,13 @@ def _federation(rnd=1):
     return states, control
 
 
-def _masked(config, state, values):
+def _masked(config, state, values, clipped=0):
+    """A masked upload of `values` as `masked_upload` makes it: the quantised values, then the clip count."""
     q, _ = quantize(values, config.privacy.secagg_clip_range, config.privacy.secagg_quantization,
                     np.random.default_rng(state.cid))
-    masked = state.mask(q).astype(np.uint32).view(np.int32)
+    masked = state.mask(np.append(q, clipped)).astype(np.uint32).view(np.int32)
     payload = Payload(tensors={MASKED: torch.from_numpy(masked.copy())},
-                      scalars={"layout": json.dumps([["w", [values.size], "torch.float32"]]), "scalars": "{}",
-                               "clipped": 0})
+                      scalars={"layout": json.dumps([["w", [values.size], "torch.float32"]]), "scalars": "{}"})
     return payload, q
 
 
@@ -53,12 +53,13 @@ def test_masks_cancel_in_the_sum_even_when_a_client_drops_after_sharing(smoke_co
     values = {cid: rng.normal(0, 0.5, 50) for cid in (0, 1, 3)}  # client 2 shared its keys, then dropped
     uploads, quantized = {}, {}
     for cid, v in values.items():
-        uploads[cid], quantized[cid] = _masked(config, states[cid], v)
+        uploads[cid], quantized[cid] = _masked(config, states[cid], v, clipped=cid)
         server.check(uploads[cid])
-        # what reaches the server is not the client's quantised update
-        assert not np.array_equal(uploads[cid].tensors[MASKED].numpy().view(np.uint32), quantized[cid])
+        # what reaches the server is not the client's quantised update, nor its clip count
+        assert not np.array_equal(uploads[cid].tensors[MASKED].numpy().view(np.uint32)[:-1], quantized[cid])
+        assert set(uploads[cid].scalars) == {"layout", "scalars"}
     mean, metrics = server.unmask(uploads)
-    assert metrics == {"secagg_unmasked": 3.0, "secagg_dropped": 1.0, "secagg_clipped": 0.0}
+    assert metrics == {"secagg_unmasked": 3.0, "secagg_dropped": 1.0, "secagg_clipped": 4.0}  # 0 + 1 + 3
     c, levels = config.privacy.secagg_clip_range, config.privacy.secagg_quantization
     exact = sum(quantized.values()) * (2 * c / levels) / 3 - c  # the quantised updates' mean, unmasked exactly
     assert torch.equal(mean.tensors["w"], torch.from_numpy(exact.astype(np.float32)))
@@ -88,9 +89,25 @@ def test_usage_errors_and_defaults(smoke_config):
     for override, message in {"privacy.dp='central'": "privacy.dp = 'local' or 'none'",
                               "method.name='cgfedllm'": "does not support method 'cgfedllm'",
                               "method.weighting='examples'": "method.weighting = 'equal'",
-                              "privacy.secagg_quantization=2147483648": "below 2\\^32"}.items():
+                              "privacy.secagg_quantization=2147483648": "below 2\\^32",
+                              "method.server_optimizer='fedexp'": "reads each client's update",
+                              "privacy.secagg_threshold=0.5": "secagg_threshold above 0.5"}.items():
         with pytest.raises(UsageError, match=message):
             smoke_config(*SECAGG, override)
+    assert smoke_config(*SECAGG, "privacy.secagg_threshold=0.5", "privacy.secagg_allow_low_threshold=true")
+
+
+def test_the_mask_stream_depends_on_every_bit_of_its_256_bit_key():
+    """Flower's generator kept 32 bits of the seed; ours is ChaCha20 under the whole key."""
+    key = bytes(range(32))
+    stream = mask_stream(key, 8)
+    assert stream.min() >= 0 and stream.max() < 2**32
+    for bit in range(256):
+        flipped = bytearray(key)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        assert not np.array_equal(mask_stream(bytes(flipped), 8), stream), bit
+    # uniform over [0, 2^32): mean near 2^31
+    assert abs(mask_stream(key, 100_000).mean() / 2**32 - 0.5) < 0.01
 
 
 SETTINGS = {"fedavg": [], "fedit": [], "ferret": [],
@@ -121,9 +138,13 @@ def test_one_round_equals_the_plain_mean_within_one_quantisation_step(tmp_path, 
     assert record["secagg_downlink_bytes"] > 0 and record["secagg_uplink_bytes"] > 0
     assert summary["secagg_uplink_bytes_total"] == record["secagg_uplink_bytes"]
     assert record["uplink_bytes"] == sum(len(up) for up in seen)
+    # nothing per client in the clear: no example count, loss, tokens or timings, no own clip count
+    assert record["client_reports"] == "withheld (privacy)" and record["train_loss"] is None
+    assert all(c["examples"] is None and c["metrics"] == {} for c in record["clients"])
     for up in seen:
         payload = Payload.decode(up)
         assert set(payload.tensors) == {MASKED}
+        assert set(payload.scalars) == {"layout", "scalars", "thinwire.round", "thinwire.client"}
         words = payload.tensors[MASKED].numpy().view(np.uint32).astype(np.float64)
         assert abs(words.mean() / 2**32 - 0.5) < 0.05  # masked: uniform; a quantised update sits near 2^21
     plain, secure = (load_file(tmp_path / d / "final_state.safetensors") for d in ("plain", "secure"))

@@ -175,6 +175,8 @@ class PrivacyConfig:
                                    "2 range / levels)", low=2, high=1 << 31)
     secagg_threshold: float = opt(0.66, "SecAgg+: fraction of the round's clients whose shares rebuild a "
                                   "secret (at least 2 clients)", low=0.0, high=1.0)
+    secagg_allow_low_threshold: bool = opt(False, "SecAgg+: accept secagg_threshold <= 0.5, where a server that "
+                                           "sends clients inconsistent lists can unmask one")
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Secure aggregation: Flower's SecAgg+ protocol over thinwire's transports, so that the server
 learns only the mean of a round's updates, never one client's.
 
-Every cryptographic piece is Flower's (`flwr.common.secure_aggregation`, `flwr.supercore.primitives`):
-ECDH key agreement with HKDF, Fernet encryption of the share messages, Shamir sharing, the
-seeded mask generator. The stages are those of Flower's SecAggPlusWorkflow, with every sampled
+Flower's cryptographic pieces (`flwr.common.secure_aggregation`, `flwr.supercore.primitives`):
+ECDH key agreement with HKDF, Fernet encryption of the share messages, Shamir sharing. The mask
+generator is ChaCha20 keyed by the whole 256-bit secret (`mask_stream`), not Flower's. The stages are those of Flower's SecAggPlusWorkflow, with every sampled
 client a neighbour of every other (Flower's default `num_shares`):
 
 0. setup: each client makes two key pairs and sends the public halves (pk1 for masks, pk2 for
@@ -13,15 +13,18 @@ client a neighbour of every other (Flower's default `num_shares`):
 2. forward: each client gets the ciphertexts addressed to it by those who answered stage 1 (U2)
    and keeps its shares; U2 are its neighbours;
 3. train: the client trains as always; its update, in the method's update space
-   (`privacy.update_view`, the space DP uses), is clipped to ±`secagg_clip_range` per value,
-   quantised by stochastic rounding to [0, `secagg_quantization`], and masked:
-   y = q + PRG(b) + Σ_v ±PRG(KA(sk1, pk1_v)) mod 2^32 (+ where the client's id is above v's);
+   (`ServerSide.update_space`, the space DP uses), is clipped to ±`secagg_clip_range` per value,
+   quantised by stochastic rounding to [0, `secagg_quantization`], followed by its clip count,
+   and masked: y = q + PRG(b) + Σ_v ±PRG(KA(sk1, pk1_v)) mod 2^32 (+ where the client's id is
+   above v's);
 4. unmask: the clients whose masked upload arrived and passed the checks (U3) get U3 and the
    dropped U2 \\ U3; each returns its shares of b for U3 and of sk1 for the dropped, never both
    for one client. From ≥ t shares the server rebuilds every b and every dropped sk1, removes
    the masks, and turns the sum into the mean: Σ q · 2c/T / |U3| − c.
 
-Differences from Flower's mod, and why: the quantiser's stochastic rounding draws from the run's
+Differences from Flower's mod, and why: the mask generator (Flower's `pseudo_rand_gen` keeps 32
+bits of the seed, flwrlabs/flower#7522); nothing per client travels in the clear (the clip count
+is summed under the masks); the quantiser's stochastic rounding draws from the run's
 seeded stream (Flower's uses numpy's global generator), so a run is reproducible and the
 in-process runtime computes bit-identically what Flower computes; updates are equal-weighted
 (DP's rule), so no weight factor is summed. The mean then goes through the method's own
@@ -35,6 +38,7 @@ round record as `secagg_clipped`).
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -47,13 +51,13 @@ import numpy as np
 import torch
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
-from flwr.common.secure_aggregation.secaggplus_utils import (pseudo_rand_gen, share_keys_plaintext_concat,
-                                                             share_keys_plaintext_separate)
+from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat, share_keys_plaintext_separate
 from flwr.supercore.primitives.asymmetric import (bytes_to_private_key, bytes_to_public_key, generate_key_pairs,
                                                   private_key_to_bytes, public_key_to_bytes)
 
+from thinwire import secret
 from thinwire.config import Config
-from thinwire.privacy import SECAGG_MOD_RANGE, update_view_of, wire_dtype, with_update
+from thinwire.privacy import SECAGG_MOD_RANGE, update_space
 from thinwire.seeding import derive_seed
 from thinwire.wire import Payload, PayloadError
 
@@ -185,10 +189,10 @@ class SecAggClient:
         """q + PRG(b) ± PRG(KA(sk1, pk1_v)) for every neighbour v, mod 2^32 (stage 3)."""
         if self.stage != "forward":
             raise PayloadError(f"secagg: an upload to mask after stage {self.stage!r}")
-        shape = [quantized.shape]
-        masked = quantized.astype(np.int64) + pseudo_rand_gen(self.keys["seed"], SECAGG_MOD_RANGE, shape)[0]
+        size = quantized.size
+        masked = quantized.astype(np.int64) + mask_stream(self.keys["seed"], size)
         for other in self.neighbours:
-            masked += _sign(self.cid, other) * _pairwise(self.keys["sk1"], self.public[other][0], shape)
+            masked += _sign(self.cid, other) * _pairwise(self.keys["sk1"], self.public[other][0], size)
         return np.mod(masked, SECAGG_MOD_RANGE)
 
     def _unmask(self, blobs: dict[str, bytes], scalars: dict[str, Any]) -> bytes:
@@ -206,9 +210,16 @@ def _sign(cid: int, other: int) -> int:
     return 1 if cid > other else -1
 
 
-def _pairwise(sk1: bytes, other_pk1: bytes, shape: list[tuple[int, ...]]) -> np.ndarray:
+def mask_stream(key: bytes, size: int) -> np.ndarray:
+    """`size` uniform values mod 2^32 from ChaCha20 keyed by the whole secret (Flower's
+    `pseudo_rand_gen` folds its seed to 32 bits for numpy's Mersenne Twister: brute-forceable)."""
+    return secret.words(key, size, "secagg-mask").astype(np.int64)
+
+
+def _pairwise(sk1: bytes, other_pk1: bytes, size: int) -> np.ndarray:
+    """The mask two clients share: the stream keyed by their agreed key (HKDF over ECDH, 256 bits)."""
     key = generate_shared_key(bytes_to_private_key(sk1), bytes_to_public_key(other_pk1))
-    return pseudo_rand_gen(key, SECAGG_MOD_RANGE, shape)[0]
+    return mask_stream(base64.urlsafe_b64decode(key), size)
 
 
 def quantize(values: np.ndarray, clip_range: float, levels: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
@@ -222,19 +233,20 @@ def quantize(values: np.ndarray, clip_range: float, levels: int, rng: np.random.
 
 
 def masked_upload(config: Config, rnd: int, cid: int, payload: Payload, state: SecAggClient) -> Payload:
-    """The client's upload under SecAgg+: its update in the method's update space, quantised and
-    masked, with the layout the server needs to rebuild the method's payload from the mean."""
-    view = update_view_of(config, payload)
+    """The client's upload under SecAgg+: its update in the method's update space, quantised, then
+    its clip count as one more integer (so only the round's total is ever seen), all masked; with
+    the layout the server needs to rebuild the method's payload from the mean."""
+    view = update_space(config).view(payload)
     names = sorted(view)
     flat = np.concatenate([view[n].double().numpy().ravel() for n in names]) if names else np.zeros(0)
     privacy = config.privacy
     rng = np.random.default_rng(derive_seed(config.federation.seed, "secagg-quantize", rnd, cid))
     q, clipped = quantize(flat, privacy.secagg_clip_range, privacy.secagg_quantization, rng)
-    masked = state.mask(q).astype(np.uint32).view(np.int32)
+    masked = state.mask(np.append(q, clipped)).astype(np.uint32).view(np.int32)
     layout = [[n, list(view[n].shape), str(payload.tensors[n].dtype if n in payload.tensors else torch.float32)]
               for n in names]
     return Payload(tensors={MASKED: torch.from_numpy(masked.copy())},
-                   scalars={"layout": json.dumps(layout), "scalars": json.dumps(payload.scalars), "clipped": clipped})
+                   scalars={"layout": json.dumps(layout), "scalars": json.dumps(payload.scalars)})
 
 
 # --- server side ------------------------------------------------------------------------------
@@ -250,7 +262,7 @@ class SecureRound:
     config: Config
     rnd: int
     control: Control
-    dimension: int  # values in one update (`privacy.update_dimension`)
+    dimension: int  # values in one update (`UpdateSpace.dimension`)
     public: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     ciphertexts: dict[int, dict[int, bytes]] = field(default_factory=dict)  # src -> dst -> ciphertext
     threshold: int = 0
@@ -302,17 +314,18 @@ class SecureRound:
     def check(self, payload: Payload) -> None:
         """A masked upload's shape (the method's own checks run on the unmasked mean)."""
         if set(payload.tensors) != {MASKED} or payload.tensors[MASKED].dtype != torch.int32 \
-                or payload.tensors[MASKED].dim() != 1 or not isinstance(payload.scalars.get("clipped"), int):
-            raise PayloadError("secagg: an upload must be one int32 vector named 'masked' and a clip count")
+                or payload.tensors[MASKED].dim() != 1:
+            raise PayloadError("secagg: an upload must be one int32 vector named 'masked'")
         layout, _ = _layout(payload)
         size = sum(math.prod(dims) for _, dims, _ in layout)
-        if not size == payload.tensors[MASKED].numel() == self.dimension:
+        if not size + 1 == payload.tensors[MASKED].numel() == self.dimension + 1:
             raise PayloadError(f"secagg: the layout holds {size} values and the upload "
-                               f"{payload.tensors[MASKED].numel()}, where an update has {self.dimension}")
+                               f"{payload.tensors[MASKED].numel()} (one more: the clip count), where an update "
+                               f"has {self.dimension}")
 
     def upload_cap(self) -> int:
         """Bytes a masked upload may take, checked before decoding: 4 per value, 1 MiB of metadata."""
-        return 4 * self.dimension + (1 << 20)
+        return 4 * (self.dimension + 1) + (1 << 20)
 
     def unmask(self, uploads: dict[int, Payload]) -> tuple[Payload, dict[str, float]]:
         """The mean of `uploads` (the masked uploads that passed `check`), as the method's payload."""
@@ -335,18 +348,17 @@ class SecureRound:
             except (PayloadError, KeyError):
                 continue  # a bad answer only costs its shares
         total = sum(uploads[c].tensors[MASKED].numpy().view(np.uint32).astype(np.int64) for c in active)
-        shape = [total.shape]
         for cid in active:
             seed = self._rebuild(shares["b"].get(cid, []), f"the mask seed of client {cid}")
-            total -= pseudo_rand_gen(seed, SECAGG_MOD_RANGE, shape)[0]
+            total -= mask_stream(seed, total.size)
         for gone in dropped:
             sk1 = self._rebuild(shares["sk"].get(gone, []), f"the key of dropped client {gone}")
             for cid in active:  # cid added _sign(cid, gone) · PRG(KA(sk1_cid, pk1_gone)): the same key
-                total -= _sign(cid, gone) * _pairwise(sk1, self.public[cid][0], shape)
+                total -= _sign(cid, gone) * _pairwise(sk1, self.public[cid][0], total.size)
         summed = np.mod(total, SECAGG_MOD_RANGE)
         privacy = self.config.privacy
         c, levels = privacy.secagg_clip_range, privacy.secagg_quantization
-        mean = summed.astype(np.float64) * (2 * c / levels) / len(active) - c
+        mean = summed[:-1].astype(np.float64) * (2 * c / levels) / len(active) - c
         layout, scalars = _layout(uploads[active[0]])
         view, offset = {}, 0
         for name, dims, dtype in layout:
@@ -355,8 +367,8 @@ class SecureRound:
             offset += size
         template = Payload(tensors={name: torch.empty(0, dtype=dtype) for name, _, dtype in layout}, scalars=scalars)
         metrics = {"secagg_unmasked": float(len(active)), "secagg_dropped": float(len(dropped)),
-                   "secagg_clipped": float(sum(uploads[c].scalars["clipped"] for c in active))}
-        return with_update(self.config.method.name, template, view, wire_dtype(self.config)), metrics
+                   "secagg_clipped": float(summed[-1])}
+        return update_space(self.config).rebuild(template, view), metrics
 
     def _rebuild(self, shares: list[bytes], what: str) -> bytes:
         if len(shares) < self.threshold:

@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from thinwire.models import load_model, trainable_named_parameters, weights_dige
 from thinwire.seeding import derive_seed
 from thinwire.train.first_order import TrainStats, batch_stream, train_local
 from thinwire.wire import Payload, PayloadError
+
+if TYPE_CHECKING:
+    from thinwire.methods.space import UpdateSpace
 
 
 class ClientState(Payload):
@@ -145,10 +148,18 @@ class ServerSide(ABC):
     # True where clients rebuild state from seeds shared with the server (bases, perturbations,
     # permutations): every party must then draw the same bits (`seeding.random_fingerprint`)
     needs_shared_draws = False
+    # why DP and SecAgg+ refuse this method, where it declares no update space
+    private_refusal = "it declares no update space (ServerSide.update_space)"
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.config = ctx.config
+
+    @classmethod
+    def update_space(cls, config: Config) -> UpdateSpace | None:
+        """Where DP clips and noises an upload and SecAgg+ masks it (methods/space.py); None: this
+        method's server needs more than the mean of the uploads, so it runs without either."""
+        return None
 
     @classmethod
     def train_defaults(cls, options: dict[str, Any]) -> dict[str, Any]:

@@ -115,7 +115,7 @@ from thinwire.compress.codec import Codec
 from thinwire.compress.fixed import ZerosCodec
 from thinwire.compress.signs import SignCodec
 from thinwire.compress.topk import TopKCodec
-from thinwire.config import method_options, opt
+from thinwire.config import Config, method_options, opt
 from thinwire.errors import UsageError
 from thinwire.methods import robust, validate
 from thinwire.methods.aggregate import weighted_mean
@@ -328,6 +328,11 @@ class _Rule:
 
 class CGFedLLMServer(_Rule, FedITServer):
     needs_shared_draws = True  # seeded codecs and input permutations are drawn on both sides
+    private_refusal = "its server trains the autoencoder on clients' raw updates"
+
+    @classmethod
+    def update_space(cls, config: Config) -> None:
+        return None
 
     def setup(self) -> None:
         self._setup_rule()

@@ -21,11 +21,16 @@ from thinwire.methods.base import (
     snapshot,
 )
 from thinwire.methods.server_opt import ServerOptimizer
+from thinwire.methods.space import UpdateSpace
 from thinwire.wire import Payload
 
 
 class DeltaServer(WeightsServer):
     lora = False
+
+    @classmethod
+    def update_space(cls, config) -> UpdateSpace | None:
+        return UpdateSpace("LoRA delta (A and B)" if cls.lora else "weight delta")
 
     def setup(self) -> None:
         _, params = self.ctx.workbench.trainable(self.lora)

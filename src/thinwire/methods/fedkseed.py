@@ -14,14 +14,16 @@ FedKSeed-Pro: the server keeps every seed's |g| history and sends the sampling p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from thinwire.config import method_options, opt
+from thinwire.config import Config, method_options, opt
 from thinwire.methods import robust, validate
 from thinwire.methods.base import Reply, Upload
 from thinwire.methods.history import HistoryServer, ReplicaClient
+from thinwire.methods.space import UpdateSpace
 from thinwire.seeding import derive_seed, torch_generator
 from thinwire.train.first_order import batch_stream
 from thinwire.train.zeroth_order import SeedHistory, SeedPool, apply_seed_scalars, zo_train
@@ -115,8 +117,34 @@ def _sums(held: Payload | None, size: int | None = None) -> torch.Tensor | None:
     return None if size is None else torch.zeros(size, dtype=torch.float64)
 
 
+class SeedSumSpace(UpdateSpace):
+    """The per-seed sums ΔG over the whole pool, as one dense K-vector (zero where a client drew no
+    seed): the model update −η Σ_s ΔḠ_s z_s is linear in their mean. Noise fills every entry, so a
+    noised upload carries K scalars instead of one per local step."""
+
+    def __init__(self, pool_size: int):
+        super().__init__("per-seed sums over the seed pool")
+        self.pool_size = pool_size
+
+    def view(self, payload: Payload) -> dict[str, torch.Tensor]:
+        seeds, values = payload.tensors["seeds"].long(), payload.tensors["values"].float()
+        return {"sums": torch.zeros(self.pool_size).index_add_(0, seeds, values)}
+
+    def rebuild(self, payload: Payload, view: dict[str, torch.Tensor]) -> Payload:
+        sums = view["sums"]
+        return Payload(tensors={"seeds": torch.arange(sums.numel(), dtype=torch.int32), "values": sums.float()},
+                       scalars=dict(payload.scalars))
+
+    def dimension(self, server: Any) -> int:
+        return self.pool_size
+
+
 class FedKSeedServer(_FedKSeedRule, HistoryServer):
     server_step_key = "method.fedkseed.global_lr_scale"
+
+    @classmethod
+    def update_space(cls, config: Config) -> UpdateSpace | None:
+        return SeedSumSpace(method_options(config, "fedkseed", FedKSeedOptions).pool_size)
 
     def setup(self) -> None:
         super().setup()
@@ -249,6 +277,11 @@ def _progress(batches, on_step):
 
 class FedKSeedProServer(FedKSeedServer):
     pro = True
+    private_refusal = "its server records every client's per-step |g| in the clear to steer the seed sampling"
+
+    @classmethod
+    def update_space(cls, config: Config) -> None:
+        return None
 
 
 class FedKSeedProClient(FedKSeedClient):

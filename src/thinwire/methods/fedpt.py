@@ -137,6 +137,12 @@ def kd_loss(teacher_logp: torch.Tensor, student_logits: torch.Tensor, temperatur
 
 
 class FedPTServer(FedITServer):
+    private_refusal = "its clients' adapters are distilled on the server one by one"
+
+    @classmethod
+    def update_space(cls, config: Config) -> None:
+        return None
+
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
         self.small_name, self.large_name = pair(ctx.config)

@@ -27,11 +27,12 @@ from thinwire.compress.projection import (
     unpack,
 )
 from thinwire.compress.sketch import make_codec
-from thinwire.config import method_options, opt
+from thinwire.config import Config, method_options, opt
 from thinwire.errors import UsageError
 from thinwire.methods import robust, validate
 from thinwire.methods.base import Reply, Upload, snapshot
 from thinwire.methods.history import HistoryServer, ReplicaClient
+from thinwire.methods.space import UpdateSpace
 from thinwire.wire import Payload, PayloadError
 
 ADAMW_NOISE = (
@@ -119,8 +120,40 @@ class _FerretRule:
                 weights[name].sub_(piece.to(weights[name].device, weights[name].dtype), alpha=lr)
 
 
+class CoordinateSpace(UpdateSpace):
+    """The projection coordinates γ, every block padded with zeros to `k_max`. How many coordinates
+    a client fills in a block depends on its data (the allocation follows its block norms), so
+    every coordinate the server could receive gets noise, and a noised upload has the same shape
+    whatever the data. Padding does not change what γ means: the scale 1/(ρK) is applied when
+    projecting; the server only computes V γ̄."""
+
+    def __init__(self, k_max: int, value_dtype: torch.dtype):
+        super().__init__("projection coordinates")
+        self.k_max, self.value_dtype = k_max, value_dtype
+
+    def view(self, payload: Payload) -> dict[str, torch.Tensor]:
+        view = {}
+        for i, coords in enumerate(unpack(payload.tensors["values"], payload.tensors["counts"])):
+            padded = torch.zeros(self.k_max)
+            padded[: coords.numel()] = coords
+            view[f"block{i}"] = padded
+        return view
+
+    def rebuild(self, payload: Payload, view: dict[str, torch.Tensor]) -> Payload:
+        values, counts = pack([view[f"block{i}"] for i in range(len(view))], self.value_dtype)
+        return Payload(tensors={"values": values, "counts": counts}, scalars=dict(payload.scalars))
+
+    def dimension(self, server: Any) -> int:
+        return len(server.blocks) * self.k_max
+
+
 class FerretServer(_FerretRule, HistoryServer):
     server_step_key = "method.ferret.server_lr"
+
+    @classmethod
+    def update_space(cls, config: Config) -> UpdateSpace | None:
+        options = method_options(config, "ferret", FerretOptions)
+        return CoordinateSpace(options.k_max, WIRE_DTYPES[options.value_dtype])
 
     @classmethod
     def train_defaults(cls, options: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,12 @@ import torch
 from thinwire.config import MethodConfig
 
 
+def reads_client_updates(cfg: MethodConfig) -> bool:
+    """Whether the server step reads each client's update, not only their mean (FedExP): then the
+    model depends on more than the noised mean under central DP, and on more than the sum under SecAgg+."""
+    return cfg.server_optimizer == "fedexp"
+
+
 def fedexp_scale(updates: list[dict[str, torch.Tensor]], weights: list[float], mean: dict[str, torch.Tensor],
                  eps: float) -> float:
     """max(1, Σ_i w_i ‖Δ_i‖² / (2 (‖Δ̄‖² + ε))): FedExP's server step. Why: clients that pull in

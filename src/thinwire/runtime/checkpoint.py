@@ -36,6 +36,7 @@ from thinwire.config import Config, to_toml
 from thinwire.errors import UsageError
 from thinwire.methods.base import ClientState
 from thinwire.runtime.rundir import RunDir, atomic_write
+from thinwire.secret import key_bytes, key_tensor
 from thinwire.wire import Payload, PayloadError
 
 FORMAT = 1
@@ -106,6 +107,7 @@ class Restored:
     server: Payload
     client: Payload | None
     states: dict[int, ClientState]
+    secrets: dict[str, bytes]  # the server's keys (central DP's noise key): only ever in the checkpoint
 
 
 class Checkpoint:
@@ -114,11 +116,12 @@ class Checkpoint:
 
     def save(self, config: Config, rnd: int, server: Payload, client: Payload | None,
              states: dict[int, ClientState], metrics: tuple[int, str], base_eval: dict[str, float],
-             evaluation: dict[str, float], elapsed_s: float) -> None:
+             evaluation: dict[str, float], elapsed_s: float, secrets: dict[str, bytes] | None = None) -> None:
         """Commit round `rnd`; `metrics` is (bytes, SHA-256) of metrics.jsonl as logged so far."""
         self.dir.mkdir(parents=True, exist_ok=True)
         files = {}
-        parts = {"server": server, "client": client, "states": encode_states(states)}
+        parts = {"server": server, "client": client, "states": encode_states(states),
+                 "secrets": Payload(tensors={k: key_tensor(v) for k, v in (secrets or {}).items()})}
         for role, payload in parts.items():
             if payload is None:
                 continue
@@ -150,7 +153,7 @@ class Checkpoint:
         if record.get("config_sha256") != config_digest(config):
             raise UsageError(f"checkpoint {path} was written for a different config than {self.dir.parent}/config.toml; "
                              "restore that config or start the run afresh")
-        loaded: dict[str, Payload | None] = {"client": None}
+        loaded: dict[str, Payload | None] = {"client": None, "secrets": Payload()}
         for role, info in record["files"].items():
             file = self.dir / info["name"]
             try:
@@ -179,7 +182,8 @@ class Checkpoint:
                              "start the run afresh")
         return Restored(int(record["round"]), rounds, record["base_eval"], record["evaluation"],
                         float(record["elapsed_s"]), loaded["server"], loaded["client"],
-                        decode_states(loaded["states"]))
+                        decode_states(loaded["states"]),
+                        {k: key_bytes(t) for k, t in loaded["secrets"].tensors.items()})
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

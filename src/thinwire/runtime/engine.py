@@ -24,6 +24,9 @@ Faults (all logged in the round record of metrics.jsonl):
 Under `privacy.secagg` the engine runs SecAgg+'s key stages with the round's clients before
 their downloads go out (`Transport.control`), checks each masked upload's shape, and hands the
 method one reply holding the unmasked mean (secagg.py), which the method validates as any upload.
+Under DP every download is entered in the privacy ledger before it leaves, central DP clips and
+noises the accepted replies before the method's aggregation (privacy.py), and under either no
+client's own report (example count, metrics) is used or logged.
 
 Traffic counts every byte sent (records.py). With `federation.checkpoint` (default on) the
 server's complete state, and what the transport keeps of the clients, is committed after every
@@ -43,7 +46,7 @@ import numpy as np
 
 from thinwire.config import Config
 from thinwire.data import Federation, build_federation
-from thinwire import privacy, secagg
+from thinwire import privacy, secagg, secret
 from thinwire.errors import UsageError
 from thinwire.methods import MethodSpec, get_method
 from thinwire.methods.base import ClientState, Reply, RunContext, ServerSide, Workbench
@@ -51,7 +54,7 @@ from thinwire.methods.validate import rejection as rejection_reason
 from thinwire.runtime import records
 from thinwire.runtime.checkpoint import Checkpoint, ResumableRunDir
 from thinwire.runtime.display import console, make_progress, summary_table
-from thinwire.runtime.upload import open_envelope
+from thinwire.runtime.upload import WITHHELD_EXAMPLES, open_envelope
 from thinwire.seeding import derive_seed
 from thinwire.wire import Payload
 
@@ -181,6 +184,9 @@ class Rounds:
         transport.bind(self.ctx, federation, self.progress, run_dir)
         self.server = spec.server(self.ctx)
         self.checkpoint = Checkpoint(run_dir.partial)
+        self.private = privacy.private(config)
+        self.ledger = privacy.Ledger(run_dir.partial / privacy.LEDGER) if config.privacy.dp != "none" else None
+        self.server_key = secret.new_key()  # central DP's noise key: a resumed run takes its checkpoint's
 
     def evaluate(self) -> dict[str, float]:
         return records.evaluate_global(self.config, self.server, self.workbench.tokenizer, self.federation,
@@ -197,6 +203,7 @@ class Rounds:
             restored = self.checkpoint.load(self.config) if resume else None
             if restored is not None:
                 server.load_state_dict(restored.server)
+                self.server_key = restored.secrets.get("server_key", self.server_key)
                 self.transport.restore(restored.client, restored.states)
                 rounds, base_eval, evaluation = restored.rounds, restored.base_eval, restored.evaluation
                 elapsed_before = restored.elapsed_s
@@ -206,10 +213,12 @@ class Rounds:
             if restored is None:
                 base_eval = evaluation = self.evaluate()
             self.transport.start(server)
+            self.central = privacy.CentralDP(self.config, self.server_key) \
+                if self.config.privacy.dp == "central" else None
             for rnd in range(len(rounds) + 1, fed.rounds + 1):
                 record, round_eval = self.round(rnd)
-                if self.config.privacy.dp != "none":
-                    record["epsilon"] = privacy.epsilon(self.config, [*rounds, record])
+                if self.ledger is not None:
+                    record["epsilon"] = privacy.epsilon(self.config, self.ledger.participations())
                 if round_eval is not None:
                     evaluation = round_eval
                 rounds.append(record)
@@ -219,13 +228,14 @@ class Rounds:
                     if state is not None:
                         client, states = self.transport.state()
                         self.checkpoint.save(self.config, rnd, state, client, states, self.run_dir.metrics_mark(),
-                                             base_eval, evaluation, elapsed_before + time.perf_counter() - started)
+                                             base_eval, evaluation, elapsed_before + time.perf_counter() - started,
+                                             secrets={"server_key": self.server_key})
                 self.progress.advance(rounds_bar)
         summary = records.summary(self.config, self.spec.name, rounds, base_eval, evaluation,
                                   server.trainable_parameters(), elapsed_before + time.perf_counter() - started,
                                   runtime=self.runtime, **self.transport.summary_fields(rounds))
-        if self.config.privacy.dp != "none":
-            summary["privacy"] = privacy.summary(self.config, rounds)
+        if self.ledger is not None:
+            summary["privacy"] = privacy.summary(self.config, self.ledger.participations())
         if self.config.privacy.secagg:
             for key in ("secagg_downlink_bytes", "secagg_uplink_bytes"):
                 summary[f"{key}_total"] = sum(r.get(key, 0) for r in rounds)
@@ -256,6 +266,8 @@ class Rounds:
                     continue
                 downloads[cid] = down
             secure = self._secure_setup(rnd, downloads, failed) if self.config.privacy.secagg and downloads else None
+            if self.ledger is not None and downloads:  # persisted before any of them is sent
+                self.ledger.record(rnd, retries, list(downloads))
             arrivals, took = self.transport.exchange(rnd, downloads) if downloads else ({}, 0.0)
             local_s += took
             replies, clients = [], []
@@ -269,7 +281,10 @@ class Rounds:
                 try:  # the size cap, then the method's own checks (under SecAgg: on the unmasked mean)
                     cap = secure.upload_cap() if secure else server.max_upload_bytes() + (1 << 20)
                     payload = open_envelope(Payload.decode(arrival.up, max_bytes=cap), rnd, cid)
-                    reply = Reply(cid, payload, arrival.num_examples, arrival.metrics)
+                    if self.central:
+                        payload = self.central.screen(payload)
+                    reply = Reply(cid, payload, WITHHELD_EXAMPLES, {}) if self.private else \
+                        Reply(cid, payload, arrival.num_examples, arrival.metrics)
                     if secure:
                         secure.check(reply.payload)
                     else:
@@ -278,8 +293,8 @@ class Rounds:
                     rejected.append(records.failure(cid, rejection_reason(exc), down_len, up_len))
                     continue
                 replies.append(reply)
-                clients.append(records.client_record(cid, down_len, up_len, arrival.num_examples, arrival.metrics,
-                                                     **arrival.measured))
+                clients.append(records.client_record(cid, down_len, up_len, None if self.private else reply.num_examples,
+                                                     reply.metrics, **arrival.measured))
             del downloads, arrivals
             if secure:
                 if replies:
@@ -297,11 +312,14 @@ class Rounds:
                 continue
             skipped, replies, clients = True, [], []
             break
-        replies, dp_metrics = privacy.privatize_round(self.config, rnd, replies)
+        dp_metrics: dict[str, float] = {}
+        if self.central:
+            replies, dp_metrics = self.central.privatize(rnd, replies, self.central.space.dimension(server))
         aggregate, round_eval, times = records.close_round(self.config, server, rnd, replies, skipped, self.evaluate,
                                                            local_s, round_start)
         aggregate.update({**dp_metrics, **secure_metrics})
-        extra = {**self.transport.round_fields(), **(secure_traffic if self.config.privacy.secagg else {})}
+        extra = {**self.transport.round_fields(), **(secure_traffic if self.config.privacy.secagg else {}),
+                 **({"client_reports": "withheld (privacy)"} if self.private else {})}
         record = records.round_record(rnd, self.spec.name, sampled, clients, aggregate, round_eval, times,
                                       phase=server.phase(rnd), failures=failures, rejected=rejected, retries=retries,
                                       skipped=skipped, warnings=self.warnings.take(), **extra)
@@ -311,7 +329,7 @@ class Rounds:
         """SecAgg+'s key stages with the clients about to get `downloads`; a client that cannot
         take part is logged in `failed` and its download is not sent."""
         secure = secagg.SecureRound(self.config, rnd, lambda stage, messages: self.transport.control(
-            rnd, stage, messages), privacy.update_dimension(self.config, self.server))
+            rnd, stage, messages), privacy.update_space(self.config).dimension(self.server))
         for cid, reason in secure.setup(list(downloads)).items():
             failed.append(records.failure(cid, reason))
             del downloads[cid]

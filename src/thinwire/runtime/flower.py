@@ -251,14 +251,15 @@ def _fit(message: Message, context: Context) -> Message:
     state = load_client_state(store, cid, rnd)
     examples = host.examples_for(partition, str(context.node_config.get(DATA_PATH, "") or ""))
     upload = host.client.fit(rnd, cid, download, examples, state)
-    from thinwire.runtime.upload import client_upload
+    from thinwire.runtime.upload import client_report, client_upload
 
-    up = client_upload(host.config, rnd, cid, upload.payload, secret=True, secagg_state=lambda: _secagg_state(context))
+    up = client_upload(host.config, rnd, cid, upload.payload, state=state, secagg_state=lambda: _secagg_state(context))
     save_client_state(store, cid, rnd, state)
-    metrics = {k: v for k, v in upload.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    num_examples, reported = client_report(host.config, upload)
+    metrics = {k: v for k, v in reported.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     content = RecordDict({
         PAYLOAD: pack(up),
-        META: ConfigRecord({"client": cid, "num-examples": int(upload.num_examples), "setup-s": float(setup_s),
+        META: ConfigRecord({"client": cid, "num-examples": int(num_examples), "setup-s": float(setup_s),
                             "import-s": float(import_s), "process-age-s": float(age)}),
         METRICS: MetricRecord(metrics),
     })

@@ -31,7 +31,7 @@ from thinwire import secagg
 from thinwire.runtime import engine
 from thinwire.runtime.checkpoint import ResumableRunDir, resume_paths
 from thinwire.runtime.engine import Arrival, Transport
-from thinwire.runtime.upload import client_upload
+from thinwire.runtime.upload import client_report, client_upload
 from thinwire.wire import Payload
 
 
@@ -84,7 +84,7 @@ class InProcess(Transport):
             t0 = time.perf_counter()
             try:
                 upload = self.client.fit(rnd, cid, Payload.decode(down), self.federation.clients[cid], state)
-                up = client_upload(self.config, rnd, cid, upload.payload, secret=False,
+                up = client_upload(self.config, rnd, cid, upload.payload, state=state,
                                    secagg_state=lambda: self.secagg_clients.get(cid))
             except Exception as exc:  # a crashing client costs its own update, not the run
                 errors += 1
@@ -98,7 +98,8 @@ class InProcess(Transport):
                 arrivals[cid] = Arrival(up=up, failure=f"no reply within {self.timeout_s:g} s (took {took:.1f} s)")
                 continue
             self.states[cid] = self.shared.intern(state)
-            arrivals[cid] = Arrival(up=up, num_examples=upload.num_examples, metrics=upload.metrics)
+            num_examples, metrics = client_report(self.config, upload)
+            arrivals[cid] = Arrival(up=up, num_examples=num_examples, metrics=metrics)
         if errors >= 2 and errors == len(downloads) and first_error is not None:
             raise first_error  # every client that ran crashed: a bug, not a client fault
         return arrivals, local_s

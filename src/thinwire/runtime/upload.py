@@ -12,32 +12,43 @@ authentication and TLS are Flower's (docs/flower.md).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from thinwire.privacy import privatize_upload
+from thinwire.privacy import private, privatize_upload
 from thinwire.wire import Payload, PayloadError
 
 if TYPE_CHECKING:
     from thinwire.config import Config
+    from thinwire.methods.base import ClientState, Upload
     from thinwire.secagg import SecAggClient
 
 ROUND, CLIENT = "thinwire.round", "thinwire.client"
+WITHHELD_EXAMPLES = 1  # the example count a client reports under privacy: a label, its weight is equal anyway
 
 
-def client_upload(config: Config, rnd: int, cid: int, payload: Payload, *, secret: bool,
+def client_upload(config: Config, rnd: int, cid: int, payload: Payload, *, state: ClientState,
                   secagg_state: Callable[[], SecAggClient | None]) -> bytes:
-    """The bytes a client sends after `fit`: its update noised under local DP (`privatize_upload`),
-    masked under SecAgg+ with the round's protocol state, stamped with (round, client)."""
-    payload = privatize_upload(config, rnd, cid, payload, secret=secret)
+    """The bytes a client sends after `fit`: its update noised under local DP with the key in its
+    `state` (`privatize_upload`), masked under SecAgg+ with the round's protocol state, stamped
+    with (round, client)."""
+    payload = privatize_upload(config, rnd, payload, state)
     if config.privacy.secagg:
         from thinwire.secagg import masked_upload
 
-        state = secagg_state()
-        if state is None or state.rnd != rnd:
+        secure = secagg_state()
+        if secure is None or secure.rnd != rnd:
             raise PayloadError(f"secagg: client {cid} holds no protocol state for round {rnd}")
-        payload = masked_upload(config, rnd, cid, payload, state)
+        payload = masked_upload(config, rnd, cid, payload, secure)
     payload.scalars = stamp(payload.scalars, rnd, cid)
     return payload.encode()
+
+
+def client_report(config: Config, upload: Upload) -> tuple[int, dict[str, Any]]:
+    """What a client tells the server besides its payload: its example count and metrics (training
+    loss, tokens, timings), or under DP or SecAgg+ nothing, since no guarantee covers them."""
+    if private(config):
+        return WITHHELD_EXAMPLES, {}
+    return upload.num_examples, upload.metrics
 
 
 def stamp(scalars: dict, rnd: int, cid: int) -> dict:
