@@ -1,59 +1,82 @@
 """Quality under client-level central DP at target ε, against the non-private run.
 
-For each method: one round without noise measures the median L2 norm of a client's update in the
-method's DP space (`dp_update_norm_median`), which becomes `privacy.clip_norm`; the noise
-multiplier for each target ε (δ = 1e-5, the run's rounds and sampling) is found by bisection on
-dp-accounting's own ε; then one run per ε. Prints quality against the non-private runs named by
---baseline (same config, same seed).
+For each method the clip norm is chosen on data no client holds: the median L2 norm, in the
+method's update space, of local updates trained on the validation split (split over
+`clients_per_round` probe clients), so choosing it spends nothing of any client's privacy. The
+noise multiplier for each target ε (δ = 1e-5) is found by bisection on dp-accounting's own ε for
+the run's schedule: a Gaussian mechanism of multiplier z/2 composed over the rounds that sample
+the most exposed client (the sample is public, so no amplification). Each ε level draws its own
+noise (secret keys: nothing is reused between runs). Prints quality against the non-private runs
+named by --baseline (same config, same seed).
 
     python benchmarks/privacy.py benchmarks/compare_smollm2.toml --methods fedit,ferret \\
-        --epsilons 1,4,8 --baseline fedit=runs/s11-template/fedit \\
+        --epsilons 1,4,8 --set "method.ferret.basis='sketch'" \\
+        --baseline fedit=docs/benchmarks/headline-runs/fedit-seed0 \\
         --baseline ferret=docs/benchmarks/headline-runs/ferret-sketch-seed0 --out runs/privacy
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import statistics
 from pathlib import Path
 
-import dp_accounting
-from dp_accounting.rdp import RdpAccountant
 from rich.console import Console
 from rich.table import Table
 
+from thinwire import privacy
 from thinwire.config import Config, load_config
+from thinwire.data import build_federation
+from thinwire.methods import get_method
+from thinwire.methods.base import ClientState, RunContext, Workbench
+from thinwire.runtime.engine import sample_clients
 from thinwire.runtime.local import run_local
 
 
-def central_epsilon(z: float, config: Config) -> float:
-    fed = config.federation
-    accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(
-        fed.clients, fed.clients_per_round, dp_accounting.GaussianDpEvent(z / 2)), fed.rounds)
-    return accountant.get_epsilon(config.privacy.delta)
+def scheduled_releases(config: Config) -> int:
+    """The most rounds any client is sampled in (the seeded, public sample; no faults)."""
+    counts: dict[int, int] = {}
+    for rnd in range(1, config.federation.rounds + 1):
+        for cid in sample_clients(config, rnd):
+            counts[cid] = counts.get(cid, 0) + 1
+    return max(counts.values())
 
 
 def noise_for(target: float, config: Config) -> float:
     """The smallest noise multiplier whose ε is at most `target` (bisection in log space)."""
+    releases = {0: scheduled_releases(config)}
     low, high = 1e-3, 1e3
     for _ in range(60):
         mid = math.sqrt(low * high)
-        low, high = (mid, high) if central_epsilon(mid, config) > target else (low, mid)
+        probe = dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, noise_multiplier=mid))
+        low, high = (mid, high) if privacy.epsilon(probe, releases) > target else (low, mid)
     return high
+
+
+def validation_clip_norm(config: Config) -> float:
+    """The median update norm in the method's DP space of local rounds on the validation split."""
+    probe = dataclasses.replace(config, data=dataclasses.replace(config.data, eval_split="validation"))
+    examples = next(iter(build_federation(probe).eval_splits().values()))
+    spec, space = get_method(config.method.name), privacy.update_space(config)
+    ctx = RunContext(config, Workbench(config))
+    client, server = spec.client(ctx), spec.server(ctx)
+    server.setup()
+    parts = config.federation.clients_per_round
+    norms = []
+    for i in range(parts):
+        upload = client.fit(1, i, server.download(1, i), examples[i::parts], ClientState())
+        view = space.view(upload.payload)
+        norms.append(math.sqrt(math.fsum(float(t.double().pow(2).sum()) for t in view.values())))
+    return statistics.median(norms)
 
 
 def run(config: Config, out: Path) -> dict:
     """The run's summary; a run already finished in `out` is kept (the script resumes)."""
     summary = out / "summary.json"
     return json.loads(summary.read_text()) if summary.is_file() else run_local(config, out, quiet=True)
-
-
-def aggregated(run_dir: Path) -> int:
-    """Rounds whose aggregate was released (a round whose every reply was rejected spends no ε)."""
-    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return sum(1 for r in rounds if not r.get("skipped"))
 
 
 def quality(evaluation: dict[str, float]) -> list[str]:
@@ -71,26 +94,22 @@ def main() -> None:
     args = ap.parse_args()
     baselines = dict(item.split("=", 1) for item in args.baseline)
     table = Table(title="central DP (δ = 1e-5) against the non-private run")
-    for column in ("method", "target ε", "ε spent", "rounds aggregated", "noise multiplier", "clip norm",
+    for column in ("method", "target ε", "ε spent", "most releases", "noise multiplier", "clip norm",
                    "exact match", "Rouge-L", "loss"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for method in args.methods.split(","):
         base = [*args.overrides, f"method.name={method}", "privacy.dp=central"]
-        probe = load_config(args.config, [*base, "federation.rounds=1", "eval.generate=false",
-                                          "privacy.clip_norm=1e30"])
-        run(probe, args.out / f"{method}-norm")
-        first = (args.out / f"{method}-norm" / "metrics.jsonl").read_text().splitlines()[0]
-        clip = json.loads(first)["aggregate"]["dp_update_norm_median"]
+        clip = validation_clip_norm(load_config(args.config, base))
         if method in baselines:
             plain = json.loads((Path(baselines[method]) / "summary.json").read_text())
-            table.add_row(method, "∞ (no DP)", "∞", str(plain["rounds"]), "0", "-", *quality(plain["final_eval"]))
+            table.add_row(method, "∞ (no DP)", "∞", "-", "0", "-", *quality(plain["final_eval"]))
         for target in (float(e) for e in args.epsilons.split(",")):
             config = load_config(args.config, [*base, f"privacy.clip_norm={clip}"])
             z = noise_for(target, config)
             config = load_config(args.config, [*base, f"privacy.clip_norm={clip}", f"privacy.noise_multiplier={z}"])
             summary = run(config, args.out / f"{method}-eps{target:g}")
             table.add_row(method, f"{target:g}", f"{summary['privacy']['epsilon']:.2f}",
-                          str(aggregated(args.out / f"{method}-eps{target:g}")), f"{z:.3f}", f"{clip:.4g}",
+                          str(summary["privacy"]["releases_max"]), f"{z:.3f}", f"{clip:.4g}",
                           *quality(summary["final_eval"]))
     Console().print(table)
 
