@@ -59,7 +59,8 @@ def test_masks_cancel_in_the_sum_even_when_a_client_drops_after_sharing(smoke_co
         assert not np.array_equal(uploads[cid].tensors[MASKED].numpy().view(np.uint32)[:-1], quantized[cid])
         assert set(uploads[cid].scalars) == {"layout", "scalars"}
     mean, metrics = server.unmask(uploads)
-    assert metrics == {"secagg_unmasked": 3.0, "secagg_dropped": 1.0, "secagg_clipped": 4.0}  # 0 + 1 + 3
+    assert metrics == {"secagg_unmasked": 3.0, "secagg_dropped": 1.0, "secagg_clipped": 4.0,  # 0 + 1 + 3
+                       "secagg_corrupt_shares": 0.0}
     c, levels = config.privacy.secagg_clip_range, config.privacy.secagg_quantization
     exact = sum(quantized.values()) * (2 * c / levels) / 3 - c  # the quantised updates' mean, unmasked exactly
     assert torch.equal(mean.tensors["w"], torch.from_numpy(exact.astype(np.float32)))
@@ -190,3 +191,60 @@ def test_flower_sim_computes_the_same_secure_mean_as_the_local_runtime(tmp_path,
     rounds = [json.loads(line) for line in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["aggregate"]["secagg_unmasked"] == 2 for r in rounds)
     assert all(r["flower_control_bytes"] > r["secagg_downlink_bytes"] + r["secagg_uplink_bytes"] for r in rounds)
+
+
+def _unmasked_round(config, tamper_upload=None, tamper_unmask=None):
+    """Four clients, all upload; `tamper_upload(cid, words)` edits a masked vector (uint32 view),
+    `tamper_unmask(cid, reply)` a client's unmask reply. Returns (server, mean or exception, plain mean)."""
+
+    states, control = _federation()
+
+    def hostile(stage, messages):
+        replies = control(stage, messages)
+        return {cid: tamper_unmask(cid, r) if stage == "unmask" and tamper_unmask else r for cid, r in replies.items()}
+
+    server = SecureRound(config, 1, hostile, dimension=20)
+    server.setup([0, 1, 2, 3])
+    rng = np.random.default_rng(1)
+    uploads, quantized = {}, {}
+    for cid in range(4):
+        uploads[cid], quantized[cid] = _masked(config, states[cid], rng.normal(0, 0.5, 20))
+        if tamper_upload:
+            tamper_upload(cid, uploads[cid].tensors[MASKED].numpy().view(np.uint32))
+    c, levels = config.privacy.secagg_clip_range, config.privacy.secagg_quantization
+    exact = sum(quantized.values()) * (2 * c / levels) / 4 - c
+    try:
+        return server, server.unmask(uploads)[0], exact
+    except PayloadError as exc:
+        return server, exc, exact
+
+
+def test_an_offset_on_a_masked_upload_fails_the_round_saying_so(smoke_config):
+    """Adding 2^30 to every masked value moves the unmasked sum out of [0, n·T]: detected, not averaged."""
+    config = smoke_config("method.name='fedavg'", *SECAGG)
+
+    def offset(cid, words):
+        if cid == 2:
+            words += np.uint32(1 << 30)
+
+    _, outcome, _ = _unmasked_round(config, tamper_upload=offset)
+    assert isinstance(outcome, PayloadError) and "leaves the honest range" in str(outcome)
+
+
+def test_corrupt_shares_are_named_and_the_round_unmasks_from_the_others(smoke_config):
+    """Client 1 answers the unmask stage with garbage shares (wrong values, one with broken
+    padding): the server finds three shares that rebuild each committed seed, names client 1, and
+    the mean is exact."""
+    from thinwire.secagg import pack, unpack
+
+    config = smoke_config("method.name='fedavg'", *SECAGG)
+
+    def corrupt(cid, reply):
+        if cid != 1:
+            return reply
+        blobs, _ = unpack(reply)
+        return pack({name: share[:4] + bytes(b ^ 0x5A for b in share[4:]) for name, share in blobs.items()})
+
+    server, mean, exact = _unmasked_round(config, tamper_unmask=corrupt)
+    assert server.corrupt == [1]
+    assert torch.equal(mean.tensors["w"], torch.from_numpy(exact.astype(np.float32)))

@@ -3,8 +3,9 @@ learns only the mean of a round's updates, never one client's.
 
 Flower's cryptographic pieces (`flwr.common.secure_aggregation`, `flwr.supercore.primitives`):
 ECDH key agreement with HKDF, Fernet encryption of the share messages, Shamir sharing. The mask
-generator is ChaCha20 keyed by the whole 256-bit secret (`mask_stream`), not Flower's. The stages are those of Flower's SecAggPlusWorkflow, with every sampled
-client a neighbour of every other (Flower's default `num_shares`):
+generator is ChaCha20 keyed by the whole 256-bit secret (`mask_stream`), not Flower's. The stages
+are those of Flower's SecAggPlusWorkflow, with every sampled client a neighbour of every other
+(Flower's default `num_shares`):
 
 0. setup: each client makes two key pairs and sends the public halves (pk1 for masks, pk2 for
    encryption);
@@ -21,6 +22,13 @@ client a neighbour of every other (Flower's default `num_shares`):
    dropped U2 \\ U3; each returns its shares of b for U3 and of sk1 for the dropped, never both
    for one client. From ≥ t shares the server rebuilds every b and every dropped sk1, removes
    the masks, and turns the sum into the mean: Σ q · 2c/T / |U3| − c.
+
+Against a hostile client: each client commits to its mask seed (a hash in its share reply), so a
+rebuilt seed is checked, and a sk1 against its pk1; shares beyond the threshold are tried until
+one set rebuilds the committed value, and holders of shares that disagree are named
+(`corrupt`). An unmasked sum outside the honest range [0, n·T] (an offset added to a masked
+vector) fails the round, saying so. A client can still send any in-range value: its influence is
+then bounded like an honest client's at the clip range.
 
 Differences from Flower's mod, and why: the mask generator (Flower's `pseudo_rand_gen` keeps 32
 bits of the seed, flwrlabs/flower#7522); nothing per client travels in the clear (the clip count
@@ -39,6 +47,8 @@ round record as `secagg_clipped`).
 from __future__ import annotations
 
 import base64
+import hashlib
+import itertools
 import json
 import math
 import os
@@ -63,6 +73,7 @@ from thinwire.wire import Payload, PayloadError
 
 STAGES = ("setup", "share", "forward", "unmask")
 MASKED = "masked"
+MAX_SUBSETS = 4096  # share subsets tried per secret when some shares are corrupt
 CONTROL_MAX_BYTES = 64 << 20  # a stage message: keys, shares and ciphertexts for at most a few thousand clients
 
 
@@ -161,7 +172,7 @@ class SecAggClient:
         self.keys["seed"] = os.urandom(32)
         seed_shares = create_shares(self.keys["seed"], self.threshold, len(self.public))
         sk1_shares = create_shares(self.keys["sk1"], self.threshold, len(self.public))
-        out = {}
+        out = {"commit": commitment(self.keys["seed"])}  # binds the seed its shares must rebuild
         for i, (other, (_, other_pk2)) in enumerate(self.public.items()):
             if other == self.cid:
                 self.seed_shares[other], self.sk1_shares[other] = seed_shares[i], sk1_shares[i]
@@ -204,6 +215,22 @@ class SecAggClient:
             raise PayloadError(f"secagg: {len(active)} active clients, fewer than the threshold {self.threshold}")
         return pack({**{f"b/{c}": self.seed_shares[c] for c in active},
                      **{f"sk/{c}": self.sk1_shares[c] for c in dropped}})
+
+
+def commitment(seed: bytes) -> bytes:
+    return hashlib.sha256(b"thinwire-secagg-seed\x1f" + seed).digest()
+
+
+def _public_of(sk1: bytes) -> bytes:
+    return public_key_to_bytes(bytes_to_private_key(sk1).public_key())
+
+
+def _combine(shares: list[bytes]) -> bytes | None:
+    """The secret the shares rebuild, or None where they rebuild none (a corrupt share)."""
+    try:
+        return combine_shares(shares)
+    except Exception:  # noqa: BLE001 -- any malformed share: a failed combination, not a failed round
+        return None
 
 
 def _sign(cid: int, other: int) -> int:
@@ -265,6 +292,8 @@ class SecureRound:
     dimension: int  # values in one update (`UpdateSpace.dimension`)
     public: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     ciphertexts: dict[int, dict[int, bytes]] = field(default_factory=dict)  # src -> dst -> ciphertext
+    commitments: dict[int, bytes] = field(default_factory=dict)  # client -> hash of its mask seed
+    corrupt: list[int] = field(default_factory=list)  # clients whose shares rebuilt no committed secret
     threshold: int = 0
     unmasked: list[int] = field(default_factory=list)  # the clients whose updates the mean holds
     bytes_down: int = 0
@@ -298,10 +327,13 @@ class SecureRound:
                      **{f"pk2/{c}": k[1] for c, k in self.public.items()}})
         for cid, reply in self._call("share", {c: keys for c in self.public}, failures).items():
             try:
-                sent = _by_client(unpack(reply)[0], "ct")
+                blobs = unpack(reply)[0]
+                sent = _by_client(blobs, "ct")
                 if set(sent) != set(self.public) - {cid}:
                     raise PayloadError("shares for other clients than the round's")
-                self.ciphertexts[cid] = sent
+                if len(blobs.get("commit", b"")) != 32:
+                    raise PayloadError("no commitment to its mask seed")
+                self.ciphertexts[cid], self.commitments[cid] = sent, blobs["commit"]
             except PayloadError as exc:
                 failures[cid] = f"secagg share: malformed reply ({exc})"
         forward = {dst: pack({f"ct/{src}": sent[dst] for src, sent in self.ciphertexts.items() if src != dst})
@@ -337,27 +369,34 @@ class SecureRound:
         self.unmasked = active
         failures: dict[int, str] = {}
         request = pack({}, active=active, dropped=dropped)
-        shares: dict[str, dict[int, list[bytes]]] = {"b": {}, "sk": {}}
+        shares: dict[str, dict[int, list[tuple[int, bytes]]]] = {"b": {}, "sk": {}}  # secret -> [(holder, share)]
         for cid, reply in self._call("unmask", {c: request for c in active}, failures).items():
             try:
                 blobs, _ = unpack(reply)
                 for kind, wanted in (("b", active), ("sk", dropped)):
                     got = _by_client(blobs, kind)
                     for c in wanted:
-                        shares[kind].setdefault(c, []).append(got[c])
+                        shares[kind].setdefault(c, []).append((cid, got[c]))
             except (PayloadError, KeyError):
                 continue  # a bad answer only costs its shares
         total = sum(uploads[c].tensors[MASKED].numpy().view(np.uint32).astype(np.int64) for c in active)
         for cid in active:
-            seed = self._rebuild(shares["b"].get(cid, []), f"the mask seed of client {cid}")
+            seed = self._rebuild(shares["b"].get(cid, []), f"the mask seed of client {cid}",
+                                 lambda b, c=cid: commitment(b) == self.commitments[c])
             total -= mask_stream(seed, total.size)
         for gone in dropped:
-            sk1 = self._rebuild(shares["sk"].get(gone, []), f"the key of dropped client {gone}")
+            sk1 = self._rebuild(shares["sk"].get(gone, []), f"the key of dropped client {gone}",
+                                lambda sk, g=gone: _public_of(sk) == self.public[g][0])
             for cid in active:  # cid added _sign(cid, gone) · PRG(KA(sk1_cid, pk1_gone)): the same key
                 total -= _sign(cid, gone) * _pairwise(sk1, self.public[cid][0], total.size)
         summed = np.mod(total, SECAGG_MOD_RANGE)
         privacy = self.config.privacy
         c, levels = privacy.secagg_clip_range, privacy.secagg_quantization
+        honest = len(active) * levels  # each quantised value lies in [0, T]; each clip count in [0, d]
+        outside = int(np.count_nonzero(summed[:-1] > honest)) + int(summed[-1] > len(active) * (total.size - 1))
+        if outside:
+            raise PayloadError(f"secagg: the unmasked sum leaves the honest range [0, {honest}] at "
+                               f"{outside} values: a client added an offset to its masked upload; round dropped")
         mean = summed[:-1].astype(np.float64) * (2 * c / levels) / len(active) - c
         layout, scalars = _layout(uploads[active[0]])
         view, offset = {}, 0
@@ -367,13 +406,27 @@ class SecureRound:
             offset += size
         template = Payload(tensors={name: torch.empty(0, dtype=dtype) for name, _, dtype in layout}, scalars=scalars)
         metrics = {"secagg_unmasked": float(len(active)), "secagg_dropped": float(len(dropped)),
-                   "secagg_clipped": float(summed[-1])}
+                   "secagg_clipped": float(summed[-1]), "secagg_corrupt_shares": float(len(self.corrupt))}
         return update_space(self.config).rebuild(template, view), metrics
 
-    def _rebuild(self, shares: list[bytes], what: str) -> bytes:
+    def _rebuild(self, shares: list[tuple[int, bytes]], what: str, valid: Callable[[bytes], bool]) -> bytes:
+        """The secret that `threshold` of `shares` rebuild and `valid` accepts (its commitment);
+        holders whose share disagrees with it are added to `corrupt`. A corrupt share costs its
+        holder's word, never the round, while `threshold` honest shares remain."""
         if len(shares) < self.threshold:
             raise PayloadError(f"secagg: {len(shares)} shares of {what}, fewer than the threshold {self.threshold}")
-        return combine_shares(shares[: self.threshold])
+        for subset in itertools.islice(itertools.combinations(shares, self.threshold), MAX_SUBSETS):
+            secret = _combine([share for _, share in subset])
+            if secret is not None and valid(secret):
+                break
+        else:
+            raise PayloadError(f"secagg: no {self.threshold} of the {len(shares)} shares of {what} rebuild its "
+                               "committed value")
+        chosen, trusted = {holder for holder, _ in subset}, [share for _, share in subset[:-1]]
+        for holder, share in shares:
+            if holder not in chosen and holder not in self.corrupt and _combine([*trusted, share]) != secret:
+                self.corrupt.append(holder)
+        return secret
 
 
 def _layout_key(payload: Payload) -> str:

@@ -293,8 +293,8 @@ class Rounds:
                     rejected.append(records.failure(cid, rejection_reason(exc), down_len, up_len))
                     continue
                 replies.append(reply)
-                clients.append(records.client_record(cid, down_len, up_len, None if self.private else reply.num_examples,
-                                                     reply.metrics, **arrival.measured))
+                examples = None if self.private else reply.num_examples
+                clients.append(records.client_record(cid, down_len, up_len, examples, reply.metrics, **arrival.measured))
             del downloads, arrivals
             if secure:
                 if replies:
@@ -349,6 +349,9 @@ class Rounds:
             reason = f"secure aggregation failed: {rejection_reason(exc)}"
             return [], [], [records.failure(c["client"], reason, c["downlink_bytes"], c["uplink_bytes"])
                             for c in clients], {}
+        if secure.corrupt:
+            self.ctx.warn(f"secure aggregation: clients {sorted(secure.corrupt)} sent shares that rebuild no committed "
+                          "secret; the round was unmasked from the others' shares")
         if metrics["secagg_clipped"]:
             self.ctx.warn(f"secure aggregation clipped update values to ±{self.config.privacy.secagg_clip_range:g} "
                           "(round records: secagg_clipped); raise privacy.secagg_clip_range above the updates' range")
