@@ -12,52 +12,65 @@ from safetensors.torch import load_file
 from thinwire.errors import UsageError
 from thinwire.runtime import flower
 from thinwire.runtime.local import InProcess, run_local
-from thinwire.secagg import MASKED, STAGES, SecAggClient, SecureRound, mask_stream, quantize
+from thinwire.secagg import MASKED, SecAggClient, SecureRound, byte_tensor, mask_stream, quantize
 from thinwire.wire import Payload, PayloadError
 
 SECAGG = ("privacy.secagg=true", "eval.generate=false")
 
 
-def _federation(rnd=1):
-    """SecAgg clients answering a SecureRound directly, their state stored as bytes between stages
-    (what a Flower node keeps in Context.state)."""
+def _federation():
+    """SecAgg clients answering a server's control messages directly, their state stored as bytes
+    between messages (what a Flower node keeps in Context.state)."""
     states: dict[int, SecAggClient] = {}
+    calls: list[str] = []
 
     def control(stage, messages):
+        calls.extend(stage for _ in messages)
         replies = {}
         for cid, message in messages.items():
-            state = SecAggClient(cid, rnd) if stage == STAGES[0] else SecAggClient.decode(states[cid].encode())
+            state = SecAggClient(cid) if stage == "setup" else SecAggClient.decode(states[cid].encode())
             replies[cid] = state.step(stage, message)
             states[cid] = state
         return replies
 
-    return states, control
+    return states, control, calls
 
 
-def _masked(config, state, values, clipped=0):
-    """A masked upload of `values` as `masked_upload` makes it: the quantised values, then the clip count."""
+def _round(config, control, clients, rnd=1, directory=None, dimension=50):
+    server = SecureRound(config, rnd, 0, control, dimension, {} if directory is None else directory)
+    assert server.setup(clients) == {}
+    return server
+
+
+def _masked(config, state, roster, values, clipped=0):
+    """A masked upload of `values` as `masked_upload` makes it: the quantised values, then the
+    clip count, masked; the encrypted shares and commitments beside."""
+    state.join(roster)
     q, _ = quantize(values, config.privacy.secagg_clip_range, config.privacy.secagg_quantization,
                     np.random.default_rng(state.cid))
-    masked = state.mask(np.append(q, clipped)).astype(np.uint32).view(np.int32)
-    payload = Payload(tensors={MASKED: torch.from_numpy(masked.copy())},
+    masked, blobs = state.mask(np.append(q, clipped))
+    state_bytes = state.encode()  # a Flower node stores it after its upload
+    state.__dict__.update(SecAggClient.decode(state_bytes).__dict__)
+    payload = Payload(tensors={MASKED: torch.from_numpy(masked.astype(np.uint32).view(np.int32).copy()),
+                               **{name: byte_tensor(blob) for name, blob in blobs.items()}},
                       scalars={"layout": json.dumps([["w", [values.size], "torch.float32"]]), "scalars": "{}"})
     return payload, q
 
 
-def test_masks_cancel_in_the_sum_even_when_a_client_drops_after_sharing(smoke_config):
+def test_masks_cancel_in_the_sum_even_when_a_member_drops_after_the_roster(smoke_config):
     config = smoke_config("method.name='fedavg'", *SECAGG)
-    states, control = _federation()
-    server = SecureRound(config, 1, control, dimension=50)
-    assert server.setup([0, 1, 2, 3]) == {} and server.threshold == 3
+    states, control, _ = _federation()
+    server = _round(config, control, [0, 1, 2, 3])
+    assert server.threshold == 3
+    roster = server.roster()
     rng = np.random.default_rng(0)
-    values = {cid: rng.normal(0, 0.5, 50) for cid in (0, 1, 3)}  # client 2 shared its keys, then dropped
+    values = {cid: rng.normal(0, 0.5, 50) for cid in (0, 1, 3)}  # member 2 got the roster, then dropped
     uploads, quantized = {}, {}
     for cid, v in values.items():
-        uploads[cid], quantized[cid] = _masked(config, states[cid], v, clipped=cid)
-        server.check(uploads[cid])
+        uploads[cid], quantized[cid] = _masked(config, states[cid], roster, v, clipped=cid)
+        server.check(cid, uploads[cid])
         # what reaches the server is not the client's quantised update, nor its clip count
         assert not np.array_equal(uploads[cid].tensors[MASKED].numpy().view(np.uint32)[:-1], quantized[cid])
-        assert set(uploads[cid].scalars) == {"layout", "scalars"}
     mean, metrics = server.unmask(uploads)
     assert metrics == {"secagg_unmasked": 3.0, "secagg_dropped": 1.0, "secagg_clipped": 4.0,  # 0 + 1 + 3
                        "secagg_corrupt_shares": 0.0}
@@ -68,21 +81,51 @@ def test_masks_cancel_in_the_sum_even_when_a_client_drops_after_sharing(smoke_co
     assert np.abs(exact - plain).max() < 2 * c / levels  # within one quantisation step of the plain mean
 
 
-def test_the_protocol_refuses_what_would_unmask_one_client(smoke_config):
+def test_keys_are_made_once_per_run_and_a_round_costs_one_control_message(smoke_config):
+    """Round 1 sets up every member's keys; round 2, with the run's directory, sends only the unmask
+    message. The pairwise round keys differ between rounds, so revealing one for a dropped member
+    reveals nothing of another round's masks."""
     config = smoke_config("method.name='fedavg'", *SECAGG)
-    states, control = _federation()
-    server = SecureRound(config, 1, control, dimension=4)
-    server.setup([0, 1, 2])
+    states, control, calls = _federation()
+    directory: dict = {}
+    keys_by_round = []
+    for rnd in (1, 2):
+        calls.clear()
+        server = _round(config, control, [0, 1, 2], rnd=rnd, directory=directory, dimension=5)
+        roster = server.roster()
+        uploads = {cid: _masked(config, states[cid], roster, np.zeros(5))[0] for cid in (0, 1, 2)}
+        for cid, payload in uploads.items():
+            server.check(cid, payload)
+        server.unmask(uploads)
+        assert calls == (["setup"] * 3 if rnd == 1 else []) + ["unmask"] * 3
+        keys_by_round.append(states[0].round_key(1))
+    assert set(directory) == {0, 1, 2} and keys_by_round[0] != keys_by_round[1]
+
+
+def test_the_protocol_refuses_what_would_unmask_one_client(smoke_config):
     from thinwire.secagg import pack
 
-    with pytest.raises(PayloadError, match="names a client twice"):  # both shares of client 1: its update
-        states[0].step("unmask", pack({}, active=[0, 1, 2], dropped=[1]))
+    config = smoke_config("method.name='fedavg'", *SECAGG)
+    states, control, _ = _federation()
+    server = _round(config, control, [0, 1, 2], dimension=4)
+    roster = server.roster()
+    with pytest.raises(PayloadError, match="at stage 'joined'"):  # no unmask before an upload
+        states[0].join(roster)
+        states[0].step("unmask", pack({}, round=1, attempt=0, active=[0, 1, 2], dropped=[]))
+    for cid in (0, 1, 2):
+        _masked(config, states[cid], roster, np.zeros(4))
+    with pytest.raises(PayloadError, match="names a member twice"):  # b's shares and round key of one member
+        states[0].step("unmask", pack({}, round=1, attempt=0, active=[0, 1, 2], dropped=[1]))
     with pytest.raises(PayloadError, match="fewer than the threshold"):
-        states[1].step("unmask", pack({}, active=[1], dropped=[]))
-    with pytest.raises(PayloadError, match="'forward' where 'setup' was due"):
-        SecAggClient(0, 1).step("forward", pack({}))
+        states[1].step("unmask", pack({}, round=1, attempt=0, active=[1], dropped=[0, 2]))
+    with pytest.raises(PayloadError, match="another round"):
+        states[2].step("unmask", pack({}, round=2, attempt=0, active=[0, 1, 2], dropped=[]))
+    with pytest.raises(PayloadError, match="does not hold this client's keys"):
+        SecAggClient(5).join(roster)
     with pytest.raises(PayloadError, match="where an update has 4"):
-        server.check(_masked(config, states[0], np.zeros(5))[0])
+        fresh_states, fresh_control, _ = _federation()
+        fresh = _round(config, fresh_control, [0, 1], dimension=4)
+        fresh.check(0, _masked(config, fresh_states[0], fresh.roster(), np.zeros(5))[0])
 
 
 def test_usage_errors_and_defaults(smoke_config):
@@ -144,7 +187,8 @@ def test_one_round_equals_the_plain_mean_within_one_quantisation_step(tmp_path, 
     assert all(c["examples"] is None and c["metrics"] == {} for c in record["clients"])
     for up in seen:
         payload = Payload.decode(up)
-        assert set(payload.tensors) == {MASKED}
+        others = [c["client"] for c in record["clients"] if c["client"] != payload.scalars["thinwire.client"]]
+        assert set(payload.tensors) == {MASKED, "commit", *(f"ct/{c}" for c in others)}  # and one share per member
         assert set(payload.scalars) == {"layout", "scalars", "thinwire.round", "thinwire.client"}
         words = payload.tensors[MASKED].numpy().view(np.uint32).astype(np.float64)
         assert abs(words.mean() / 2**32 - 0.5) < 0.05  # masked: uniform; a quantised update sits near 2^21
@@ -193,26 +237,27 @@ def test_flower_sim_computes_the_same_secure_mean_as_the_local_runtime(tmp_path,
     assert all(r["flower_control_bytes"] > r["secagg_downlink_bytes"] + r["secagg_uplink_bytes"] for r in rounds)
 
 
-def _unmasked_round(config, tamper_upload=None, tamper_unmask=None):
-    """Four clients, all upload; `tamper_upload(cid, words)` edits a masked vector (uint32 view),
-    `tamper_unmask(cid, reply)` a client's unmask reply. Returns (server, mean or exception, plain mean)."""
-
-    states, control = _federation()
+def _unmasked_round(config, tamper_upload=None, tamper_unmask=None, upload=(0, 1, 2, 3)):
+    """Four members, those in `upload` upload; `tamper_upload(cid, words)` edits a masked vector
+    (uint32 view), `tamper_unmask(cid, reply)` a member's unmask reply. Returns (server, mean or the
+    PayloadError, the exact mean of the quantised updates)."""
+    states, control, _ = _federation()
 
     def hostile(stage, messages):
         replies = control(stage, messages)
         return {cid: tamper_unmask(cid, r) if stage == "unmask" and tamper_unmask else r for cid, r in replies.items()}
 
-    server = SecureRound(config, 1, hostile, dimension=20)
-    server.setup([0, 1, 2, 3])
+    server = _round(config, hostile, [0, 1, 2, 3], dimension=20)
+    roster = server.roster()
     rng = np.random.default_rng(1)
     uploads, quantized = {}, {}
-    for cid in range(4):
-        uploads[cid], quantized[cid] = _masked(config, states[cid], rng.normal(0, 0.5, 20))
+    for cid in upload:
+        uploads[cid], quantized[cid] = _masked(config, states[cid], roster, rng.normal(0, 0.5, 20))
         if tamper_upload:
             tamper_upload(cid, uploads[cid].tensors[MASKED].numpy().view(np.uint32))
+        server.check(cid, uploads[cid])
     c, levels = config.privacy.secagg_clip_range, config.privacy.secagg_quantization
-    exact = sum(quantized.values()) * (2 * c / levels) / 4 - c
+    exact = sum(quantized.values()) * (2 * c / levels) / len(upload) - c
     try:
         return server, server.unmask(uploads)[0], exact
     except PayloadError as exc:
@@ -231,20 +276,25 @@ def test_an_offset_on_a_masked_upload_fails_the_round_saying_so(smoke_config):
     assert isinstance(outcome, PayloadError) and "leaves the honest range" in str(outcome)
 
 
-def test_corrupt_shares_are_named_and_the_round_unmasks_from_the_others(smoke_config):
-    """Client 1 answers the unmask stage with garbage shares (wrong values, one with broken
-    padding): the server finds three shares that rebuild each committed seed, names client 1, and
-    the mean is exact."""
+def _garbled(reply, prefix):
     from thinwire.secagg import pack, unpack
 
+    blobs, _ = unpack(reply)
+    return pack({name: value[:4] + bytes(b ^ 0x5A for b in value[4:]) if name.startswith(prefix) else value
+                 for name, value in blobs.items()})
+
+
+def test_corrupt_shares_are_named_and_the_round_unmasks_from_the_others(smoke_config):
+    """Member 1 answers the unmask message with garbage shares: the server finds three shares that
+    rebuild each committed seed, names member 1, and the mean is exact."""
     config = smoke_config("method.name='fedavg'", *SECAGG)
-
-    def corrupt(cid, reply):
-        if cid != 1:
-            return reply
-        blobs, _ = unpack(reply)
-        return pack({name: share[:4] + bytes(b ^ 0x5A for b in share[4:]) for name, share in blobs.items()})
-
-    server, mean, exact = _unmasked_round(config, tamper_unmask=corrupt)
+    server, mean, exact = _unmasked_round(config, tamper_unmask=lambda cid, r: _garbled(r, "b/") if cid == 1 else r)
     assert server.corrupt == [1]
     assert torch.equal(mean.tensors["w"], torch.from_numpy(exact.astype(np.float32)))
+
+
+def test_a_wrong_round_key_for_a_dropped_member_is_caught_by_its_commitment(smoke_config):
+    config = smoke_config("method.name='fedavg'", *SECAGG)
+    _, outcome, _ = _unmasked_round(config, tamper_unmask=lambda cid, r: _garbled(r, "key/") if cid == 3 else r,
+                                    upload=(0, 1, 3))
+    assert isinstance(outcome, PayloadError) and "member 3 gave no valid round key with dropped member 2" in str(outcome)

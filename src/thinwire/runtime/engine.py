@@ -187,6 +187,7 @@ class Rounds:
         self.private = privacy.private(config)
         self.ledger = privacy.Ledger(run_dir.partial / privacy.LEDGER) if config.privacy.dp != "none" else None
         self.server_key = secret.new_key()  # central DP's noise key: a resumed run takes its checkpoint's
+        self.secure_keys: dict[int, tuple[bytes, bytes]] = {}  # SecAgg+'s public keys, kept for the run
 
     def evaluate(self) -> dict[str, float]:
         return records.evaluate_global(self.config, self.server, self.workbench.tokenizer, self.federation,
@@ -253,19 +254,19 @@ class Rounds:
         while True:
             sampled = sample_clients(self.config, rnd, retries)
             faults = simulated_faults(self.config, rnd, sampled, retries)
-            downloads: dict[int, bytes] = {}
+            recipients: list[int] = []
             failed: list[dict[str, Any]] = []  # this attempt's, logged in client order
             for cid in sampled:
                 if faults.get(cid) == "failure":  # unreachable: its download is never sent
                     failed.append(records.failure(cid, "simulated failure (federation.failure_rate)"))
-                    continue
-                down = server.download(rnd, cid).encode()
-                if faults.get(cid) == "straggler":
-                    failed.append(records.failure(
-                        cid, f"no reply within {fed.round_timeout_s:g} s (simulated straggler)", len(down)))
-                    continue
-                downloads[cid] = down
-            secure = self._secure_setup(rnd, downloads, failed) if self.config.privacy.secagg and downloads else None
+                elif faults.get(cid) == "straggler":
+                    failed.append(records.failure(cid, f"no reply within {fed.round_timeout_s:g} s (simulated straggler)",
+                                                  len(server.download(rnd, cid).encode())))
+                else:
+                    recipients.append(cid)
+            secure = self._secure_setup(rnd, retries, recipients, failed) \
+                if self.config.privacy.secagg and recipients else None
+            downloads = self._downloads(rnd, recipients, secure)
             if self.ledger is not None and downloads:  # persisted before any of them is sent
                 self.ledger.record(rnd, retries, list(downloads))
             arrivals, took = self.transport.exchange(rnd, downloads) if downloads else ({}, 0.0)
@@ -286,7 +287,7 @@ class Rounds:
                     reply = Reply(cid, payload, WITHHELD_EXAMPLES, {}) if self.private else \
                         Reply(cid, payload, arrival.num_examples, arrival.metrics)
                     if secure:
-                        secure.check(reply.payload)
+                        secure.check(cid, reply.payload)
                     else:
                         server.validate(reply)
                 except Exception as exc:  # a hostile upload may break validation any way: its sender pays
@@ -302,6 +303,9 @@ class Rounds:
                     failed.extend(left)
                 secure_traffic["secagg_downlink_bytes"] += secure.bytes_down
                 secure_traffic["secagg_uplink_bytes"] += secure.bytes_up
+                for entry in [*failed, *rejected]:  # it may have lost its keys: it makes new ones next time
+                    if "downlink_bytes" in entry:
+                        self.secure_keys.pop(entry["client"], None)
             failures.extend(sorted(failed, key=lambda entry: entry["client"]))
             if sum(r.contributors for r in replies) >= max(fed.min_replies, 1):
                 skipped = False
@@ -325,14 +329,26 @@ class Rounds:
                                       skipped=skipped, warnings=self.warnings.take(), **extra)
         return record, round_eval
 
-    def _secure_setup(self, rnd: int, downloads: dict[int, bytes], failed: list[dict[str, Any]]) -> secagg.SecureRound:
-        """SecAgg+'s key stages with the clients about to get `downloads`; a client that cannot
-        take part is logged in `failed` and its download is not sent."""
-        secure = secagg.SecureRound(self.config, rnd, lambda stage, messages: self.transport.control(
-            rnd, stage, messages), privacy.update_space(self.config).dimension(self.server))
-        for cid, reason in secure.setup(list(downloads)).items():
+    def _downloads(self, rnd: int, clients: list[int], secure: secagg.SecureRound | None) -> dict[int, bytes]:
+        """Each client's download, encoded; under SecAgg+ with the round's roster in its scalars."""
+        roster = secure.roster() if secure else None
+        out = {}
+        for cid in clients:
+            payload = self.server.download(rnd, cid)
+            if roster is not None:
+                payload = Payload(tensors=payload.tensors, scalars={**payload.scalars, secagg.ROSTER: roster})
+            out[cid] = payload.encode()
+        return out
+
+    def _secure_setup(self, rnd: int, attempt: int, clients: list[int], failed: list[dict[str, Any]]
+                      ) -> secagg.SecureRound:
+        """SecAgg+'s keys for the clients that have none yet; a client that cannot take part is
+        logged in `failed` and dropped from `clients` (its download is not sent)."""
+        secure = secagg.SecureRound(self.config, rnd, attempt, lambda stage, messages: self.transport.control(
+            rnd, stage, messages), privacy.update_space(self.config).dimension(self.server), self.secure_keys)
+        for cid, reason in secure.setup(list(clients)).items():
             failed.append(records.failure(cid, reason))
-            del downloads[cid]
+            clients.remove(cid)
         return secure
 
     def _unmask(self, secure: secagg.SecureRound, replies: list[Reply], clients: list[dict[str, Any]]

@@ -30,9 +30,11 @@ simulated faults, validation, retries, aggregation, evaluation, records, checkpo
   the node's disk, by round (`load_client_state`), under `$THINWIRE_REPLICAS/<run key>`: the run
   key (RunDir.run_key) outlives Flower's run id, so a ServerApp resumed from its checkpoint finds
   every client's state, and every replica, as of the checkpoint's round.
-- Under `privacy.secagg`, each SecAgg+ stage travels as a `query.thinwire_secagg` message whose
-  ArrayRecord holds the stage's bytes (secagg.py); the node keeps its protocol state (keys,
-  shares) in `Context.state` between stages, and masks its upload in `train.thinwire_fit`.
+- Under `privacy.secagg`, SecAgg+'s two control messages (a client's key setup, once per run,
+  and each round's unmask) travel as `query.thinwire_secagg` messages whose ArrayRecord holds the
+  message's bytes (secagg.py); the node keeps its protocol state (keys, its share of its round
+  seed) in `Context.state`, and joins the round's roster and masks its upload in
+  `train.thinwire_fit`.
 - Traffic is thinwire's payload bytes, counted exactly as the local runtime counts them
   (records.py): every download the SuperLink accepted counts, whatever became of the client, and
   every reply that arrived (malformed, rejected or discarded for a round with too few included);
@@ -246,14 +248,18 @@ def _fit(message: Message, context: Context) -> Message:
         raise RuntimeError(f"thinwire: message for client {cid} reached the node of partition {partition}")
     if str(meta["config-sha"]) != host.digest:
         raise RuntimeError("thinwire: the server's config differs from the one this node holds")
+    from thinwire.runtime.upload import client_report, client_upload, take_roster
+
     download = Payload.decode(unpack(message.content[PAYLOAD]))
+    roster = take_roster(download)
     store = replica_root() / host.run_key / "states"
     state = load_client_state(store, cid, rnd)
     examples = host.examples_for(partition, str(context.node_config.get(DATA_PATH, "") or ""))
     upload = host.client.fit(rnd, cid, download, examples, state)
-    from thinwire.runtime.upload import client_report, client_upload
-
-    up = client_upload(host.config, rnd, cid, upload.payload, state=state, secagg_state=lambda: _secagg_state(context))
+    secure = _secagg_state(context) if host.config.privacy.secagg else None
+    up = client_upload(host.config, rnd, cid, upload.payload, state=state, secure=secure, roster=roster)
+    if secure is not None:  # its round seed's share and the roster, for the unmask message
+        context.state[STATE_SECAGG] = ConfigRecord({"state": secure.encode()})
     save_client_state(store, cid, rnd, state)
     num_examples, reported = client_report(host.config, upload)
     metrics = {k: v for k, v in reported.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -269,15 +275,15 @@ def _fit(message: Message, context: Context) -> Message:
 @client_app.query("thinwire_secagg")
 def _secagg(message: Message, context: Context) -> Message:
     """One SecAgg+ stage for this node's client; the protocol state stays in Context.state."""
-    from thinwire.secagg import STAGES, SecAggClient
+    from thinwire.secagg import SecAggClient
 
     meta = message.content[META]
     rnd, cid, stage = int(meta["round"]), int(meta["client"]), str(meta["stage"])
     if cid != _partition(context):
         raise RuntimeError(f"thinwire: secagg message for client {cid} reached the node of partition "
                            f"{_partition(context)}")
-    state = SecAggClient(cid, rnd) if stage == STAGES[0] else _secagg_state(context)
-    if state is None or state.rnd != rnd:
+    state = SecAggClient(cid) if stage == "setup" else _secagg_state(context)
+    if state is None or (stage != "setup" and state.rnd != rnd):
         raise RuntimeError(f"thinwire: no secagg state for round {rnd} on this node")
     reply = state.step(stage, unpack(message.content[PAYLOAD]))
     context.state[STATE_SECAGG] = ConfigRecord({"state": state.encode()})

@@ -31,7 +31,7 @@ from thinwire import secagg
 from thinwire.runtime import engine
 from thinwire.runtime.checkpoint import ResumableRunDir, resume_paths
 from thinwire.runtime.engine import Arrival, Transport
-from thinwire.runtime.upload import client_report, client_upload
+from thinwire.runtime.upload import client_report, client_upload, take_roster
 from thinwire.wire import Payload
 
 
@@ -60,13 +60,13 @@ class InProcess(Transport):
         self.clients_bar = progress.add_task("clients", total=ctx.config.federation.clients_per_round)
         self.steps_bar = progress.add_task("steps", total=self.client.steps_per_round())
         ctx.on_step = lambda: progress.advance(self.steps_bar)
-        self.secagg_clients: dict[int, secagg.SecAggClient] = {}  # this round's protocol states
+        self.secagg_clients: dict[int, secagg.SecAggClient] = {}  # each client's SecAgg+ keys and round
 
     def control(self, rnd: int, stage: str, messages: dict[int, bytes]) -> dict[int, bytes | str]:
         replies: dict[int, bytes | str] = {}
         for cid, message in messages.items():
-            if stage == secagg.STAGES[0]:
-                self.secagg_clients[cid] = secagg.SecAggClient(cid, rnd)
+            if stage == "setup":  # new keys for the run (or after a lost state)
+                self.secagg_clients[cid] = secagg.SecAggClient(cid)
             try:
                 replies[cid] = self.secagg_clients[cid].step(stage, message)
             except Exception as exc:  # a client that cannot follow the protocol costs its own part
@@ -83,9 +83,11 @@ class InProcess(Transport):
             state = self.shared.working_copy(self.states[cid])
             t0 = time.perf_counter()
             try:
-                upload = self.client.fit(rnd, cid, Payload.decode(down), self.federation.clients[cid], state)
+                download = Payload.decode(down)
+                roster = take_roster(download)
+                upload = self.client.fit(rnd, cid, download, self.federation.clients[cid], state)
                 up = client_upload(self.config, rnd, cid, upload.payload, state=state,
-                                   secagg_state=lambda: self.secagg_clients.get(cid))
+                                   secure=self.secagg_clients.get(cid), roster=roster)
             except Exception as exc:  # a crashing client costs its own update, not the run
                 errors += 1
                 first_error = first_error or exc

@@ -11,7 +11,6 @@ authentication and TLS are Flower's (docs/flower.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from thinwire.privacy import private, privatize_upload
@@ -26,18 +25,29 @@ ROUND, CLIENT = "thinwire.round", "thinwire.client"
 WITHHELD_EXAMPLES = 1  # the example count a client reports under privacy: a label, its weight is equal anyway
 
 
+def take_roster(download: Payload) -> str | None:
+    """Under SecAgg+, the round's roster the server put in the download's scalars (removed, so the
+    method sees its own payload); else None."""
+    from thinwire.secagg import ROSTER
+
+    roster = download.scalars.pop(ROSTER, None)
+    return None if roster is None else str(roster)
+
+
 def client_upload(config: Config, rnd: int, cid: int, payload: Payload, *, state: ClientState,
-                  secagg_state: Callable[[], SecAggClient | None]) -> bytes:
+                  secure: SecAggClient | None = None, roster: str | None = None) -> bytes:
     """The bytes a client sends after `fit`: its update noised under local DP with the key in its
-    `state` (`privatize_upload`), masked under SecAgg+ with the round's protocol state, stamped
-    with (round, client)."""
+    `state` (`privatize_upload`), masked under SecAgg+ by its protocol state `secure` for the
+    download's `roster`, stamped with (round, client)."""
     payload = privatize_upload(config, rnd, payload, state)
     if config.privacy.secagg:
         from thinwire.secagg import masked_upload
 
-        secure = secagg_state()
-        if secure is None or secure.rnd != rnd:
-            raise PayloadError(f"secagg: client {cid} holds no protocol state for round {rnd}")
+        if secure is None or roster is None:
+            raise PayloadError(f"secagg: client {cid} holds no keys or no roster for round {rnd}")
+        secure.join(roster)
+        if secure.rnd != rnd:
+            raise PayloadError(f"secagg: a roster for round {secure.rnd} in round {rnd}")
         payload = masked_upload(config, rnd, cid, payload, secure)
     payload.scalars = stamp(payload.scalars, rnd, cid)
     return payload.encode()
