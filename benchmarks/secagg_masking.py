@@ -19,6 +19,7 @@ import tracemalloc
 from collections.abc import Iterator
 
 import numpy as np
+import torch
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from rich.console import Console
 from rich.table import Table
@@ -27,6 +28,7 @@ from thinwire import secagg
 from thinwire.config import EXAMPLES, load_config
 from thinwire.privacy import SECAGG_MOD_RANGE
 from thinwire.secagg import SecAggClient, SecureRound
+from thinwire.wire import Payload
 
 
 @contextlib.contextmanager
@@ -49,25 +51,27 @@ def one_round(dimension: int, clients: int, dropped: int) -> tuple[dict[str, flo
     states: dict[int, SecAggClient] = {}
 
     def control(stage: str, messages: dict[int, bytes]) -> dict[int, bytes | str]:
-        replies: dict[int, bytes | str] = {}
-        for cid, message in messages.items():
-            states.setdefault(cid, SecAggClient(cid, 1))
-            replies[cid] = states[cid].step(stage, message)
-        return replies
+        for cid in messages:
+            states.setdefault(cid, SecAggClient(cid))
+        return {cid: states[cid].step(stage, message) for cid, message in messages.items()}
 
-    server = SecureRound(config, 1, control, dimension)
+    server = SecureRound(config, 1, 0, control, dimension)
     server.setup(list(range(clients)))
+    roster = server.roster()
     values = np.random.default_rng(0).normal(0, 1e-3, dimension)
-    client, unmask = {}, {}
-    uploads = {}
     privacy = config.privacy
+    client, unmask, uploads = {}, {}, {}
     for cid in range(clients - dropped):
+        states[cid].join(roster)
         quantized, clipped = secagg.quantize(values, privacy.secagg_clip_range, privacy.secagg_quantization,
                                              np.random.default_rng(cid))
         with measured(client) if cid == 0 else contextlib.nullcontext():
-            masked = states[cid].mask(np.append(quantized, clipped)).astype(np.uint32).view(np.int32)
-        uploads[cid] = secagg.Payload(tensors={secagg.MASKED: secagg.torch.from_numpy(masked.copy())},
-                                      scalars={"layout": f'[["w", [{dimension}], "torch.float32"]]', "scalars": "{}"})
+            masked, blobs = states[cid].mask(np.append(quantized, clipped))
+        tensors = {secagg.MASKED: torch.from_numpy(masked.astype(np.uint32).view(np.int32)),
+                   **{name: secagg.byte_tensor(blob) for name, blob in blobs.items()}}
+        uploads[cid] = Payload(tensors=tensors, scalars={"layout": f'[["w", [{dimension}], "torch.float32"]]',
+                                                         "scalars": "{}"})
+        server.check(cid, uploads[cid])
         del quantized, masked
     with measured(unmask):
         server.unmask(uploads)

@@ -7,10 +7,12 @@ The update convention everywhere is Δ = w_start − w_end, so the server *subtr
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from thinwire.config import MethodConfig
+if TYPE_CHECKING:
+    from thinwire.config import MethodConfig
 
 
 def reads_client_updates(cfg: MethodConfig) -> bool:
