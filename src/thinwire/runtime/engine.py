@@ -21,9 +21,10 @@ Faults (all logged in the round record of metrics.jsonl):
   or, with `on_too_few = "retry"`, resampled from the stream (seed, "sample", round, "retry", i)
   up to `max_retries` times (`retries`).
 
-Under `privacy.secagg` the engine runs SecAgg+'s key stages with the round's clients before
-their downloads go out (`Transport.control`), checks each masked upload's shape, and hands the
-method one reply holding the unmasked mean (secagg.py), which the method validates as any upload.
+Under `privacy.secagg` the engine sets up SecAgg+ keys for clients that have none yet
+(`Transport.control`), puts the round's roster in each download, checks each masked upload, and
+hands the method one reply holding the unmasked mean (secagg.py), which the method validates as
+any upload.
 Under DP every download is entered in the privacy ledger before it leaves, central DP clips and
 noises the accepted replies before the method's aggregation (privacy.py), and under either no
 client's own report (example count, metrics) is used or logged.
