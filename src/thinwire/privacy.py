@@ -56,14 +56,15 @@ def private(config: Config) -> bool:
 
 def update_space(config: Config) -> UpdateSpace:
     """The running method's update space, or a usage error saying why it has none."""
-    from thinwire.methods import get_method
+    from thinwire.methods import METHOD_NAMES, get_method
 
     server = get_method(config.method.name).server
     space = server.update_space(config)
     if space is None:
         where = f"privacy.dp = '{config.privacy.dp}'" if config.privacy.dp != "none" else "privacy.secagg = true"
+        spaced = [name for name in METHOD_NAMES if get_method(name).server.update_space(config) is not None]
         raise UsageError(f"{where} does not support method {config.method.name!r}: {server.private_refusal}; "
-                         "choose a method that declares an update space (fedavg, fedit, ferret, fedkseed)")
+                         f"choose one that declares an update space: {', '.join(spaced)}")
     return space
 
 
