@@ -41,8 +41,9 @@ def measured(into: dict[str, float]) -> Iterator[None]:
     tracemalloc.stop()
 
 
-def flower_stream(key: bytes, size: int) -> np.ndarray:
-    return pseudo_rand_gen(key, SECAGG_MOD_RANGE, [(size,)])[0]
+def flower_add_mask(acc: np.ndarray, key: bytes, sign: int = 1) -> None:
+    """What thinwire's masking did with Flower's generator: the whole stream, then one add."""
+    acc += sign * pseudo_rand_gen(key, SECAGG_MOD_RANGE, [(acc.size,)])[0]
 
 
 def one_round(dimension: int, clients: int, dropped: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -87,13 +88,13 @@ def main() -> None:
     table = Table(title=f"SecAgg+ at {args.dimension:,} values, {args.clients} clients ({args.dropped} dropped)")
     for column in ("mask generator", "client mask s", "client peak MB", "server unmask s", "server peak MB"):
         table.add_column(column, justify="left" if column == "mask generator" else "right")
-    ours = secagg.mask_stream
-    for name, stream in (("Flower pseudo_rand_gen (32-bit seed)", flower_stream), ("thinwire ChaCha20", ours)):
-        secagg.mask_stream = stream
+    ours = secagg.add_mask
+    for name, add in (("Flower pseudo_rand_gen (32-bit seed)", flower_add_mask), ("thinwire ChaCha20", ours)):
+        secagg.add_mask = add
         try:
             client, unmask = one_round(args.dimension, args.clients, args.dropped)
         finally:
-            secagg.mask_stream = ours
+            secagg.add_mask = ours
         table.add_row(name, f"{client['s']:.2f}", f"{client['peak_mb']:.0f}", f"{unmask['s']:.2f}",
                       f"{unmask['peak_mb']:.0f}")
     Console().print(table)

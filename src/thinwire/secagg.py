@@ -78,6 +78,7 @@ from thinwire.wire import Payload, PayloadError
 STAGES = ("setup", "unmask")  # the control messages (`Transport.control`)
 ROSTER = "thinwire.secagg"  # the round's roster, a scalar of each member's download
 MASKED = "masked"
+MASK_CHUNK = 1 << 20  # mask values generated at a time
 MAX_SUBSETS = 4096  # share subsets tried per secret when some shares are corrupt
 CONTROL_MAX_BYTES = 64 << 20  # a stage message: keys, shares and ciphertexts for at most a few thousand clients
 
@@ -213,11 +214,12 @@ class SecAggClient:
                  for other in others}
         keys = {other: self.round_key(other) for other in others}
         blobs["commit"] = commitment(seed) + b"".join(commitment(keys[other]) for other in others)
-        masked = quantized.astype(np.int64) + mask_stream(seed, quantized.size)
+        masked = quantized.astype(np.int64)
+        add_mask(masked, seed)
         for other in others:
-            masked += _sign(self.cid, other) * mask_stream(keys[other], quantized.size)
+            add_mask(masked, keys[other], _sign(self.cid, other))
         self.stage = "masked"
-        return np.mod(masked, SECAGG_MOD_RANGE), blobs
+        return np.mod(masked, SECAGG_MOD_RANGE, out=masked), blobs
 
     def unmask(self, blobs: dict[str, bytes], fields: dict[str, Any]) -> bytes:
         """Shares of b for the active members, round keys with the dropped, never both for one."""
@@ -259,9 +261,24 @@ def _sign(cid: int, other: int) -> int:
     return 1 if cid > other else -1
 
 
+def add_mask(acc: np.ndarray, key: bytes, sign: int = 1) -> None:
+    """acc (int64) += sign · PRG(key), where PRG is ChaCha20 keyed by the whole secret giving
+    uniform values mod 2^32; in place, a chunk at a time, so no model-sized stream is ever held."""
+    stream, zeros = secret.keystream(key, "secagg-mask"), bytes(4 * MASK_CHUNK)
+    for start in range(0, acc.size, MASK_CHUNK):
+        n = min(MASK_CHUNK, acc.size - start)
+        words = np.frombuffer(stream.update(memoryview(zeros)[: 4 * n]), dtype=np.uint32)
+        if sign > 0:
+            acc[start:start + n] += words
+        else:
+            acc[start:start + n] -= words
+
+
 def mask_stream(key: bytes, size: int) -> np.ndarray:
-    """`size` uniform values mod 2^32 from ChaCha20 keyed by the whole secret."""
-    return secret.words(key, size, "secagg-mask").astype(np.int64)
+    """The first `size` values of PRG(key) (what `add_mask` adds)."""
+    out = np.zeros(size, dtype=np.int64)
+    add_mask(out, key)
+    return out
 
 
 def quantize(values: np.ndarray, clip_range: float, levels: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
@@ -416,11 +433,13 @@ class SecureRound:
             for w in dropped:
                 if w in revealed:
                     keys[(v, w)] = revealed[w]
-        total = sum(uploads[c].tensors[MASKED].numpy().view(np.uint32).astype(np.int64) for c in active)
+        total = np.zeros(self.dimension + 1, dtype=np.int64)
+        for c in active:
+            total += uploads[c].tensors[MASKED].numpy().view(np.uint32)
         for u in active:
             seed = self._rebuild(shares[u], f"the round seed of member {u}",
                                  lambda b, owner=u: commitment(b) == self._commitment(owner, 0))
-            total -= mask_stream(seed, total.size)
+            add_mask(total, seed, -1)
         for w in dropped:
             for v in active:  # v added _sign(v, w) · PRG(k_vw): the key only v (and w) can give
                 key = keys.get((v, w), b"")
@@ -428,8 +447,8 @@ class SecureRound:
                 if commitment(key) != self._commitment(v, 1 + others.index(w)):
                     raise PayloadError(f"secagg: member {v} gave no valid round key with dropped member {w}; "
                                        "its mask cannot be removed")
-                total -= _sign(v, w) * mask_stream(key, total.size)
-        summed = np.mod(total, SECAGG_MOD_RANGE)
+                add_mask(total, key, -_sign(v, w))
+        summed = np.mod(total, SECAGG_MOD_RANGE, out=total)
         privacy = self.config.privacy
         c, levels = privacy.secagg_clip_range, privacy.secagg_quantization
         honest = len(active) * levels  # each quantised value lies in [0, T]; each clip count in [0, d]

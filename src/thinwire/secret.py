@@ -33,6 +33,11 @@ def seeded_key(seed: int, role: str) -> bytes:
     return hashlib.blake2b(f"thinwire-insecure-test-key\x1f{seed}\x1f{role}".encode(), digest_size=KEY_BYTES).digest()
 
 
+def keystream(key: bytes, *labels: object):
+    """The ChaCha20 keystream (key, labels): `.update(zeros)` returns its next bytes."""
+    return _cipher(key, labels)
+
+
 def _cipher(key: bytes, labels: tuple[object, ...]):
     if len(key) < 16:
         raise ValueError(f"a stream key needs at least 128 bits, got {8 * len(key)}")
