@@ -500,14 +500,18 @@ def test_the_small_model_defaults_to_the_large_models_pair(smoke_config, tmp_pat
         resolve("model.name='org/some-model'")
 
     # with model.name = "tiny", a device loads the small model only, and the server proxy-tunes the
-    # model the runtime loaded (no second copy of the large model)
+    # model the runtime loaded (no second copy of the large model), whichever side is built first:
+    # the engine builds the client first
     config = smoke_config("method.name='fedpt'")
-    ctx = RunContext(config, Workbench(config))
-    server = get_method("fedpt").server(ctx)
-    client = get_method("fedpt").client(ctx)
-    assert ctx.workbench.config.model.name == "tiny-small" and client.ctx.workbench is ctx.workbench
-    server.setup()
-    assert server.large is server.large_workbench.model and server.large_workbench.config.model.name == "tiny"
+    for client_first in (True, False):
+        loaded = Workbench(config)
+        ctx = RunContext(config, loaded)
+        sides = ["client", "server"] if client_first else ["server", "client"]
+        built = {side: getattr(get_method("fedpt"), side)(ctx) for side in sides}
+        client, server = built["client"], built["server"]
+        assert ctx.workbench.config.model.name == "tiny-small" and client.ctx.workbench is ctx.workbench
+        server.setup()
+        assert server.large is loaded.model and loaded.config.model.name == "tiny"
     assert server.lora_model.get_base_model().config.num_hidden_layers == 1
     assert server.large.config.num_hidden_layers == 2
     device = RunContext(config, Workbench(config))

@@ -135,6 +135,9 @@ class RunContext:
     warnings: list[str] = field(default_factory=list)
     # the clients' example counts as the server knows them (None: unknown), which bound a claim
     partition_sizes: list[int] | None = None
+    # workbenches a method stepped away from, by model name (FedPT's devices train a smaller model
+    # than the runtime loaded; its server reuses the loaded one instead of loading it twice)
+    set_aside: dict[str, Workbench] = field(default_factory=dict)
 
     def warn(self, message: str) -> None:
         """Say something about the run once: on stderr now, and in the next round's record of

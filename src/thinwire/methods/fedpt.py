@@ -116,16 +116,15 @@ def pair(config: Config) -> tuple[str, str]:
                      f"model (model.name is then the device model), or use one of {', '.join(SMALL_PAIRS)}")
 
 
-def use_small_workbench(ctx: RunContext) -> Workbench | None:
-    """Point `ctx` at a workbench over the small device model when `model.name` names the large one;
-    returns the workbench it replaced (over the large model), or None if nothing changed."""
+def use_small_workbench(ctx: RunContext) -> None:
+    """Point `ctx` at a workbench over the small device model when `model.name` names the large one,
+    keeping the one it replaces in `ctx.set_aside` (whichever side, client or server, comes first)."""
     small, _ = pair(ctx.config)
     if ctx.workbench.config.model.name == small:
-        return None
-    replaced = ctx.workbench
+        return
+    ctx.set_aside[ctx.workbench.config.model.name] = ctx.workbench
     config = dataclasses.replace(ctx.config, model=dataclasses.replace(ctx.config.model, name=small))
     ctx.workbench = Workbench(config)
-    return replaced
 
 
 def kd_loss(teacher_logp: torch.Tensor, student_logits: torch.Tensor, temperature: float, direction: str) -> torch.Tensor:
@@ -146,7 +145,7 @@ class FedPTServer(FedITServer):
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
         self.small_name, self.large_name = pair(ctx.config)
-        self.large_workbench = use_small_workbench(ctx)
+        use_small_workbench(ctx)
 
     def setup(self) -> None:
         self.options = opts = method_options(self.config, "fedpt", FedPTOptions)
@@ -157,8 +156,9 @@ class FedPTServer(FedITServer):
         wb = self.ctx.workbench
         self.lora_model, self.params = wb.trainable(True)
         seed = self.config.federation.seed
-        if self.large_workbench is not None:  # the runtime's workbench already holds the large model
-            large, large_tokenizer = self.large_workbench.model, self.large_workbench.tokenizer
+        loaded = self.ctx.set_aside.get(self.large_name)
+        if loaded is not None:  # the runtime's workbench already holds the large model
+            large, large_tokenizer = loaded.model, loaded.tokenizer
         else:
             large, large_tokenizer = load_model(dataclasses.replace(self.config.model, name=self.large_name), seed)
         check_vocab(wb.tokenizer, large_tokenizer)
