@@ -15,6 +15,7 @@ from thinwire.errors import UsageError
 _REGISTRY = {
     "fedavg": ("thinwire.methods.fedavg", "DeltaServer", "DeltaClient", None),
     "fedit": ("thinwire.methods.fedavg", "FedITServer", "FedITClient", None),
+    "ffa-lora": ("thinwire.methods.ffalora", "FFALoRAServer", "FFALoRAClient", None),
     "fedkseed": ("thinwire.methods.fedkseed", "FedKSeedServer", "FedKSeedClient", "FedKSeedOptions"),
     "fedkseed-pro": ("thinwire.methods.fedkseed", "FedKSeedProServer", "FedKSeedProClient", None),
     "ferret": ("thinwire.methods.ferret", "FerretServer", "FerretClient", "FerretOptions"),
