@@ -93,9 +93,148 @@ def test_ffa_lora_learns_counts_its_payloads_and_never_moves_a(tmp_path, smoke_c
             assert c["uplink_bytes"] == len(Payload(tensors=b_zeros, scalars=stamp({}, r["round"], c["client"])).encode())
 
 
+# --- Fed-SB --------------------------------------------------------------------------------------
+
+SB = ["method.name='fed-sb'", "federation.max_examples=100"]
+
+
+def _initialised_sb(smoke_config, *overrides):
+    """A Fed-SB server after its init round (clients 0 and 1), and the client side; the init (the
+    randomized SVD included) leaves the global RNG as it found it."""
+    from thinwire.data import build_federation
+    from thinwire.methods.base import ClientState
+
+    rng = torch.get_rng_state()
+    config = smoke_config(*SB, *overrides)
+    ctx = RunContext(config, Workbench(config))
+    spec = get_method("fed-sb")
+    server, client = spec.server(ctx), spec.client(ctx)
+    server.setup()
+    data = build_federation(config).clients
+    replies = []
+    for cid in (0, 1):
+        up = client.fit(1, cid, Payload.decode(server.download(1, cid).encode()), data[cid], ClientState())
+        replies.append(Reply(cid, Payload.decode(up.payload.encode()), up.num_examples))
+        server.validate(replies[-1])
+    assert server.phase(1) == "init"
+    server.aggregate(1, replies)
+    assert torch.equal(torch.get_rng_state(), rng)
+    return server, client, data, replies
+
+
+def test_fed_sb_init_is_the_rank_r_svd_of_the_sign_step(smoke_config):
+    """s·B·R0·A is the rank-r truncated SVD of ΔW1 = −lr·sign(Σ p_k G_k) (float64 reference), with
+    orthonormal A rows and B columns; the init upload is each module's dense gradient."""
+    server, _, _, replies = _initialised_sb(smoke_config)
+    config = server.config
+    p = [r.num_examples / sum(r.num_examples for r in replies) for r in replies]
+    assert server.phase(1) == "init" and server.phase(2) == "train"
+    for name, (rank, din, dout, scale) in server.shapes.items():
+        gradient = sum(pk * r.payload.tensors[f"G/{name}"].double() for pk, r in zip(p, replies))
+        assert gradient.shape == (dout, din)
+        step = -config.train.lr * torch.sign(gradient)
+        u, sigma, vh = torch.linalg.svd(step)
+        best = u[:, :rank] @ torch.diag(sigma[:rank]) @ vh[:rank]
+        a, b = server.factors[f"A/{name}"].double(), server.factors[f"B/{name}"].double()
+        ours = scale * b @ server.weights[f"{name}.lora_A.default.R"].double() @ a
+        eye = torch.eye(rank, dtype=torch.float64)
+        assert torch.allclose(a @ a.T, eye, atol=1e-5) and torch.allclose(b.T @ b, eye, atol=1e-5)
+        # randomized SVD (10 power iterations): within 1% of the optimal rank-r error and energy (a sign
+        # matrix's spectrum is flat, so the subspace itself may differ from the exact one's)
+        assert torch.linalg.norm(step - ours) <= 1.01 * torch.linalg.norm(step - best)
+        assert torch.linalg.norm(ours) >= 0.99 * torch.linalg.norm(best)
+
+
+def test_fed_sb_sends_factors_once_then_only_r_and_averages_only_this_rounds_r(smoke_config):
+    from thinwire.methods.base import ClientState
+
+    server, client, data, _ = _initialised_sb(smoke_config)
+    r_names = set(server.weights)
+    factors = {k: t.clone() for k, t in server.factors.items()}
+    first = server.download(2, 0)
+    assert set(first.tensors) == r_names | set(factors)
+    state = ClientState()
+    up = client.fit(2, 0, Payload.decode(first.encode()), data[0], state)
+    assert set(up.payload.tensors) == r_names  # never A or B
+    assert all(t.shape == (8, 8) for t in up.payload.tensors.values())
+    held = {k[len("factors/"):]: t for k, t in state.tensors.items()}
+    assert held.keys() == factors.keys() and all(torch.equal(held[k], factors[k]) for k in factors)
+    server.aggregate(2, [Reply(0, up.payload, up.num_examples)])
+    assert set(server.download(3, 0).tensors) == r_names  # client 0 holds them now
+    assert set(server.download(3, 2).tensors) == r_names | set(factors)  # client 2 does not
+    # B·(Σ p_k R_k)·A == Σ p_k B·R_k·A for the round's uploads alone (float64 closed form)
+    gen = torch.Generator().manual_seed(3)
+    start = {k: t.clone() for k, t in server.weights.items()}
+    ends = [{k: torch.randn(t.shape, generator=gen) for k, t in start.items()} for _ in range(3)]
+    examples = [5, 15, 20]
+    server.aggregate(3, [Reply(i, Payload(tensors={k: start[k] - e[k] for k in start}), n)
+                         for i, (e, n) in enumerate(zip(ends, examples))])
+    p = [n / sum(examples) for n in examples]
+    for name, (_, _, _, scale) in server.shapes.items():
+        a, b = factors[f"A/{name}"].double(), factors[f"B/{name}"].double()
+        key = f"{name}.lora_A.default.R"
+        expected = sum(pk * scale * b @ e[key].double() @ a for pk, e in zip(p, ends))
+        got = scale * b @ server.weights[key].double() @ a
+        assert torch.allclose(got, expected, rtol=0, atol=1e-6 * expected.abs().max())
+        assert torch.equal(server.factors[f"A/{name}"], factors[f"A/{name}"])
+
+
+def test_fed_sb_learns_counts_its_payloads_and_exports_its_model(tmp_path, smoke_config):
+    from thinwire.export import export_run, load_for_generation
+
+    config = smoke_config(*SB, "federation.rounds=4", "eval.generate=false")
+    summary = run_local(config, tmp_path / "run", quiet=True)
+    assert summary["final_eval"]["loss"] < summary["base_eval"]["loss"] - 0.1
+    server = _server(config)
+    grads = {f"G/{n}": torch.zeros(dout, din) for n, (_, din, dout, _) in server.shapes.items()}
+    r_zeros = {f"{n}.lora_A.default.R": torch.zeros(r, r) for n, (r, _, _, _) in server.shapes.items()}
+    factors = {**{f"A/{n}": torch.zeros(r, din) for n, (r, din, _, _) in server.shapes.items()},
+               **{f"B/{n}": torch.zeros(dout, r) for n, (r, _, dout, _) in server.shapes.items()}}
+    holders = set()
+    rounds = _rounds(tmp_path / "run")
+    assert [r["phase"] for r in rounds] == ["init", "train", "train", "train"]
+    for r in rounds:
+        for c in r["clients"]:
+            scalars = stamp({}, r["round"], c["client"])
+            if r["phase"] == "init":
+                down, up = Payload(scalars={"phase": "init"}), Payload(tensors=grads, scalars=scalars)
+            else:
+                sent = r_zeros if c["client"] in holders else {**r_zeros, **factors}
+                down, up = Payload(tensors=sent, scalars={"phase": "train"}), Payload(tensors=r_zeros, scalars=scalars)
+            assert (c["downlink_bytes"], c["uplink_bytes"]) == (len(down.encode()), len(up.encode()))
+        if r["phase"] == "train":
+            holders |= {c["client"] for c in r["clients"]}
+    assert summary["trainable_parameters"] == sum(t.numel() for t in r_zeros.values())
+    # the export is a PEFT adapter that loads elsewhere and computes what the run's final state computes
+    assert export_run(tmp_path / "run", tmp_path / "adapter") == "adapter"
+    exported, tokenizer = load_for_generation(tmp_path / "adapter")
+    run_model, _ = load_for_generation(tmp_path / "run")
+    batch = tokenizer(["Reverse the word: hello"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(run_model(**batch).logits, exported(**batch).logits, atol=1e-5)
+
+
+def test_fed_sb_final_state_is_a_plain_lora_adapter_computing_the_model(smoke_config):
+    """final_state (lora_A = R·A, lora_B = B) in an ordinary PEFT LoRA gives the server's model."""
+    from thinwire.methods.base import load_into
+
+    server, _, _, _ = _initialised_sb(smoke_config)
+    tokenizer = server.ctx.workbench.tokenizer
+    batch = tokenizer(["Reverse the word: hello"], return_tensors="pt")
+    plain = Workbench(server.config)
+    model, params = plain.trainable(True)
+    load_into(params, server.final_state().tensors)
+    with torch.no_grad():
+        ours, theirs = server.eval_model()(**batch).logits, model(**batch).logits
+        base = plain.lora_model()
+        with base.disable_adapter():
+            untouched = base(**batch).logits
+    assert torch.allclose(ours, theirs, atol=1e-5) and not torch.allclose(ours, untouched, atol=1e-3)
+
+
 # --- every method here: resume and runtime parity ------------------------------------------------
 
-RUNS = {"ffa-lora": FFA}
+RUNS = {"ffa-lora": FFA, "fed-sb": SB}
 
 
 class Crash(Exception):

@@ -16,6 +16,7 @@ _REGISTRY = {
     "fedavg": ("thinwire.methods.fedavg", "DeltaServer", "DeltaClient", None),
     "fedit": ("thinwire.methods.fedavg", "FedITServer", "FedITClient", None),
     "ffa-lora": ("thinwire.methods.ffalora", "FFALoRAServer", "FFALoRAClient", None),
+    "fed-sb": ("thinwire.methods.fedsb", "FedSBServer", "FedSBClient", "FedSBOptions"),
     "fedkseed": ("thinwire.methods.fedkseed", "FedKSeedServer", "FedKSeedClient", "FedKSeedOptions"),
     "fedkseed-pro": ("thinwire.methods.fedkseed", "FedKSeedProServer", "FedKSeedProClient", None),
     "ferret": ("thinwire.methods.ferret", "FerretServer", "FerretClient", "FerretOptions"),
