@@ -20,8 +20,7 @@ Rounds, as phases of one run (each round record's `phase`; summary.json gives tr
   Privacy cost: this round sends each sampled client's raw gradient of every target matrix on
   `init_examples` examples, the most revealing thing a client ever sends in thinwire (gradient
   inversion reconstructs text from such gradients). The released code's DP runs compute it on
-  raw data outside ε too. Under DP it is a different update space from R's; see the lead's
-  privacy notes (docs/methods-lora.md).
+  raw data outside ε too. Under DP it is a different update space from R's (docs/methods-lora.md).
 * ``train`` (the rest): a client's first download after the init carries A and B (r·(din+dout)
   per module, counted as downlink) and the client keeps them in its ClientState; the server sends
   them again until an aggregated reply from that client shows it holds them. Every download
@@ -191,9 +190,6 @@ class FedSBServer(_Rule, DeltaServer):
     def check_update(self, reply: Reply) -> None:
         validate.check_like(reply.payload.tensors, self._gradient_reference() if self.ready_round is None
                             else self.weights)
-
-    def update_norm(self, reply: Reply) -> float:
-        return robust.l2_norm(reply.payload.tensors)
 
     def aggregate(self, rnd: int, replies: list[Reply]) -> dict[str, float]:
         if self.ready_round is None:
