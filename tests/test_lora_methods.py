@@ -232,9 +232,78 @@ def test_fed_sb_final_state_is_a_plain_lora_adapter_computing_the_model(smoke_co
     assert torch.allclose(ours, theirs, atol=1e-5) and not torch.allclose(ours, untouched, atol=1e-3)
 
 
+# --- HetLoRA ------------------------------------------------------------------------------------
+
+HET = ["method.name='hetlora'", "method.hetlora.ranks=[2, 4, 8]", "train.lr=5e-2"]
+
+
+def test_hetlora_slices_exactly_and_a_client_trains_only_its_rank(first_upload, smoke_config):
+    from thinwire.data import build_federation
+    from thinwire.methods.base import ClientState
+
+    server, upload, _ = first_upload(*HET)  # client 0: rank 2
+    down = server.download(1, 0)
+    assert down.scalars["rank"] == 2 and server.download(1, 4).scalars["rank"] == 4  # ranks repeat over clients
+    for name, t in server.weights.items():
+        assert t.shape[0 if ".lora_A." in name else 1] == 8  # the global adapter stays at r_max
+        expected = t[:2] if ".lora_A." in name else t[:, :2]
+        assert torch.equal(down.tensors[name], expected) and upload.tensors[name].shape == expected.shape
+        assert not torch.equal(upload.tensors[name], expected)  # trained
+    # what the client trained beyond its rank stayed zero in its (r_max) adapter
+    client = get_method("hetlora").client(server.ctx)
+    client.fit(1, 0, down, build_federation(server.config).clients[0], ClientState())
+    _, params = server.ctx.workbench.trainable(True)
+    for name, p in params.items():
+        tail = p[2:] if ".lora_A." in name else p[:, 2:]
+        assert torch.count_nonzero(tail) == 0
+
+
+def test_hetlora_aggregate_is_norm_weighted_with_padding(smoke_config):
+    """A^g = Σ w_k·padrows(A_k), B^g = Σ w_k·padcols(B_k), w_k = ‖B_k A_k‖_F / Σ_j ‖B_j A_j‖_F per
+    module (float64 closed form); example counts do not enter."""
+    server = _server(smoke_config(*HET))
+    gen = torch.Generator().manual_seed(5)
+    clients = {0: 2, 2: 8}  # client -> rank
+    sent = {cid: {n: torch.randn(t[:r].shape if ".lora_A." in n else t[:, :r].shape, generator=gen)
+                  for n, t in server.weights.items()} for cid, r in clients.items()}
+    replies = [Reply(cid, Payload(tensors=f), n) for (cid, f), n in zip(sent.items(), (7, 70))]
+    for reply in replies:
+        server.validate(reply)
+    server.aggregate(1, replies)
+    for a_name in [n for n in server.weights if ".lora_A." in n]:
+        b_name = a_name.replace(".lora_A.", ".lora_B.")
+        norms = [torch.linalg.norm(sent[c][b_name].double() @ sent[c][a_name].double()) for c in clients]
+        w = [s / sum(norms) for s in norms]
+        a_exp = torch.zeros(server.weights[a_name].shape, dtype=torch.float64)
+        b_exp = torch.zeros(server.weights[b_name].shape, dtype=torch.float64)
+        for wk, (c, r) in zip(w, clients.items()):
+            a_exp[:r] += wk * sent[c][a_name].double()
+            b_exp[:, :r] += wk * sent[c][b_name].double()
+        assert torch.allclose(server.weights[a_name].double(), a_exp, atol=1e-6)
+        assert torch.allclose(server.weights[b_name].double(), b_exp, atol=1e-6)
+
+
+def test_hetlora_learns_and_counts_each_clients_rank(tmp_path, smoke_config):
+    from thinwire.errors import UsageError
+    from thinwire.methods.hetlora import slice_rank
+
+    with pytest.raises(UsageError, match="ranks has rank 9"):
+        _server(smoke_config(*HET, "method.hetlora.ranks=[9]"))
+    config = smoke_config(*HET, "federation.rounds=3", "eval.generate=false")
+    summary = run_local(config, tmp_path / "run", quiet=True)
+    assert summary["final_eval"]["loss"] < summary["base_eval"]["loss"] - 0.1
+    zeros = {n: torch.zeros_like(t) for n, t in _server(config).weights.items()}
+    for r in _rounds(tmp_path / "run"):
+        for c in r["clients"]:
+            rank = [2, 4, 8][c["client"] % 3]
+            sent = slice_rank(zeros, rank)
+            assert c["downlink_bytes"] == len(Payload(tensors=sent, scalars={"rank": rank}).encode())
+            assert c["uplink_bytes"] == len(Payload(tensors=sent, scalars=stamp({}, r["round"], c["client"])).encode())
+
+
 # --- every method here: resume and runtime parity ------------------------------------------------
 
-RUNS = {"ffa-lora": FFA, "fed-sb": SB}
+RUNS = {"ffa-lora": FFA, "fed-sb": SB, "hetlora": HET}
 
 
 class Crash(Exception):
@@ -256,7 +325,10 @@ def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, smoke_
     assert_same_run(tmp_path / "whole", tmp_path / "cut")
 
 
-@pytest.mark.parametrize("method", sorted(RUNS))
+# Fed-SB's phases and per-client factors run by default; FFA-LoRA and HetLoRA are FedIT-shaped
+# (a Ray start each, ~30 s) and run with -m slow.
+@pytest.mark.parametrize("method", [pytest.param(m, marks=[pytest.mark.slow] if m != "fed-sb" else [])
+                                    for m in sorted(RUNS)])
 def test_flower_simulation_matches_the_local_runtime(tmp_path, smoke_config, method):
     from test_flower import assert_same_run
 

@@ -17,6 +17,7 @@ _REGISTRY = {
     "fedit": ("thinwire.methods.fedavg", "FedITServer", "FedITClient", None),
     "ffa-lora": ("thinwire.methods.ffalora", "FFALoRAServer", "FFALoRAClient", None),
     "fed-sb": ("thinwire.methods.fedsb", "FedSBServer", "FedSBClient", "FedSBOptions"),
+    "hetlora": ("thinwire.methods.hetlora", "HetLoRAServer", "HetLoRAClient", "HetLoRAOptions"),
     "fedkseed": ("thinwire.methods.fedkseed", "FedKSeedServer", "FedKSeedClient", "FedKSeedOptions"),
     "fedkseed-pro": ("thinwire.methods.fedkseed", "FedKSeedProServer", "FedKSeedProClient", None),
     "ferret": ("thinwire.methods.ferret", "FerretServer", "FerretClient", "FerretOptions"),
