@@ -65,7 +65,8 @@ def test_ffa_lora_aggregate_is_the_exact_weighted_mean_of_client_products(smoke_
     clients = [{k: torch.randn(t.shape, generator=gen) for k, t in server.weights.items()} for _ in range(3)]
     examples = [10, 30, 20]
     # a client that ends at B_k uploads B_start − B_k, with B_start = 0
-    replies = [Reply(i, Payload(tensors={k: -t for k, t in b.items()}), n) for i, (b, n) in enumerate(zip(clients, examples))]
+    replies = [Reply(i, Payload(tensors={k: -t for k, t in b.items()}), n)
+               for i, (b, n) in enumerate(zip(clients, examples))]
     server.aggregate(1, replies)
     p = [n / sum(examples) for n in examples]
     scale = config.model.lora_alpha / config.model.lora_rank
@@ -90,7 +91,8 @@ def test_ffa_lora_learns_counts_its_payloads_and_never_moves_a(tmp_path, smoke_c
     for r in _rounds(tmp_path / "run"):
         for c in r["clients"]:
             assert c["downlink_bytes"] == down
-            assert c["uplink_bytes"] == len(Payload(tensors=b_zeros, scalars=stamp({}, r["round"], c["client"])).encode())
+            up = Payload(tensors=b_zeros, scalars=stamp({}, r["round"], c["client"]))
+            assert c["uplink_bytes"] == len(up.encode())
 
 
 # --- Fed-SB --------------------------------------------------------------------------------------

@@ -44,8 +44,8 @@ import torch.nn.functional as F
 
 from thinwire.config import method_options, opt
 from thinwire.methods import robust, validate
-from thinwire.methods.base import ClientSide, ClientState, Reply, Upload, load_into, snapshot
-from thinwire.methods.fedavg import DeltaServer
+from thinwire.methods.base import ClientState, Reply, Upload, snapshot
+from thinwire.methods.fedavg import DeltaServer, FedITClient
 from thinwire.methods.server_opt import ServerOptimizer
 from thinwire.models.lora import ADAPTER, lora_layers
 from thinwire.seeding import derive_seed
@@ -230,28 +230,24 @@ class FedSBServer(_Rule, DeltaServer):
         return Payload(tensors=tensors)
 
     def state_dict(self) -> Payload | None:
-        if not hasattr(self, "weights"):
+        state = super().state_dict()  # R and the server optimizer's moments
+        if state is None:
             return None
-        tensors = {f"w/{k}": t for k, t in self.weights.items()}
-        tensors.update({f"m/{k}": t for k, t in self.optimizer.m.items()})
-        tensors.update({f"v/{k}": t for k, t in self.optimizer.v.items()})
-        tensors.update(self.factors)
-        return Payload(tensors=tensors, scalars={"ready_round": self.ready_round or 0,
-                                                 "holders": json.dumps(sorted(self.holders))})
+        state.tensors.update(self.factors)
+        state.scalars.update({"ready_round": self.ready_round or 0, "holders": json.dumps(sorted(self.holders))})
+        return state
 
-    @torch.no_grad()
     def load_state_dict(self, state: Payload) -> None:
-        part = lambda prefix: {k[len(prefix):]: t for k, t in state.tensors.items() if k.startswith(prefix)}  # noqa: E731
         self.ready_round = int(state.scalars["ready_round"]) or None
         self.holders = set(json.loads(str(state.scalars["holders"])))
         self.factors = {k: t for k, t in state.tensors.items() if k.startswith(("A/", "B/"))}
-        self.weights = part("w/")
-        self.optimizer.m, self.optimizer.v = part("m/"), part("v/")
+        self.weights = {k[2:]: torch.empty_like(t) for k, t in state.tensors.items() if k.startswith("w/")}
+        super().load_state_dict(state)
         if self.ready_round is not None:
             install(self.model, self.factors)
 
 
-class FedSBClient(_Rule, ClientSide):
+class FedSBClient(_Rule, FedITClient):
     shared_state_prefixes = (FACTORS,)  # A and B: one copy for all clients in one process
 
     def __init__(self, ctx):
@@ -275,11 +271,6 @@ class FedSBClient(_Rule, ClientSide):
         factors = {k[len(FACTORS):]: t for k, t in state.tensors.items() if k.startswith(FACTORS)}
         if not factors:
             raise PayloadError("this client holds no Fed-SB factors and its download carried none")
-        install(self.model, factors)
-        model, params = self.ctx.workbench.trainable(True)
-        load_into(params, {k: t for k, t in download.tensors.items() if k not in sent})
-        start = snapshot(params)
-        stats = self.local_train(model, params, examples, rnd, client_id)
-        delta = {name: start[name] - p.detach() for name, p in params.items()}
-        return Upload(Payload(tensors=delta), len(examples),
-                      {"train_loss": stats.loss, "tokens": stats.tokens, "train_s": stats.seconds})
+        install(self.model, factors)  # the trainable set is now R alone: FedIT's delta client trains it
+        r_only = Payload(tensors={k: t for k, t in download.tensors.items() if k not in sent})
+        return super().fit(rnd, client_id, r_only, examples, state)
