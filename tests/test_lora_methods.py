@@ -303,9 +303,72 @@ def test_hetlora_learns_and_counts_each_clients_rank(tmp_path, smoke_config):
             assert c["uplink_bytes"] == len(Payload(tensors=sent, scalars=stamp({}, r["round"], c["client"])).encode())
 
 
+# --- FLoRA --------------------------------------------------------------------------------------
+
+FLORA = ["method.name='flora'", "method.flora.ranks=[2, 4, 8]", "train.lr=5e-2", "federation.max_examples=100"]
+
+
+def test_flora_merges_the_exact_weighted_sum_of_client_products(smoke_config):
+    """W_{t+1} − W_t = s·B_st·A_st = s·Σ p_k·B_k·A_k (float64 closed form); the stack's rank is
+    the participants' Σ r_k, and it is merged, not kept."""
+    server = _server(smoke_config(*FLORA))
+    before = {k: t.clone() for k, t in server.weights.items()}
+    gen = torch.Generator().manual_seed(7)
+    clients, examples = {0: 2, 2: 8}, (10, 30)
+    from thinwire.methods.hetlora import slice_rank
+
+    sent = {c: {n: torch.randn(t.shape, generator=gen) for n, t in slice_rank(server.adapter, r).items()}
+            for c, r in clients.items()}
+    replies = [Reply(c, Payload(tensors=f), n) for (c, f), n in zip(sent.items(), examples)]
+    for reply in replies:
+        server.validate(reply)
+    metrics = server.aggregate(1, replies)
+    assert metrics["stack_rank"] == 10 and server.trainable_parameters() == 7168
+    p = [n / sum(examples) for n in examples]
+    scale = server.config.model.lora_alpha / server.config.model.lora_rank
+    for module in server.layers:
+        a, b = f"{module}.lora_A.default.weight", f"{module}.lora_B.default.weight"
+        expected = sum(pk * scale * sent[c][b].double() @ sent[c][a].double() for pk, c in zip(p, clients))
+        change = server.weights[f"W/{module}"].double() - before[f"W/{module}"].double()
+        assert torch.allclose(change, expected, rtol=0, atol=1e-6 * expected.abs().max())
+
+
+def test_flora_learns_counts_dense_downloads_and_exports_the_merged_model(tmp_path, smoke_config):
+    """A client starts each round from the merged model (its fresh adapter adds nothing: B = 0);
+    the final state is that model, and it exports as a plain Hugging Face model."""
+    from thinwire.export import export_run, load_for_generation
+    from thinwire.methods.base import load_into
+    from thinwire.methods.hetlora import slice_rank
+
+    config = smoke_config(*FLORA, "federation.rounds=3", "eval.generate=false")
+    summary = run_local(config, tmp_path / "run", quiet=True)
+    assert summary["final_eval"]["loss"] < summary["base_eval"]["loss"] - 0.1
+    server = _server(config)
+    dense = {n: torch.zeros(t.shape) for n, t in server.weights.items()}
+    for r in _rounds(tmp_path / "run"):
+        for c in r["clients"]:
+            rank = [2, 4, 8][c["client"] % 3]
+            up = Payload(tensors={n: torch.zeros(t.shape) for n, t in slice_rank(server.adapter, rank).items()},
+                         scalars=stamp({}, r["round"], c["client"]))
+            assert c["downlink_bytes"] == len(Payload(tensors=dense, scalars={"rank": rank}).encode())
+            assert c["uplink_bytes"] == len(up.encode())
+    assert export_run(tmp_path / "run", tmp_path / "model") == "model"
+    exported, tokenizer = load_for_generation(tmp_path / "model")
+    batch = tokenizer(["Reverse the word: hello"], return_tensors="pt")
+    # the server's merged model (base layers W, adapter B = 0) is the plain model with final_state
+    server.weights = {n: t + 0.01 for n, t in server.weights.items()}
+    plain = Workbench(config)
+    model, params = plain.trainable(False)
+    load_into(params, server.final_state().tensors)
+    with torch.no_grad():
+        assert torch.allclose(server.eval_model()(**batch).logits, model(**batch).logits, atol=1e-5)
+        run_model, _ = load_for_generation(tmp_path / "run")
+        assert torch.allclose(run_model(**batch).logits, exported(**batch).logits, atol=1e-5)
+
+
 # --- every method here: resume and runtime parity ------------------------------------------------
 
-RUNS = {"ffa-lora": FFA, "fed-sb": SB, "hetlora": HET}
+RUNS = {"ffa-lora": FFA, "fed-sb": SB, "hetlora": HET, "flora": FLORA}
 
 
 class Crash(Exception):
@@ -327,7 +390,7 @@ def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, smoke_
     assert_same_run(tmp_path / "whole", tmp_path / "cut")
 
 
-# Fed-SB's phases and per-client factors run by default; FFA-LoRA and HetLoRA are FedIT-shaped
+# Fed-SB's phases and per-client factors run by default; the others are FedIT-shaped
 # (a Ray start each, ~30 s) and run with -m slow.
 @pytest.mark.parametrize("method", [pytest.param(m, marks=[pytest.mark.slow] if m != "fed-sb" else [])
                                     for m in sorted(RUNS)])

@@ -31,8 +31,8 @@ from thinwire.wire import Payload, PayloadError
 
 
 @dataclass
-class HetLoRAOptions:
-    """`[method.hetlora]`."""
+class RankOptions:
+    """`[method.hetlora]` and `[method.flora]`: the clients' ranks."""
 
     ranks: list[int] = opt([], "each client's LoRA rank, in client order and repeated over federation.clients "
                            "(empty: model.lora_rank for every client); each at most model.lora_rank")
@@ -63,15 +63,16 @@ def pad_rank(tensors: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) ->
     return out
 
 
-class _Ranks:
+class Ranks:
     lora = True
+    options_table = "hetlora"  # the method's `[method.<name>]` table
 
     def _setup_ranks(self) -> None:
-        self.options = method_options(self.config, "hetlora", HetLoRAOptions)
+        self.options = method_options(self.config, self.options_table, RankOptions)
         self.r_max = self.config.model.lora_rank
         bad = [r for r in self.options.ranks if not 1 <= r <= self.r_max]
         if bad:
-            raise UsageError(f"method.hetlora.ranks has rank {bad[0]} outside [1, model.lora_rank = {self.r_max}]; "
+            raise UsageError(f"method.{self.options_table}.ranks has rank {bad[0]} outside [1, model.lora_rank = {self.r_max}]; "
                              "lower it or raise model.lora_rank (the global adapter's rank)")
 
     def rank_of(self, client_id: int) -> int:
@@ -79,7 +80,7 @@ class _Ranks:
         return ranks[client_id % len(ranks)] if ranks else self.r_max
 
 
-class HetLoRAServer(_Ranks, WeightsServer):
+class HetLoRAServer(Ranks, WeightsServer):
     def setup(self) -> None:
         self._setup_ranks()
         _, params = self.ctx.workbench.trainable(True)
@@ -116,23 +117,30 @@ class HetLoRAServer(_Ranks, WeightsServer):
         self.weights = {k: state.tensors[k].clone() for k in self.weights}
 
 
-class HetLoRAClient(_Ranks, ClientSide):
+class RankClient(Ranks, ClientSide):
+    """A client that trains the first r_k components of the r_max adapter (HetLoRA, FLoRA)."""
+
     def __init__(self, ctx):
         super().__init__(ctx)
         self._setup_ranks()
 
-    def fit(self, rnd: int, client_id: int, download: Payload, examples: list[dict],
-            state: ClientState) -> Upload:
+    def received_rank(self, download: Payload) -> int:
         rank = validate.int_scalar(download.scalars, "rank")
         if not 1 <= rank <= self.r_max:
             raise PayloadError(f"rank {rank} outside [1, {self.r_max}]")
+        return rank
+
+    def train_slices(self, start: dict[str, torch.Tensor], rank: int, examples: list[dict], rnd: int,
+                     client_id: int) -> Upload:
+        """Train from factors `start` of rank `rank` (padded into the adapter, the other components
+        zero with their gradients masked); upload the trained factors at that rank."""
         model, params = self.ctx.workbench.trainable(True)
         full = {n: p.detach() for n, p in params.items()}
-        validate.check_like(download.tensors, {n: t.float() for n, t in slice_rank(full, rank).items()})
+        validate.check_like(start, {n: t.float() for n, t in slice_rank(full, rank).items()})
         with torch.no_grad():
-            for name, value in pad_rank(download.tensors, full).items():
+            for name, value in pad_rank(start, full).items():
                 params[name].copy_(value)
-        masks = pad_rank({n: torch.ones_like(t) for n, t in download.tensors.items()}, full)
+        masks = pad_rank({n: torch.ones_like(t) for n, t in start.items()}, full)
         hooks = [p.register_hook(lambda g, m=masks[n].to(p.device): g * m) for n, p in params.items()]
         try:
             stats = self.local_train(model, params, examples, rnd, client_id)
@@ -142,3 +150,9 @@ class HetLoRAClient(_Ranks, ClientSide):
         trained = slice_rank({n: p.detach().clone() for n, p in params.items()}, rank)
         return Upload(Payload(tensors=trained), len(examples),
                       {"train_loss": stats.loss, "tokens": stats.tokens, "train_s": stats.seconds})
+
+
+class HetLoRAClient(RankClient):
+    def fit(self, rnd: int, client_id: int, download: Payload, examples: list[dict],
+            state: ClientState) -> Upload:
+        return self.train_slices(download.tensors, self.received_rank(download), examples, rnd, client_id)

@@ -39,22 +39,26 @@ def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
 
 
+def peft_a_draw(shape: tuple[int, int], seed: int, *keys: object) -> torch.Tensor:
+    """A LoRA A (r×din) as PEFT initialises it, U(±1/√din) (kaiming_uniform with a = √5), in
+    float32 from the stream (seed, *keys) rather than the global RNG."""
+    from thinwire.seeding import torch_generator
+
+    bound = 1.0 / shape[1] ** 0.5
+    return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=torch_generator(seed, *keys))
+
+
 @torch.no_grad()
 def freeze_shared_a(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """Draw every lora_A from its own stream (seed, module name) as PEFT's default U(±1/√din) and
     freeze it (FFA-LoRA, ALGORITHMS.md §7.1). Every party derives the same bits from the run seed
     alone, whatever order peft built the modules in, so A never needs to travel. Returns the A
     tensors by parameter name (drawn again only when some A is still trainable)."""
-    from thinwire.seeding import torch_generator
-
     out = {}
     for name, layer in lora_layers(model).items():
         weight = layer.lora_A[ADAPTER].weight
         if weight.requires_grad:
-            draw = torch.empty(weight.shape, dtype=torch.float32)
-            bound = 1.0 / weight.shape[1] ** 0.5
-            draw.uniform_(-bound, bound, generator=torch_generator(seed, "ffa-lora-A", name))
-            weight.copy_(draw)
+            weight.copy_(peft_a_draw(tuple(weight.shape), seed, "ffa-lora-A", name))
             weight.requires_grad_(False)
         out[f"{name}.lora_A.{ADAPTER}.weight"] = weight.detach()
     return out
