@@ -147,6 +147,13 @@ def test_fed_sb_init_is_the_rank_r_svd_of_the_sign_step(smoke_config):
         assert torch.linalg.norm(ours) >= 0.99 * torch.linalg.norm(best)
 
 
+def test_fed_sb_refuses_a_rank_its_svd_cannot_fill(smoke_config):
+    from thinwire.errors import UsageError
+
+    with pytest.raises(UsageError, match="lora_rank = 40 exceeds the rank of"):
+        _server(smoke_config(*SB, "model.lora_rank=40"))  # k_proj and v_proj are 32x64
+
+
 def test_fed_sb_sends_factors_once_then_only_r_and_averages_only_this_rounds_r(smoke_config):
     from thinwire.methods.base import ClientState
 

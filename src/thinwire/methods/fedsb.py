@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from thinwire.config import method_options, opt
+from thinwire.errors import UsageError
 from thinwire.methods import robust, validate
 from thinwire.methods.base import ClientState, Reply, Upload, snapshot
 from thinwire.methods.fedavg import DeltaServer, FedITClient
@@ -159,6 +160,11 @@ class FedSBServer(_Rule, DeltaServer):
 
     def setup(self) -> None:
         self._setup_rule()
+        small = [(n, din, dout) for n, (r, din, dout, _) in self.shapes.items() if r > min(din, dout)]
+        if small:
+            name, din, dout = small[0]
+            raise UsageError(f"fed-sb: model.lora_rank = {self.config.model.lora_rank} exceeds the rank of {name!r} "
+                             f"({dout}x{din}), which its SVD initialisation cannot fill; lower model.lora_rank")
         self.optimizer = ServerOptimizer(self.config.method)
         self.weights: dict[str, torch.Tensor] = {}  # R per module, from the init round on
         self.factors: dict[str, torch.Tensor] = {}  # "A/<module>", "B/<module>"
