@@ -298,6 +298,8 @@ def test_hetlora_learns_and_counts_each_clients_rank(tmp_path, smoke_config):
 
     with pytest.raises(UsageError, match="ranks has rank 9"):
         _server(smoke_config(*HET, "method.hetlora.ranks=[9]"))
+    with pytest.raises(UsageError, match="aggregates by its own rule"):
+        _server(smoke_config(*FLORA, "method.aggregation='median'"))
     config = smoke_config(*HET, "federation.rounds=3", "eval.generate=false")
     summary = run_local(config, tmp_path / "run", quiet=True)
     assert summary["final_eval"]["loss"] < summary["base_eval"]["loss"] - 0.1

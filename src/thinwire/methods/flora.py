@@ -27,7 +27,13 @@ import torch
 
 from thinwire.methods import validate
 from thinwire.methods.base import ClientState, Reply, Upload, WeightsServer
-from thinwire.methods.hetlora import RankClient, RankOptions, Ranks, slice_rank  # noqa: F401 (RankOptions: the registry's)
+from thinwire.methods.hetlora import (  # noqa: F401 (RankOptions: the registry's options class)
+    RankClient,
+    RankOptions,
+    Ranks,
+    WeightsCheckpoint,
+    slice_rank,
+)
 from thinwire.models.lora import ADAPTER, lora_layers, peft_a_draw
 from thinwire.wire import Payload, PayloadError
 
@@ -55,7 +61,7 @@ class _Merged(Ranks):
                             for n, layer in self.layers.items()}
 
 
-class FLoRAServer(_Merged, WeightsServer):
+class FLoRAServer(_Merged, WeightsCheckpoint, WeightsServer):
     def setup(self) -> None:
         self._setup_merged()
         self.weights = {f"W/{n}": layer.base_layer.weight.detach().float().clone() for n, layer in self.layers.items()}
@@ -107,13 +113,6 @@ class FLoRAServer(_Merged, WeightsServer):
                 plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
                 tensors[plain] = merged.get(name, p.detach())
         return Payload(tensors=tensors)
-
-    def state_dict(self) -> Payload | None:
-        return Payload(tensors=self.weights) if hasattr(self, "weights") else None
-
-    def load_state_dict(self, state: Payload) -> None:
-        validate.check_like(state.tensors, self.weights)
-        self.weights = {k: state.tensors[k].clone() for k in self.weights}
 
 
 class FLoRAClient(_Merged, RankClient):

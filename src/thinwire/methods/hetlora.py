@@ -72,15 +72,33 @@ class Ranks:
         self.r_max = self.config.model.lora_rank
         bad = [r for r in self.options.ranks if not 1 <= r <= self.r_max]
         if bad:
-            raise UsageError(f"method.{self.options_table}.ranks has rank {bad[0]} outside [1, model.lora_rank = {self.r_max}]; "
-                             "lower it or raise model.lora_rank (the global adapter's rank)")
+            raise UsageError(f"method.{self.options_table}.ranks has rank {bad[0]} outside "
+                             f"[1, model.lora_rank = {self.r_max}]; lower it or raise model.lora_rank "
+                             "(the global adapter's rank)")
+        method = self.config.method
+        if method.server_optimizer != "none" or method.aggregation != "mean":
+            raise UsageError(f"{method.name} aggregates by its own rule (ALGORITHMS.md §7.3); set "
+                             "method.server_optimizer = 'none' and method.aggregation = 'mean'")
 
     def rank_of(self, client_id: int) -> int:
         ranks = self.options.ranks
         return ranks[client_id % len(ranks)] if ranks else self.r_max
 
 
-class HetLoRAServer(Ranks, WeightsServer):
+class WeightsCheckpoint:
+    """A server whose whole state is `self.weights` (HetLoRA's adapter, FLoRA's merged weights)."""
+
+    weights: dict[str, torch.Tensor]
+
+    def state_dict(self) -> Payload | None:
+        return Payload(tensors=self.weights) if hasattr(self, "weights") else None
+
+    def load_state_dict(self, state: Payload) -> None:
+        validate.check_like(state.tensors, self.weights)
+        self.weights = {k: state.tensors[k].clone() for k in self.weights}
+
+
+class HetLoRAServer(Ranks, WeightsCheckpoint, WeightsServer):
     def setup(self) -> None:
         self._setup_ranks()
         _, params = self.ctx.workbench.trainable(True)
@@ -108,13 +126,6 @@ class HetLoRAServer(Ranks, WeightsServer):
                 self.weights[key] = sum(w * p[key].double() for w, p in zip(weights, padded)).float()
             spread.append(max(weights) - min(weights))
         return {"weight_spread": max(spread)}
-
-    def state_dict(self) -> Payload | None:
-        return Payload(tensors=self.weights) if hasattr(self, "weights") else None
-
-    def load_state_dict(self, state: Payload) -> None:
-        validate.check_like(state.tensors, self.weights)
-        self.weights = {k: state.tensors[k].clone() for k in self.weights}
 
 
 class RankClient(Ranks, ClientSide):
