@@ -15,15 +15,15 @@ from thinwire.errors import UsageError
 _REGISTRY = {
     "fedavg": ("thinwire.methods.fedavg", "DeltaServer", "DeltaClient", None),
     "fedit": ("thinwire.methods.fedavg", "FedITServer", "FedITClient", None),
-    "ffa-lora": ("thinwire.methods.ffalora", "FFALoRAServer", "FFALoRAClient", None),
-    "fed-sb": ("thinwire.methods.fedsb", "FedSBServer", "FedSBClient", "FedSBOptions"),
-    "hetlora": ("thinwire.methods.hetlora", "HetLoRAServer", "HetLoRAClient", "RankOptions"),
-    "flora": ("thinwire.methods.flora", "FLoRAServer", "FLoRAClient", "RankOptions"),
     "fedkseed": ("thinwire.methods.fedkseed", "FedKSeedServer", "FedKSeedClient", "FedKSeedOptions"),
     "fedkseed-pro": ("thinwire.methods.fedkseed", "FedKSeedProServer", "FedKSeedProClient", None),
     "ferret": ("thinwire.methods.ferret", "FerretServer", "FerretClient", "FerretOptions"),
     "fedpt": ("thinwire.methods.fedpt", "FedPTServer", "FedPTClient", "FedPTOptions"),
     "cgfedllm": ("thinwire.methods.cgfedllm", "CGFedLLMServer", "CGFedLLMClient", "CGFedLLMOptions"),
+    "ffa-lora": ("thinwire.methods.ffalora", "FFALoRAServer", "FFALoRAClient", None),
+    "fed-sb": ("thinwire.methods.fedsb", "FedSBServer", "FedSBClient", "FedSBOptions"),
+    "hetlora": ("thinwire.methods.hetlora", "HetLoRAServer", "HetLoRAClient", "RankOptions"),
+    "flora": ("thinwire.methods.flora", "FLoRAServer", "FLoRAClient", "RankOptions"),
 }
 
 METHOD_NAMES = tuple(_REGISTRY)
