@@ -20,6 +20,10 @@ _REGISTRY = {
     "ferret": ("thinwire.methods.ferret", "FerretServer", "FerretClient", "FerretOptions"),
     "fedpt": ("thinwire.methods.fedpt", "FedPTServer", "FedPTClient", "FedPTOptions"),
     "cgfedllm": ("thinwire.methods.cgfedllm", "CGFedLLMServer", "CGFedLLMClient", "CGFedLLMOptions"),
+    "ffa-lora": ("thinwire.methods.ffalora", "FFALoRAServer", "FFALoRAClient", None),
+    "fed-sb": ("thinwire.methods.fedsb", "FedSBServer", "FedSBClient", "FedSBOptions"),
+    "hetlora": ("thinwire.methods.hetlora", "HetLoRAServer", "HetLoRAClient", "RankOptions"),
+    "flora": ("thinwire.methods.flora", "FLoRAServer", "FLoRAClient", "RankOptions"),
 }
 
 METHOD_NAMES = tuple(_REGISTRY)
