@@ -20,7 +20,8 @@ Rounds, as phases of one run (each round record's `phase`; summary.json gives tr
   Privacy cost: this round sends each sampled client's raw gradient of every target matrix on
   `init_examples` examples, the most revealing thing a client ever sends in thinwire (gradient
   inversion reconstructs text from such gradients). The released code's DP runs compute it on
-  raw data outside ε too. Under DP it is a different update space from R's (docs/methods-lora.md).
+  raw data outside ε. Here, under DP, it is clipped and noised like any upload (`FedSBSpace`) and
+  counted as a release; under SecAgg+ the server sees only the gradients' sum.
 * ``train`` (the rest): a client's first download after the init carries A and B (r·(din+dout)
   per module, counted as downlink) and the client keeps them in its ClientState; the server sends
   them again until an aggregated reply from that client shows it holds them. Every download
@@ -37,17 +38,19 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from thinwire.config import method_options, opt
+from thinwire.config import Config, method_options, opt
 from thinwire.errors import UsageError
 from thinwire.methods import robust, validate
 from thinwire.methods.base import ClientState, Reply, Upload, snapshot
 from thinwire.methods.fedavg import DeltaServer, FedITClient
 from thinwire.methods.server_opt import ServerOptimizer
+from thinwire.methods.space import UpdateSpace
 from thinwire.models.lora import ADAPTER, lora_layers
 from thinwire.seeding import derive_seed
 from thinwire.train.first_order import batch_stream
@@ -155,8 +158,25 @@ class _Rule:
         self.shapes = factor_shapes(self.model)
 
 
+class FedSBSpace(UpdateSpace):
+    """The uploaded tensors: each target matrix's gradient G in the init round, ΔR after. Under DP
+    both are clipped to privacy.clip_norm and noised, and the init round is a release like any."""
+
+    def __init__(self):
+        super().__init__("gradients G in the init round, then the R delta (r x r per module)")
+
+    def dimension(self, server: Any) -> int:
+        if server.ready_round is None:
+            return sum(din * dout for _, din, dout, _ in server.shapes.values())
+        return server.trainable_parameters()
+
+
 class FedSBServer(_Rule, DeltaServer):
     lora = True
+
+    @classmethod
+    def update_space(cls, config: Config) -> UpdateSpace | None:
+        return FedSBSpace()
 
     def setup(self) -> None:
         self._setup_rule()

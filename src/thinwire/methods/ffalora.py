@@ -15,8 +15,10 @@ Its update space, for DP and robust rules, is ΔB itself, averaged by the weight
 
 from __future__ import annotations
 
+from thinwire.config import Config
 from thinwire.methods.base import ClientState, Upload
 from thinwire.methods.fedavg import FedITClient, FedITServer
+from thinwire.methods.space import UpdateSpace
 from thinwire.models.lora import freeze_shared_a
 from thinwire.seeding import derive_seed
 from thinwire.wire import Payload
@@ -30,6 +32,10 @@ class _SharedA:
 
 class FFALoRAServer(_SharedA, FedITServer):
     needs_shared_draws = True  # clients draw A0 from the seed: every party must draw the same bits
+
+    @classmethod
+    def update_space(cls, config: Config) -> UpdateSpace | None:
+        return UpdateSpace("LoRA B delta (A frozen and shared)")
 
     def setup(self) -> None:
         self.shared_a()

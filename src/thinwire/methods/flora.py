@@ -62,6 +62,8 @@ class _Merged(Ranks):
 
 
 class FLoRAServer(_Merged, WeightsCheckpoint, WeightsServer):
+    private_refusal = "its server multiplies each client's own factors (B_k A_k), not a sum of uploads"
+
     def setup(self) -> None:
         self._setup_merged()
         self.weights = {f"W/{n}": layer.base_layer.weight.detach().float().clone() for n, layer in self.layers.items()}

@@ -99,6 +99,8 @@ class WeightsCheckpoint:
 
 
 class HetLoRAServer(Ranks, WeightsCheckpoint, WeightsServer):
+    private_refusal = "its aggregation weighs each client by its own update's norm (‖B_k A_k‖)"
+
     def setup(self) -> None:
         self._setup_ranks()
         _, params = self.ctx.workbench.trainable(True)
