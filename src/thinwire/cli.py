@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         earlier = _offer_resume(config, args.runtime)
         if earlier is not None:
             return _run(config, earlier, args, resume=True)
-    out = args.out or Path("runs") / f"{config.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out or _auto_out(config.method.name)
     partial = out.with_name(out.name + ".partial")
     if args.force and partial.is_dir():
         ensure_not_written(partial)
@@ -143,10 +143,20 @@ def _run(config, out: Path, args: argparse.Namespace, resume: bool) -> int:
               f"thinwire: continue it (from round {kept + 1}) with: {resume_command(out, args.runtime)}",
               file=sys.stderr)
         return 130
-    console.print(f"run directory: {out}", highlight=False, markup=False)
+    console.print(f"run directory: {out}", highlight=False, markup=False, soft_wrap=True)
     if not args.quiet:
-        console.print("\n".join(next_steps(out, config)), highlight=False, markup=False)
+        console.print("\n".join(next_steps(out, config)), highlight=False, markup=False, soft_wrap=True)
     return 0
+
+
+def _auto_out(method: str) -> Path:
+    """runs/<method>-<time>, with -2, -3, ... when a run started in the same second holds the name."""
+    base = Path("runs") / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = base, 1
+    while out.exists() or out.with_name(out.name + ".partial").exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 def _offer_resume(config, runtime: str) -> Path | None:

@@ -107,7 +107,7 @@ class RunDisplay:
     def log(self, text: str) -> None:
         """A line above the bars on a terminal, a flushed line on stdout otherwise (none when quiet)."""
         if self.live:
-            self.progress.console.print(text, markup=False, highlight=False)
+            self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
         elif not self.quiet:
             print(text, flush=True)
 
