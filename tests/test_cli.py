@@ -169,3 +169,32 @@ def test_compare_methods_all_means_every_method():
 
     assert check_methods(["all"]) == list(METHOD_NAMES)
     assert check_methods(["fedit,fedavg", "fedit"]) == ["fedit", "fedavg"]
+
+
+@pytest.mark.parametrize("generate", [False, True])
+def test_evaluation_progress_counts_every_example_pass(smoke_config, generate):
+    from thinwire.data import build_federation
+    from thinwire.evaluate import evaluation_work, score_splits
+    from thinwire.methods.base import Workbench
+
+    config = smoke_config(f"eval.generate={str(generate).lower()}", "eval.batch_size=5", "eval.max_new_tokens=2")
+    workbench = Workbench(config)
+    model, _ = workbench.trainable(False)
+    splits = build_federation(config).eval_splits()
+    batches: list[int] = []
+    records = score_splits(model, workbench.tokenizer, splits, config.eval, config.data.max_length, batches.append)
+    assert sum(batches) == evaluation_work(splits, config.eval) == len(records) * (2 if generate else 1)
+    assert max(batches) == 5 and len(batches) == sum(-(-len(r) // 5) for r in splits.values()) * (1 + generate)
+
+
+def test_a_round_line_gives_loss_quality_bytes_and_eta():
+    from thinwire.runtime.display import round_line
+
+    record = {"round": 3, "clients_ok": 2, "clients_sampled": 3, "train_loss": 1.23456, "skipped": False,
+              "eval": {"loss": 0.5, "rougeL": 0.25, "exact_match": 0.125}, "uplink_bytes": 1_500_000,
+              "downlink_bytes": 999, "time_s": {"total": 12.34}}
+    assert round_line(record, 10, 75.0) == ("round 3/10, clients 2/3, train loss 1.2346, eval loss 0.5000, "
+                                            "rougeL 0.2500, exact match 0.1250, up 1.50 MB, down 999 B, 12.3 s, "
+                                            "eta 1m 15s")
+    record.update(eval=None, train_loss=None, skipped=True)
+    assert round_line(record, 3, None) == "round 3/3, skipped (too few replies), clients 2/3, up 1.50 MB, down 999 B, 12.3 s"
