@@ -197,4 +197,5 @@ def test_a_round_line_gives_loss_quality_bytes_and_eta():
                                             "rougeL 0.2500, exact match 0.1250, up 1.50 MB, down 999 B, 12.3 s, "
                                             "eta 1m 15s")
     record.update(eval=None, train_loss=None, skipped=True)
-    assert round_line(record, 3, None) == "round 3/3, skipped (too few replies), clients 2/3, up 1.50 MB, down 999 B, 12.3 s"
+    assert round_line(record, 3, None) == ("round 3/3, skipped (too few replies), clients 2/3, up 1.50 MB, "
+                                           "down 999 B, 12.3 s")

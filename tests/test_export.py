@@ -96,8 +96,9 @@ def _readme_snippet(export, moved):
     """The README's Python block, pointed at where the export now lives."""
     readme = (moved / "README.md").read_text()
     code = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    assert f"export = Path({str(export)!r})" in code
-    return code.replace(f"export = Path({str(export)!r})", f"export = Path({str(moved)!r})")
+    written = f"export = Path({str(export.resolve())!r})"
+    assert written in code
+    return code.replace(written, f"export = Path({str(moved)!r})")
 
 
 @pytest.mark.parametrize("method", ["fedit", "fedavg"])
@@ -167,8 +168,9 @@ def test_generate_prints_no_library_noise(runs, tmp_path):
     from pathlib import Path
 
     assert main(["export", str(runs["fedit"]), "--out", str(tmp_path / "a")]) == 0
+    src = str(Path(__file__).resolve().parents[1] / "src")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-m", "thinwire.cli", "generate", str(tmp_path / "a"), "Reverse the word.",
                            "--input", "parrot", "--max-new-tokens", "4"], capture_output=True, text=True, env=env,
                           timeout=120)

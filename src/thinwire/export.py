@@ -80,7 +80,7 @@ def export_run(run_dir: Path, out: Path, merge: bool = False) -> str:
             kind = "proxy"
         else:
             kind = _export_weights(run_dir, tmp, merge)
-        (tmp / README_FILE).write_text(export_readme(tmp, out, run_dir, kind))
+        (tmp / README_FILE).write_text(export_readme(tmp, out.resolve(), run_dir, kind))
         _umask_permissions(tmp)
         tmp.rename(out)
     finally:
@@ -262,7 +262,8 @@ def _snippet(directory: Path, out: Path, kind: str, template: str) -> list[str]:
     if kind == "adapter":
         base = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
         where = f"export / {base!r}" if base == LOCAL_BASE else repr(base)
-        lines += [f"base = AutoModelForCausalLM.from_pretrained({where})  # the base model the adapter was trained over",
+        lines += ["# the base model the adapter was trained over",
+                  f"base = AutoModelForCausalLM.from_pretrained({where})",
                   "model = PeftModel.from_pretrained(base, export).eval()"]
     else:
         lines += ["model = AutoModelForCausalLM.from_pretrained(export).eval()"]
@@ -274,7 +275,8 @@ def _snippet(directory: Path, out: Path, kind: str, template: str) -> list[str]:
                   'messages = [{"role": "user", "content": "Reverse the word.\\n\\nparrot"}]']
     lines += ["inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt',",
               "                                       return_dict=True)",
-              "tokens = model.generate(**inputs, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id)",
+              "tokens = model.generate(**inputs, max_new_tokens=32, do_sample=False,",
+              "                        pad_token_id=tokenizer.pad_token_id)",
               "print(tokenizer.decode(tokens[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))"]
     return lines
 
@@ -300,7 +302,7 @@ def describe(directory: Path) -> str:
     directory = Path(directory)
     if (directory / "adapter_config.json").is_file():
         base = json.loads((directory / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        return f"PEFT adapter over {base}"
+        return f"PEFT adapter over {'the base model saved in base/' if base == LOCAL_BASE else base}"
     if (directory / "config.json").is_file():
         return "Hugging Face model directory with its tokenizer"
     return "FedPT proxy (thinwire generate loads it)"
