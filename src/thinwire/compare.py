@@ -296,7 +296,10 @@ def _status_table(rows: list[dict[str, Any]], result: ReportResult) -> Any:
     missing = [f"no ratio for {r['run']}: {r['traffic_baseline']}" for r in result.rows
                if r["traffic_ratio_vs_baseline"] is None]
     private = any_private(result.rows)
-    table = Table(title="compare (traffic: whole run, every byte sent)", caption="; ".join(missing) or None)
+    from thinwire.report import random_model_notes
+
+    notes = [*missing, *random_model_notes(r["model"] for r in result.rows)]
+    table = Table(title="compare (traffic: whole run, every byte sent)", caption="; ".join(notes) or None)
     for column in ("method", "status", "Rouge-L", "loss", *(["privacy"] if private else []),
                    "up / down per client-round", "total sent", "vs baseline (up+down)", "wall"):
         table.add_column(column, justify="left" if column in ("method", "status") else "right")

@@ -23,6 +23,7 @@ import io
 import json
 import math
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -288,10 +289,10 @@ def differing_values(runs: list[Run], key: str) -> str:
     return f"{key} = " + "; ".join(f"{value} ({', '.join(labels)})" for value, labels in groups.items())
 
 
-def random_model_notes(runs: list[Run]) -> list[str]:
-    """Why quality stays near zero, for each built-in random model among the runs."""
-    notes = (random_model_note(str(model)) for model in sorted({str(r.summary["model"]) for r in runs}))
-    return [note[0].upper() + note[1:] + "." for note in notes if note]
+def random_model_notes(models: Iterable[Any]) -> list[str]:
+    """Why quality stays near zero, for each built-in random model among `models` (model names)."""
+    notes = (random_model_note(model) for model in sorted({str(m) for m in models}))
+    return [f"Note: {note}." for note in notes if note]
 
 
 def _fact_text(value: Any) -> str:
@@ -309,7 +310,7 @@ def write_markdown(runs: list[Run], rows: list[dict[str, Any]], skipped: list[tu
     lines = ["# thinwire comparison", ""]
     if common:
         lines += ["; ".join(f"{label}: {value}" for label, value in common), ""]
-    lines += [line for note in random_model_notes(runs) for line in (note, "")]
+    lines += [line for note in random_model_notes(r.summary["model"] for r in runs) for line in (note, "")]
     if differing:
         lines += ["Config keys that differ between runs (besides the method):", "",
                   *(f"- {differing_values(runs, k)}" for k in differing), ""]
@@ -488,8 +489,8 @@ def write_html(runs: list[Run], rows: list[dict[str, Any]], plots: dict[str, byt
              + (f"; {len(failed) + len(skipped)} failed or skipped" if failed or skipped else "") + "</p>",
              '<ul class="facts">']
     parts += [f"<li><b>{_e(label)}</b>{_e(value)}</li>" for label, value in common]
-    parts += ["</ul>", *(f'<p class="note">{_e(note)}</p>' for note in random_model_notes(runs)), "</header>",
-              "<main>"]
+    notes = random_model_notes(r.summary["model"] for r in runs)
+    parts += ["</ul>", *(f'<p class="note">{_e(note)}</p>' for note in notes), "</header>", "<main>"]
 
     # Quality table
     parts += ["<h2>Quality: before → after federated fine-tuning</h2>", '<div class="scroll"><table id="quality">',
