@@ -170,7 +170,7 @@ class Rounds:
     def __init__(self, config: Config, spec: MethodSpec, federation: Federation, run_dir: ResumableRunDir,
                  transport: Transport, quiet: bool, runtime: str):
         self.config, self.spec, self.federation, self.run_dir = config, spec, federation, run_dir
-        self.transport, self.quiet, self.runtime = transport, quiet, runtime
+        self.transport, self.runtime = transport, runtime
         self.workbench = Workbench(config)
         self.workbench.tokenizer  # noqa: B018 -- load the model now: a bad model name fails before any display
         self.ctx = RunContext(config, self.workbench, partition_sizes=[len(c) for c in federation.clients])
