@@ -56,6 +56,7 @@ def test_a_run_piped_to_a_file_logs_every_round(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     lines = (tmp_path / "log.txt").read_text().splitlines()
     assert lines[0].startswith(f"run directory: {out}.partial")
+    assert lines[1].startswith("evaluating the base model") and lines[2].startswith("base model evaluated in")
     rounds = [line for line in lines if line.startswith("round ")]
     assert [line.split(",")[0] for line in rounds] == ["round 1/3", "round 2/3", "round 3/3"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

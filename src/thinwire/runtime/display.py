@@ -90,7 +90,8 @@ class RunDisplay:
         self.partial, self.total, self.quiet = partial, rounds, quiet
         self.live = not quiet and is_live()
         self.progress = make_progress(disable=not self.live)
-        self.round_seconds: list[float] = []
+        self.round_seconds: list[float] = []  # measured this session (the ETA's basis)
+        self.rounds_done = 0
         self.rounds_bar = self.progress.add_task("rounds", total=rounds)
         self.eval_bar: Any = None
 
@@ -112,6 +113,7 @@ class RunDisplay:
             print(text, flush=True)
 
     def resumed(self, rnd: int) -> None:
+        self.rounds_done = rnd
         self.progress.update(self.rounds_bar, completed=rnd)
         self.log(f"resuming after round {rnd} of {self.total}")
 
@@ -124,7 +126,7 @@ class RunDisplay:
         started, done = time.perf_counter(), 0
         # plain lines say when the base evaluation starts and ends (the silent stretch before round 1);
         # a round's evaluation shows in its round line
-        announce = not self.live and not self.round_seconds and not self.progress.tasks[self.rounds_bar].completed
+        announce = not self.live and self.rounds_done == 0
         if announce:
             self.log(f"evaluating the base model ({total} example passes)")
 
@@ -139,6 +141,7 @@ class RunDisplay:
 
     def round_done(self, record: dict[str, Any]) -> None:
         """Advance the rounds bar, update its ETA (mean measured round time × rounds left), log the line."""
+        self.rounds_done = record["round"]
         self.round_seconds.append(record["time_s"]["total"])
         left = self.total - record["round"]
         eta_s = sum(self.round_seconds) / len(self.round_seconds) * left if left else None
