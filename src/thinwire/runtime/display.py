@@ -119,14 +119,14 @@ class RunDisplay:
 
     def evaluation(self, total: int) -> Callable[[int], None]:
         """Start an evaluation of `total` units of work; returns the function that advances it."""
+        # plain lines say when the base evaluation (the first, before any round) starts and ends: the
+        # silent stretch before round 1; a round's evaluation shows in its round line
+        announce = not self.live and self.rounds_done == 0 and self.eval_bar is None
         if self.eval_bar is None:
             self.eval_bar = self.progress.add_task("evaluate", total=total)
         else:
             self.progress.reset(self.eval_bar, total=total)
         started, done = time.perf_counter(), 0
-        # plain lines say when the base evaluation starts and ends (the silent stretch before round 1);
-        # a round's evaluation shows in its round line
-        announce = not self.live and self.rounds_done == 0
         if announce:
             self.log(f"evaluating the base model ({total} example passes)")
 
