@@ -45,6 +45,7 @@ def quiet_libraries() -> Iterator[None]:
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     verbosity = transformers.logging.get_verbosity()
+    transformers_bars = transformers.logging.is_progress_bar_enabled()
     bars_were_off = are_progress_bars_disabled()
     peft_logger = logging.getLogger("peft")
     peft_level = peft_logger.level
@@ -58,7 +59,8 @@ def quiet_libraries() -> Iterator[None]:
             yield
     finally:
         transformers.logging.set_verbosity(verbosity)
-        transformers.logging.enable_progress_bar()
+        if transformers_bars:
+            transformers.logging.enable_progress_bar()
         if not bars_were_off:
             enable_progress_bars()
         peft_logger.setLevel(peft_level)
