@@ -103,6 +103,9 @@ def test_compare_runs_every_method_and_reports_the_failure(compared):
     markdown = (out / "comparison.md").read_text()
     for text in (html, markdown):
         assert FAILING in text and "boom in client fit" in text
+        assert "tiny is a random 2-layer model" in text  # why exact match stays 0 -> 0
+        assert "1.00×" not in text and "same" in text  # each is its own baseline
+    assert "same bytes as fedavg" in markdown and "same bytes as fedit" in markdown
 
     # By task: each run's final predictions, scored per task (no generation here: loss only).
     with (out / "by_task.csv").open() as handle:
@@ -153,7 +156,20 @@ def test_compare_runs_per_method_settings_and_named_variants(tmp_path):
     assert tuned["final_eval"]["loss"] < tuned["base_eval"]["loss"]
     table = _csv_rows(out / "comparison.csv")
     assert set(table) == {"fedit (fedit)", "fedit (fedit-frozen)"}
-    assert "train.lr" in (out / "comparison.md").read_text()
+    # the differing key, with each run's value
+    differing = "train.lr = 0.002 (fedit (fedit)); 0.0 (fedit (fedit-frozen))"
+    assert f"- {differing}" in (out / "comparison.md").read_text()
+    assert f"<code>{differing}</code>" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("ratio, text", [(0.00274, "365× fewer"), (0.5, "2.00× fewer"), (1.0, "same"),
+                                         (1.2, "1.20× more"), (0.0401, "24.9× fewer"), (1234.0, "1,234× more")])
+def test_byte_ratios_read_as_how_many_times_fewer_or_more(ratio, text):
+    from thinwire.report import _fmt_ratio, ratio_text
+
+    assert _fmt_ratio(ratio) == text
+    assert ratio_text(ratio, "fedavg") == ("same bytes as fedavg" if text == "same" else f"{text} bytes than fedavg")
+    assert ratio_text(None, "fedavg") == "-"
 
 
 def test_compare_over_seeds_reports_mean_and_std(compared, tmp_path):

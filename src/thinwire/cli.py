@@ -1,4 +1,4 @@
-"""The `thinwire` command: run, compare, report, models, tasks."""
+"""The `thinwire` command: run, compare, report, export, generate, models, tasks, superlink, supernode."""
 
 from __future__ import annotations
 
@@ -18,8 +18,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from thinwire import __version__
+
     parser = _Parser(prog="thinwire", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"thinwire {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run one federated experiment")
     run.add_argument("config", nargs="?", help="TOML config (default: examples/quickstart.toml)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -27,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="run directory (default: runs/<method>-<time>)")
     run.add_argument("--runtime", choices=["local", "flower-sim"], default="local",
                      help="in-process simulation, or Flower's simulation engine")
-    run.add_argument("--quiet", action="store_true", help="no progress bars or summary table")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress, per-round lines or summary table; only the run directory at the end")
     run.add_argument("--force", action="store_true",
                      help="delete an interrupted run in <out>.partial and start over")
     run.add_argument("--resume", type=Path, metavar="DIR",
@@ -36,8 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="run one experiment per method and report them side by side")
     compare.add_argument("config", nargs="?", help="TOML config (default: examples/quickstart.toml)")
     compare.add_argument("--methods", default="",
-                         help="comma-separated methods or the config's [compare.<name>] variants "
-                              "(default: every available method)")
+                         help="comma-separated methods or the config's [compare.<name>] variants, or `all` "
+                              "(every method; required: a comparison costs one run per method)")
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     compare.add_argument("--seeds", default="", metavar="N,N,...",
                          help="run every method once per seed (DIR/<method>-seed<N>); the report adds mean ± std")
@@ -73,7 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--merge", action="store_true", help="LoRA methods: merge the adapter into a full model")
     gen = sub.add_parser("generate", help="generate from a run directory or an export")
     gen.add_argument("dir", type=Path, help="a run directory, a `thinwire export` directory or a FedPT proxy")
-    gen.add_argument("prompts", nargs="+", help="instructions (rendered with the Alpaca template)")
+    gen.add_argument("prompts", nargs="+", help="instructions (rendered in the prompt template the model was "
+                                                "trained with, Alpaca by default)")
+    gen.add_argument("--input", default="", help="the task's input, shown to the model under `### Input:` "
+                                                  "(as in training); applies to every instruction")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     models = sub.add_parser("models", help="list built-in models (and build one with --prepare)")
     models.add_argument("--prepare", choices=PREPARABLE, metavar="NAME",
@@ -87,40 +94,93 @@ PREPARABLE = ("smollm2-135m", "smollm2-small")
 
 def cmd_run(args: argparse.Namespace) -> int:
     from thinwire.config import default_config, default_model_notice, load_config
-    from thinwire.runtime.local import run_local
+    from thinwire.runtime.checkpoint import resume_paths
     from thinwire.runtime.rundir import ensure_not_written
 
     if args.resume is not None:
-        from thinwire.runtime.checkpoint import resume_paths
-
         if args.config or args.overrides or args.out:
             raise UsageError("--resume takes the config and output directory from the interrupted run; "
                              "drop CONFIG, --set and --out")
         out, partial = resume_paths(args.resume)
-        config = load_config(partial / "config.toml")
-        if args.runtime == "flower-sim":
-            from thinwire.runtime.flower import run_flower_sim
-
-            run_flower_sim(config, out, quiet=args.quiet, resume=True)
-        else:
-            run_local(config, out, quiet=args.quiet, resume=True)
-        return 0
+        return _run(load_config(partial / "config.toml"), out, args, resume=True)
     config = load_config(args.config or default_config(), args.overrides)
     notice = default_model_notice(args.config or default_config(), args.overrides)
     if notice:
         print(notice, file=sys.stderr)
-    out = args.out or Path("runs") / f"{config.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.out is None:
+        earlier = _offer_resume(config, args.runtime)
+        if earlier is not None:
+            return _run(config, earlier, args, resume=True)
+    out = args.out or _auto_out(config.method.name)
     partial = out.with_name(out.name + ".partial")
     if args.force and partial.is_dir():
         ensure_not_written(partial)
         shutil.rmtree(partial)
-    if args.runtime == "flower-sim":
-        from thinwire.runtime.flower import run_flower_sim
+    return _run(config, out, args, resume=False)
 
-        run_flower_sim(config, out, quiet=args.quiet)
-    else:
-        run_local(config, out, quiet=args.quiet)
+
+def _run(config, out: Path, args: argparse.Namespace, resume: bool) -> int:
+    """Run (or resume) into `out`; on Ctrl-C say how far it got, where it is and how to continue."""
+    from thinwire.runtime.checkpoint import committed_round
+    from thinwire.runtime.display import console, next_steps
+    from thinwire.runtime.rundir import resume_command, rounds_logged
+
+    try:
+        if args.runtime == "flower-sim":
+            from thinwire.runtime.flower import run_flower_sim
+
+            run_flower_sim(config, out, quiet=args.quiet, resume=resume)
+        else:
+            from thinwire.runtime.local import run_local
+
+            run_local(config, out, quiet=args.quiet, resume=resume)
+    except KeyboardInterrupt:
+        partial = out.with_name(out.name + ".partial")
+        if not partial.is_dir():
+            raise
+        done, total, kept = rounds_logged(partial), config.federation.rounds, committed_round(partial)
+        print(f"thinwire: interrupted in round {min(done + 1, total)} of {total}; the run so far is in {partial}\n"
+              f"thinwire: continue it (from round {kept + 1}) with: {resume_command(out, args.runtime)}",
+              file=sys.stderr)
+        return 130
+    console.print(f"run directory: {out}", highlight=False, markup=False, soft_wrap=True)
+    if not args.quiet:
+        console.print("\n".join(next_steps(out, config)), highlight=False, markup=False, soft_wrap=True)
     return 0
+
+
+def _auto_out(method: str) -> Path:
+    """runs/<method>-<time>, with -2, -3, ... when a run started in the same second holds the name."""
+    base = Path("runs") / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = base, 1
+    while out.exists() or out.with_name(out.name + ".partial").exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+def _offer_resume(config, runtime: str) -> Path | None:
+    """An auto-named run whose config matches an interrupted one: on a terminal, ask whether to
+    resume the newest such run (its --out, when yes); otherwise say how to, and start afresh (None)."""
+    from thinwire.runtime.rundir import interrupted_runs, resume_command, rounds_logged
+
+    found = interrupted_runs(Path("runs"), config.method.name, config)
+    if not found:
+        return None
+    partial = found[0]
+    out = partial.with_name(partial.name[: -len(".partial")])
+    print(f"thinwire: an interrupted run of this config is in {partial} ({rounds_logged(partial)} of "
+          f"{config.federation.rounds} rounds done)", file=sys.stderr)
+    if sys.stdin.isatty() and sys.stderr.isatty():
+        try:
+            answer = input("resume it instead of starting a new run? [Y/n] ").strip().lower()
+        except EOFError:
+            answer = "n"
+        if answer in ("", "y", "yes"):
+            return out
+    print(f"thinwire: starting a new run; to continue that one instead: {resume_command(out, runtime)}",
+          file=sys.stderr)
+    return None
 
 
 def cmd_superlink(args: argparse.Namespace) -> int:
@@ -164,21 +224,24 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from thinwire.export import describe, export_run
+    from thinwire.export import describe, export_run, quiet_libraries
 
-    export_run(args.run_dir, args.out, merge=args.merge)
+    with quiet_libraries():
+        export_run(args.run_dir, args.out, merge=args.merge)
     print(f"{args.out}: {describe(args.out)}")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from thinwire.export import load_for_generation
+    from thinwire.export import load_for_generation, quiet_libraries
     from thinwire.proxy import generate_text
 
     if not args.dir.is_dir():
         raise UsageError(f"{args.dir} is not a directory; pass a run directory or a `thinwire export` directory")
-    model, tokenizer = load_for_generation(args.dir)
-    for prompt, text in zip(args.prompts, generate_text(model, tokenizer, args.prompts, args.max_new_tokens)):
+    with quiet_libraries():
+        model, tokenizer = load_for_generation(args.dir)
+        texts = generate_text(model, tokenizer, args.prompts, args.max_new_tokens, input_text=args.input)
+    for prompt, text in zip(args.prompts, texts):
         print(f"### {prompt}\n{text}\n")
     return 0
 

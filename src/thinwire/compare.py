@@ -38,17 +38,29 @@ from thinwire.tables import COMPARE_FILE, any_private
 
 
 def check_methods(methods: list[str], variants: list[str] = ()) -> list[str]:
-    """Cleaned, de-duplicated run names (empty: every implemented method). A name is a method or
+    """Cleaned, de-duplicated run names (`all`: every implemented method). A name is a method or
     one of the config's named `variants`; anything else is a UsageError naming the valid ones."""
     from thinwire.methods import METHOD_NAMES
 
     names = list(dict.fromkeys(m.strip() for item in methods for m in item.split(",") if m.strip()))
+    if names == ["all"]:
+        return list(METHOD_NAMES)
     unknown = [m for m in names if m not in METHOD_NAMES and m not in variants]
     if unknown:
         defined = f"; variants in the config: {', '.join(variants)}" if variants else ""
         raise UsageError(f"unknown method {unknown[0]!r} in --methods; valid names: {', '.join(METHOD_NAMES)}"
-                         f"{defined}")
-    return names or list(METHOD_NAMES)
+                         f"{defined}, or all")
+    return names
+
+
+def methods_needed(config: Any, variants: list[str]) -> UsageError:
+    """The error for a compare without --methods: what can be named, and what `all` would cost."""
+    from thinwire.methods import METHOD_NAMES
+
+    defined = f"; the config's variants: {', '.join(variants)}" if variants else ""
+    return UsageError(f"pass --methods, e.g. --methods fedavg,fedit: one or more of {', '.join(METHOD_NAMES)}"
+                      f"{defined}; or --methods all: {len(METHOD_NAMES)} runs of {config.federation.rounds} rounds "
+                      f"each on {config.model.name}")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -181,7 +193,10 @@ def run_compare(config_path: str | Path | None, methods: list[str], overrides: l
 
     if seeds and any(item.split("=", 1)[0].strip() == "federation.seed" for item in overrides):
         raise UsageError("both --seeds and --set federation.seed given; pass one of them")
-    variants = check_methods(list(methods), compare_variants(config_path))
+    defined = compare_variants(config_path)
+    if not any(m.strip() for m in methods):
+        raise methods_needed(load_config(config_path, list(overrides)), defined)
+    variants = check_methods(list(methods), defined)
     configs = {}  # run name -> config; a bad config fails once, up front
     for variant in variants:
         chosen = [*overrides, *([f"method.name={variant}"] if variant in METHOD_NAMES else [])]
@@ -274,14 +289,17 @@ def _write_status(out: Path, config_path: str | Path | None, names: list[str], o
 def _status_table(rows: list[dict[str, Any]], result: ReportResult) -> Any:
     from rich.table import Table
 
-    from thinwire.report import _fmt_ratio
+    from thinwire.report import ratio_text
     from thinwire.runtime.display import human_bytes
 
     by_dir = {row["run_dir"]: row for row in result.rows}
     missing = [f"no ratio for {r['run']}: {r['traffic_baseline']}" for r in result.rows
                if r["traffic_ratio_vs_baseline"] is None]
     private = any_private(result.rows)
-    table = Table(title="compare (traffic: whole run, every byte sent)", caption="; ".join(missing) or None)
+    from thinwire.report import random_model_notes
+
+    notes = [*missing, *random_model_notes(r["model"] for r in result.rows)]
+    table = Table(title="compare (traffic: whole run, every byte sent)", caption="; ".join(notes) or None)
     for column in ("method", "status", "Rouge-L", "loss", *(["privacy"] if private else []),
                    "up / down per client-round", "total sent", "vs baseline (up+down)", "wall"):
         table.add_column(column, justify="left" if column in ("method", "status") else "right")
@@ -299,7 +317,7 @@ def _status_table(rows: list[dict[str, Any]], result: ReportResult) -> Any:
             f"{human_bytes(summary['uplink_bytes_per_client_round'])} / "
             f"{human_bytes(summary['downlink_bytes_per_client_round'])}" if summary else "-",
             human_bytes(summary["uplink_bytes_total"] + summary["downlink_bytes_total"]) if summary else "-",
-            f"{_fmt_ratio(ratio)} {report['traffic_baseline']}" if ratio is not None else "-",
+            ratio_text(ratio, report["traffic_baseline"]) if ratio is not None else "-",
             f"{row['wall_s']:.1f} s")
     return table
 

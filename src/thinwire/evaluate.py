@@ -18,6 +18,7 @@ Scores measure the task as written, case included:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 from rouge_score import rouge_scorer, tokenizers
@@ -36,6 +37,7 @@ class CaseTokenizer(tokenizers.Tokenizer):
         return [t for t in self._SEPARATORS.split(text) if t]
 
 
+OnBatch = Callable[[int], None] | None  # told how many examples a batch just finished (progress)
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=CaseTokenizer())
 _FOLDED_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)  # lowercases both sides
 
@@ -85,8 +87,9 @@ def score_prediction(prediction: str, reference: str) -> dict[str, float]:
 
 @torch.no_grad()
 def example_losses(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[dict],
-                   batch_size: int, max_length: int) -> list[tuple[float, int]]:
-    """Per example: (summed loss over its response tokens, how many there are)."""
+                   batch_size: int, max_length: int, on_batch: OnBatch = None) -> list[tuple[float, int]]:
+    """Per example: (summed loss over its response tokens, how many there are); `on_batch(n)` after
+    each batch of n examples (progress)."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(examples), batch_size):
@@ -98,13 +101,16 @@ def example_losses(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, e
             logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
             ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
         out.extend(zip(losses.sum(1).tolist(), (labels != IGNORE_INDEX).sum(1).tolist()))
+        if on_batch:
+            on_batch(len(encoded))
     return out
 
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[dict],
-             batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy continuations of the rendered prompts, left-padded in batches."""
+             batch_size: int, max_new_tokens: int, on_batch: OnBatch = None) -> list[str]:
+    """Greedy continuations of the rendered prompts, left-padded in batches; `on_batch(n)` after each
+    batch of n examples."""
     device = next(model.parameters()).device
     outputs = []
     for start in range(0, len(examples), batch_size):
@@ -112,22 +118,24 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, example
         tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         outputs.extend(tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
+        if on_batch:
+            on_batch(tokens.shape[0])
     return [o.strip() for o in outputs]
 
 
 def score_examples(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[dict],
-                   cfg: EvalConfig, max_length: int, split: str = "") -> list[dict]:
+                   cfg: EvalConfig, max_length: int, split: str = "", on_batch: OnBatch = None) -> list[dict]:
     """One record per evaluated example (the first `cfg.max_examples`): its split, task, reference,
     summed loss and response tokens; with generation also its prediction and `score_prediction`'s
     scores (exact match and Rouge-L, exact and case-folded)."""
     examples = examples[: cfg.max_examples]
-    losses = example_losses(model, tokenizer, examples, cfg.batch_size, max_length)
+    losses = example_losses(model, tokenizer, examples, cfg.batch_size, max_length, on_batch)
     records = [{"split": split, "task": e.get("task", ""), "instruction": e.get("instruction", ""),
                 "input": e.get("input", ""), "reference": e["output"], "loss_sum": total, "tokens": count}
                for e, (total, count) in zip(examples, losses)]
     if cfg.generate:
         for record, prediction in zip(records, generate(model, tokenizer, examples, cfg.batch_size,
-                                                        cfg.max_new_tokens)):
+                                                        cfg.max_new_tokens, on_batch)):
             record.update(prediction=prediction, **score_prediction(prediction, record["reference"]))
     return records
 
@@ -147,10 +155,16 @@ def summarise(records: list[dict]) -> dict[str, float]:
 
 
 def score_splits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, splits: dict[str, list[dict]],
-                 cfg: EvalConfig, max_length: int) -> list[dict]:
-    """`score_examples` over every split (records carry the split's prefix, e.g. "heldout_")."""
+                 cfg: EvalConfig, max_length: int, on_batch: OnBatch = None) -> list[dict]:
+    """`score_examples` over every split (records carry the split's prefix, e.g. "heldout_");
+    `on_batch` counts the `evaluation_work` done."""
     return [r for prefix, examples in splits.items()
-            for r in score_examples(model, tokenizer, examples, cfg, max_length, prefix)]
+            for r in score_examples(model, tokenizer, examples, cfg, max_length, prefix, on_batch)]
+
+
+def evaluation_work(splits: dict[str, list[dict]], cfg: EvalConfig) -> int:
+    """How many example passes `score_splits` makes (loss, and generation when on): its progress total."""
+    return sum(min(len(examples), cfg.max_examples) for examples in splits.values()) * (2 if cfg.generate else 1)
 
 
 def _grouped(records: list[dict], key: str) -> dict[str, list[dict]]:

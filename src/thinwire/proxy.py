@@ -240,14 +240,16 @@ def check_vocab(small_tokenizer, large_tokenizer) -> None:
 
 @torch.no_grad()
 def generate_text(proxy: ProxyModel, tokenizer, prompts: list[str], max_new_tokens: int = 64,
-                  batch_size: int = 8) -> list[str]:
-    """Greedy answers to instructions, rendered in the tokenizer's template (Alpaca by default).
-    `proxy` may be any model with Hugging Face's `generate` signature (a plain or PEFT model too)."""
+                  batch_size: int = 8, input_text: str = "") -> list[str]:
+    """Greedy answers to instructions (each with `input_text` as its input), rendered in the
+    tokenizer's template (Alpaca by default). `proxy` may be any model with Hugging Face's
+    `generate` signature (a plain or PEFT model too)."""
     from thinwire.data.template import encode_prompts
 
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        batch = encode_prompts(tokenizer, [{"instruction": p} for p in prompts[start : start + batch_size]])
+        batch = encode_prompts(tokenizer, [{"instruction": p, "input": input_text}
+                                           for p in prompts[start : start + batch_size]])
         tokens = proxy.generate(batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                 eos_token_id=tokenizer.eos_token_id)

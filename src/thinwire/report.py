@@ -23,12 +23,13 @@ import io
 import json
 import math
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from thinwire.across_seeds import SHARE_HEADER, format_mean_std, format_share, group_rows, seed_groups
 from thinwire.errors import UsageError
-from thinwire.runtime.display import human_bytes
+from thinwire.runtime.display import human_bytes, random_model_note
 from thinwire.runtime.rundir import atomic_write
 from thinwire.tables import (
     Run,
@@ -206,9 +207,26 @@ def _fmt_s(value: Any) -> str:
 
 
 def _fmt_ratio(value: Any) -> str:
+    """A ratio of bytes to the baseline's, read at a glance: 0.00274 -> "365× fewer", 1.2 -> "1.20× more"."""
     if not is_number(value):
         return "-"
-    return f"{value:#.3g}×" if value >= 0.001 else f"{value:.2e}×"
+    if value <= 0:
+        return "no bytes"
+    factor = 1 / value if value < 1 else value
+    if f"{factor:#.3g}" == "1.00":
+        return "same"
+    size = f"{factor:,.0f}" if factor >= 100 else f"{factor:#.3g}"
+    return f"{size}× {'fewer' if value < 1 else 'more'}"
+
+
+def ratio_text(value: Any, baseline: str) -> str:
+    """`_fmt_ratio` as a phrase naming the baseline: "365× fewer bytes than fedavg" ("-" without a ratio)."""
+    if not is_number(value):
+        return "-"
+    text = _fmt_ratio(value)
+    if text == "same":
+        return f"same bytes as {baseline}"
+    return f"{text} bytes than {baseline}" if value > 0 else text
 
 
 def _csv_value(value: Any) -> Any:
@@ -260,6 +278,23 @@ def _facts(runs: list[Run]) -> tuple[list[tuple[str, str]], list[str]]:
     return common, differing
 
 
+def differing_values(runs: list[Run], key: str) -> str:
+    """A differing config key with its values, each followed by the runs that have it:
+    "train.lr = 0.003 (fedavg, fedit); 0.05 (ferret)"."""
+    groups: dict[str, list[str]] = {}
+    for run in runs:
+        if run.config:
+            value = run.config.get(key)
+            groups.setdefault("(unset)" if value is None else _fact_text(value), []).append(run.label)
+    return f"{key} = " + "; ".join(f"{value} ({', '.join(labels)})" for value, labels in groups.items())
+
+
+def random_model_notes(models: Iterable[Any]) -> list[str]:
+    """Why quality stays near zero, for each built-in random model among `models` (model names)."""
+    notes = (random_model_note(model) for model in sorted({str(m) for m in models}))
+    return [f"Note: {note}." for note in notes if note]
+
+
 def _fact_text(value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
@@ -275,8 +310,10 @@ def write_markdown(runs: list[Run], rows: list[dict[str, Any]], skipped: list[tu
     lines = ["# thinwire comparison", ""]
     if common:
         lines += ["; ".join(f"{label}: {value}" for label, value in common), ""]
+    lines += [line for note in random_model_notes(r.summary["model"] for r in runs) for line in (note, "")]
     if differing:
-        lines += ["Config keys that differ between runs (besides the method): " + ", ".join(differing), ""]
+        lines += ["Config keys that differ between runs (besides the method):", "",
+                  *(f"- {differing_values(runs, k)}" for k in differing), ""]
     private = any_private(rows)
     header = ["run"] + [_metric_label(k) for k in keys] + (["privacy"] if private else [])
     header += ["up / client-round", "down / client-round", "total traffic (whole run)", "up+down vs baseline",
@@ -368,8 +405,7 @@ PHASES_NOTE = ("methods whose rounds differ in kind, e.g. CG-FedLLM's TGAP and F
 
 
 def _ratio_cell(row: dict[str, Any]) -> str:
-    ratio = row["traffic_ratio_vs_baseline"]
-    return f"{_fmt_ratio(ratio)} {row['traffic_baseline']}" if is_number(ratio) else "-"
+    return ratio_text(row["traffic_ratio_vs_baseline"], row["traffic_baseline"])
 
 
 def _phase_cells(row: dict[str, Any]) -> list[str]:
@@ -377,7 +413,7 @@ def _phase_cells(row: dict[str, Any]) -> list[str]:
     return [row["run"], row["phase"], str(row["rounds"]), str(row.get("client_rounds", "-")),
             human_bytes(row["uplink_bytes_per_client_round"]), human_bytes(row["downlink_bytes_per_client_round"]),
             human_bytes(row["uplink_bytes_total"]), human_bytes(row["downlink_bytes_total"]),
-            f"{_fmt_ratio(ratio)} {row['baseline']}" if is_number(ratio) else "-"]
+            ratio_text(ratio, row["baseline"])]
 
 
 CSS = """
@@ -453,7 +489,8 @@ def write_html(runs: list[Run], rows: list[dict[str, Any]], plots: dict[str, byt
              + (f"; {len(failed) + len(skipped)} failed or skipped" if failed or skipped else "") + "</p>",
              '<ul class="facts">']
     parts += [f"<li><b>{_e(label)}</b>{_e(value)}</li>" for label, value in common]
-    parts += ["</ul>", "</header>", "<main>"]
+    notes = random_model_notes(r.summary["model"] for r in runs)
+    parts += ["</ul>", *(f'<p class="note">{_e(note)}</p>' for note in notes), "</header>", "<main>"]
 
     # Quality table
     parts += ["<h2>Quality: before → after federated fine-tuning</h2>", '<div class="scroll"><table id="quality">',
@@ -524,8 +561,8 @@ def write_html(runs: list[Run], rows: list[dict[str, Any]], plots: dict[str, byt
                  "Time per round includes evaluation; local time is the sum over the round's clients, "
                  "run one after another.</p>")
     if differing:
-        parts.append('<p class="note">Config keys that differ between runs besides the method: '
-                     + ", ".join(f"<code>{_e(k)}</code>" for k in differing) + ".</p>")
+        parts.append('<p class="note">Config keys that differ between runs besides the method:</p><ul class="note">'
+                     + "".join(f"<li><code>{_e(differing_values(runs, k))}</code></li>" for k in differing) + "</ul>")
     phases = phase_rows(runs)
     if phases:
         head = ["run", "phase", "rounds", "client-rounds", "uplink / client-round", "downlink / client-round",

@@ -189,6 +189,14 @@ class Checkpoint:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def committed_round(partial: Path) -> int:
+    """The round whose checkpoint `partial` holds (0: none, so a resume starts from round 1)."""
+    try:
+        return int(json.loads((Path(partial) / DIRNAME / STATE).read_text())["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def resume_paths(path: str | Path) -> tuple[Path, Path]:
     """(out, partial) for `--resume PATH`, where PATH is the run's `.partial` directory or its --out."""
     path = Path(path)

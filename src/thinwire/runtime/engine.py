@@ -36,7 +36,6 @@ round (runtime/checkpoint.py); a resumed run continues bit-identically.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ from thinwire.methods.base import ClientState, Reply, RunContext, ServerSide, Wo
 from thinwire.methods.validate import rejection as rejection_reason
 from thinwire.runtime import records
 from thinwire.runtime.checkpoint import Checkpoint, ResumableRunDir
-from thinwire.runtime.display import console, make_progress, summary_table
+from thinwire.runtime.display import RunDisplay, console, summary_table
 from thinwire.runtime.upload import WITHHELD_EXAMPLES, open_envelope
 from thinwire.seeding import derive_seed
 from thinwire.wire import Payload
@@ -166,7 +165,6 @@ def run(config: Config, out: Path, transport: Transport, *, quiet: bool = False,
     run_dir.finish(summary, server)
     if not quiet:
         console.print(summary_table(summary))
-        console.print(f"run directory: {out}")
     return summary
 
 
@@ -176,13 +174,13 @@ class Rounds:
     def __init__(self, config: Config, spec: MethodSpec, federation: Federation, run_dir: ResumableRunDir,
                  transport: Transport, quiet: bool, runtime: str):
         self.config, self.spec, self.federation, self.run_dir = config, spec, federation, run_dir
-        self.transport, self.quiet, self.runtime = transport, quiet, runtime
+        self.transport, self.runtime = transport, runtime
         self.workbench = Workbench(config)
         self.workbench.tokenizer  # noqa: B018 -- load the model now: a bad model name fails before any display
         self.ctx = RunContext(config, self.workbench, partition_sizes=[len(c) for c in federation.clients])
         self.warnings = records.Warnings(self.ctx)
-        self.progress = make_progress()
-        transport.bind(self.ctx, federation, self.progress, run_dir)
+        self.display = RunDisplay(run_dir.partial, config.federation.rounds, quiet)
+        transport.bind(self.ctx, federation, self.display.progress, run_dir)
         self.server = spec.server(self.ctx)
         self.checkpoint = Checkpoint(run_dir.partial)
         self.private = privacy.private(config)
@@ -192,15 +190,14 @@ class Rounds:
 
     def evaluate(self) -> dict[str, float]:
         return records.evaluate_global(self.config, self.server, self.workbench.tokenizer, self.federation,
-                                       self.run_dir)
+                                       self.run_dir, self.display)
 
     def run(self, resume: bool) -> tuple[dict[str, Any], ServerSide]:
         fed, server = self.config.federation, self.server
         started = time.perf_counter()
         rounds: list[dict[str, Any]] = []
         elapsed_before = 0.0
-        with self.progress if not self.quiet else contextlib.nullcontext():
-            rounds_bar = self.progress.add_task("rounds", total=fed.rounds)
+        with self.display:
             server.setup()
             restored = self.checkpoint.load(self.config) if resume else None
             if restored is not None:
@@ -209,7 +206,7 @@ class Rounds:
                 self.transport.restore(restored.client, restored.states)
                 rounds, base_eval, evaluation = restored.rounds, restored.base_eval, restored.evaluation
                 elapsed_before = restored.elapsed_s
-                self.progress.update(rounds_bar, completed=restored.round)
+                self.display.resumed(restored.round)
             if resume:
                 self.run_dir.reopen(self.config, rounds)
             if restored is None:
@@ -232,7 +229,7 @@ class Rounds:
                         self.checkpoint.save(self.config, rnd, state, client, states, self.run_dir.metrics_mark(),
                                              base_eval, evaluation, elapsed_before + time.perf_counter() - started,
                                              secrets={"server_key": self.server_key})
-                self.progress.advance(rounds_bar)
+                self.display.round_done(record)
         summary = records.summary(self.config, self.spec.name, rounds, base_eval, evaluation,
                                   server.trainable_parameters(), elapsed_before + time.perf_counter() - started,
                                   runtime=self.runtime, **self.transport.summary_fields(rounds))

@@ -19,12 +19,17 @@ figure.
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
+import platform
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from thinwire.config import Config
-from thinwire.evaluate import score_splits, split_metrics
+from thinwire.evaluate import evaluation_work, score_splits, split_metrics
 from thinwire.runtime.rundir import peak_rss_mb
 
 TRAFFIC = ("uplink_bytes", "downlink_bytes")
@@ -74,10 +79,14 @@ class Warnings:
         return new
 
 
-def evaluate_global(config: Config, server: Any, tokenizer: Any, federation: Any, run_dir: Any) -> dict[str, float]:
+def evaluate_global(config: Config, server: Any, tokenizer: Any, federation: Any, run_dir: Any,
+                    display: Any = None) -> dict[str, float]:
     """Score the server's current model on every evaluation split, keep the per-example records in
-    the run directory (`predictions.jsonl`) and return the metrics (both runtimes)."""
-    scored = score_splits(server.eval_model(), tokenizer, federation.eval_splits(), config.eval, config.data.max_length)
+    the run directory (`predictions.jsonl`) and return the metrics (both runtimes); `display`
+    (a `RunDisplay`) shows its progress."""
+    splits = federation.eval_splits()
+    on_batch = display.evaluation(evaluation_work(splits, config.eval)) if display is not None else None
+    scored = score_splits(server.eval_model(), tokenizer, splits, config.eval, config.data.max_length, on_batch)
     run_dir.save_predictions(scored)
     return split_metrics(scored)
 
@@ -174,8 +183,49 @@ def summary(config: Config, method: str, rounds: list[dict[str, Any]], base_eval
         "rejected_total": sum(len(r.get("rejected", [])) for r in rounds),
         "retries_total": sum(r.get("retries", 0) for r in rounds),
         "skipped_rounds": sum(bool(r.get("skipped")) for r in rounds),
-        "warnings": [w for r in rounds for w in r.get("warnings", [])], **extra,
+        "warnings": [w for r in rounds for w in r.get("warnings", [])], **environment(), **extra,
     }
+
+
+VERSIONED = ("thinwire", "torch", "transformers", "peft", "flwr")
+
+
+def environment() -> dict[str, Any]:
+    """What a run ran on, so a figure can be traced (summary.json): `versions` (Python and the
+    libraries that shape the numbers; None where one is not installed), `git_commit` (of the
+    thinwire checkout that ran, "<sha>-dirty" with uncommitted changes; None outside a git checkout)
+    and `machine` (CPU cores, memory, accelerator)."""
+    import torch
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in VERSIONED:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    accelerator = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    machine = {"platform": platform.platform(), "cpu_cores": os.cpu_count(),
+               "memory_gb": round(memory / 1e9, 1) if memory else None, "accelerator": accelerator}
+    return {"versions": versions, "git_commit": git_commit(Path(__file__).resolve().parent), "machine": machine}
+
+
+def git_commit(directory: Path) -> str | None:
+    """The commit checked out at `directory` ("-dirty" appended when tracked files changed), or None."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return None
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _is_number(value: Any) -> bool:

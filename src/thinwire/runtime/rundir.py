@@ -11,10 +11,12 @@ a compare beside a resume) stops with a clear error instead of writing into the 
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
 import resource
+import shlex
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -72,6 +74,43 @@ def ensure_not_written(partial: Path) -> None:
         hold(partial).close()
 
 
+def being_written(partial: Path) -> bool:
+    try:
+        ensure_not_written(partial)
+    except UsageError:
+        return True
+    return False
+
+
+def resume_command(out: Path, runtime: str = "local") -> str:
+    """The exact command that continues the interrupted run of `out` (copy-paste safe)."""
+    return f"thinwire run --resume {shlex.quote(str(out))}" + ("" if runtime == "local" else f" --runtime {runtime}")
+
+
+def rounds_logged(partial: Path) -> int:
+    """How many round records an interrupted run's metrics.jsonl holds."""
+    try:
+        return sum(1 for line in (partial / "metrics.jsonl").read_text().splitlines() if line.strip())
+    except OSError:
+        return 0
+
+
+def interrupted_runs(parent: Path, prefix: str, config: Config) -> list[Path]:
+    """`<prefix>-*.partial` directories under `parent` holding an interrupted run of exactly `config`
+    (their config.toml is its resolved TOML) that no process is writing and that can be resumed
+    (no finished `<out>` beside them), newest first."""
+    text = to_toml(config)
+    found = []
+    for partial in Path(parent).glob(f"{glob.escape(prefix)}-*.partial"):
+        try:
+            same = (partial / "config.toml").read_text() == text
+        except OSError:
+            continue
+        if same and not partial.with_name(partial.name[: -len(".partial")]).exists() and not being_written(partial):
+            found.append(partial)
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
 class RunDir:
     def __init__(self, out: Path):
         self.out = Path(out)
@@ -83,8 +122,8 @@ class RunDir:
             raise UsageError(f"output directory {self.out} already exists; pass a new --out or remove it")
         if self.partial.exists():
             ensure_not_written(self.partial)
-            raise UsageError(f"an interrupted run is in {self.partial}; continue it with `thinwire run --resume "
-                             f"{self.out}`, or start over with --force (deletes it)")
+            raise UsageError(f"an interrupted run is in {self.partial}; continue it with `{resume_command(self.out)}`, "
+                             "or start over with --force (deletes it)")
         try:
             self.partial.mkdir(parents=True)
         except OSError as exc:
