@@ -155,14 +155,19 @@ def test_an_auto_named_rerun_finds_the_interrupted_run_of_its_config(tmp_path, c
     assert len(list(Path("runs").iterdir())) == 3  # resumed, no new run
 
 
-def test_compare_without_methods_names_them_and_the_cost(tmp_path, capsys):
+def test_compare_without_methods_says_it_runs_every_method_and_asks_at_a_terminal(tmp_path, capsys, monkeypatch):
+    """The CLI's contract (DESIGN.md: --methods is optional) holds, but never silently: the cost is
+    stated, and at a terminal nothing runs without a yes."""
     from thinwire.methods import METHOD_NAMES
 
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
     assert main(["compare", str(SMOKE), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "pass --methods" in err and not (tmp_path / "c").exists()
-    assert all(name in err for name in METHOD_NAMES)
-    assert f"--methods all: {len(METHOD_NAMES)} runs of 2 rounds each on tiny" in err
+    assert f"running every method, {len(METHOD_NAMES)} runs of 2 rounds each on tiny" in err
+    assert all(name in err for name in METHOD_NAMES) and "pass --methods" in err
+    assert not (tmp_path / "c").exists()
 
 
 def test_compare_methods_all_means_every_method():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 import threading
 import time
 import traceback
@@ -53,14 +54,18 @@ def check_methods(methods: list[str], variants: list[str] = ()) -> list[str]:
     return names
 
 
-def methods_needed(config: Any, variants: list[str]) -> UsageError:
-    """The error for a compare without --methods: what can be named, and what `all` would cost."""
+def every_method(config: Any, variants: list[str]) -> list[str]:
+    """A compare without --methods runs every method (the CLI's contract), but never silently:
+    it says what that costs and, at a terminal, asks first."""
     from thinwire.methods import METHOD_NAMES
 
     defined = f"; the config's variants: {', '.join(variants)}" if variants else ""
-    return UsageError(f"pass --methods, e.g. --methods fedavg,fedit: one or more of {', '.join(METHOD_NAMES)}"
-                      f"{defined}; or --methods all: {len(METHOD_NAMES)} runs of {config.federation.rounds} rounds "
-                      f"each on {config.model.name}")
+    print(f"no --methods: running every method, {len(METHOD_NAMES)} runs of {config.federation.rounds} rounds "
+          f"each on {config.model.name} ({', '.join(METHOD_NAMES)}); pass --methods, e.g. --methods fedavg,fedit, "
+          f"to choose{defined}", file=sys.stderr)
+    if sys.stdin.isatty() and sys.stderr.isatty() and input("run them all? [y/N] ").strip().lower() != "y":
+        raise UsageError("compare stopped before any run; pass --methods to choose what to run")
+    return ["all"]
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -195,7 +200,7 @@ def run_compare(config_path: str | Path | None, methods: list[str], overrides: l
         raise UsageError("both --seeds and --set federation.seed given; pass one of them")
     defined = compare_variants(config_path)
     if not any(m.strip() for m in methods):
-        raise methods_needed(load_config(config_path, list(overrides)), defined)
+        methods = every_method(load_config(config_path, list(overrides)), defined)
     variants = check_methods(list(methods), defined)
     configs = {}  # run name -> config; a bad config fails once, up front
     for variant in variants:
