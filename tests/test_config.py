@@ -172,3 +172,54 @@ def test_the_readmes_commands_parse_and_the_supernode_reaches_the_superlinks_por
         parsed[argv[0]] = args
     assert {"run", "compare", "report", "superlink", "supernode", "export", "generate"} <= set(parsed)
     assert parsed["supernode"].superlink.rsplit(":", 1)[1] == str(parsed["superlink"].port)
+
+
+SMOKE = Path(__file__).resolve().parents[1] / "examples" / "smoke.toml"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("federation.rounds=1000000000", "federation.rounds"),
+    ("federation.clients=1000000000", "federation.clients"),
+    ("data.examples_per_client=1000000000", "data.examples_per_client"),
+    ("data.eval_examples=1000000000", "data.eval_examples"),
+    ("eval.max_examples=1000000000", "eval.max_examples"),
+    ("train.local_steps=1000000000", "train.local_steps"),
+    ("train.batch_size=1000000000", "train.batch_size"),
+    ("data.max_length=1000000000", "data.max_length"),
+    ("method.ferret.k_max=1000000000", "method.ferret.k_max"),
+    ("method.fedkseed.pool_size=2147483647", "method.fedkseed.pool_size"),
+    ("method.fedpt.kd_examples=1000000000", "method.fedpt.kd_examples"),
+    ("method.cgfedllm.ae_steps=1000000000", "method.cgfedllm.ae_steps"),
+])
+def test_huge_sizes_are_one_line_errors_that_leave_nothing_behind(tmp_path, capsys, override, key):
+    out = tmp_path / "X"
+    assert main(["run", str(SMOKE), "--set", override, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and key in err and "above its maximum" in err and "lower it" in err
+    assert not out.exists() and not out.with_name("X.partial").exists()
+
+
+def test_built_in_examples_generated_for_a_run_are_bounded(tmp_path, capsys):
+    from thinwire.config import MAX_SUITE_EXAMPLES
+
+    clients = MAX_SUITE_EXAMPLES // 24 + 1  # smoke: 24 examples per client
+    assert main(["run", str(SMOKE), "--set", f"federation.clients={clients}", "--out", str(tmp_path / "X")]) == 2
+    err = capsys.readouterr().err
+    assert f"federation.clients = {clients}" in err and str(MAX_SUITE_EXAMPLES) in err
+    assert not list(tmp_path.iterdir())
+    load_config(SMOKE, [f"federation.clients={clients - 1}"])  # at the bound: accepted
+
+
+def test_every_size_option_has_an_upper_bound():
+    """An int option without a maximum lets a typo (10**9) hang a run or exhaust memory."""
+    import dataclasses
+    import typing
+
+    from thinwire.config import SECTIONS, _section_class
+    from thinwire.methods import option_classes
+
+    classes = {name: _section_class(name) for name in SECTIONS} | {f"method.{n}": c for n, c in option_classes().items()}
+    unbounded = [f"{prefix}.{f.name}" for prefix, cls in classes.items()
+                 for f, hint in ((f, typing.get_type_hints(cls)[f.name]) for f in dataclasses.fields(cls))
+                 if int in (hint, *typing.get_args(hint)) and f.metadata.get("high") is None]
+    assert unbounded == []
