@@ -398,7 +398,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, smoke_config, monkeypat
 
 
 def test_resume_without_a_checkpoint_starts_over_and_bad_checkpoints_are_refused(tmp_path, smoke_config,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, capsys):
     config = smoke_config("eval.generate=false", "train.local_steps=2")
     run_local(config, tmp_path / "whole", quiet=True)
     original = DeltaServer.aggregate
@@ -406,7 +406,9 @@ def test_resume_without_a_checkpoint_starts_over_and_bad_checkpoints_are_refused
     with pytest.raises(Crash):
         run_local(config, tmp_path / "cut", quiet=True)
     monkeypatch.setattr(DeltaServer, "aggregate", original)
-    resume_local(tmp_path / "cut", quiet=True)  # killed in round 1: no checkpoint, starts over
+    capsys.readouterr()
+    resume_local(tmp_path / "cut", quiet=True)  # killed in round 1: no checkpoint, starts over, and says so
+    assert f"{tmp_path / 'cut.partial'} holds no checkpoint" in capsys.readouterr().err
     assert_same_run(tmp_path / "whole", tmp_path / "cut")
     with pytest.raises(UsageError, match="already finished"):
         resume_local(tmp_path / "cut")
@@ -425,6 +427,32 @@ def test_resume_without_a_checkpoint_starts_over_and_bad_checkpoints_are_refused
     with pytest.raises(UsageError, match="corrupt"):
         resume_local(tmp_path / "bad.partial")
     assert state.exists()
+
+
+def test_a_state_json_that_is_json_but_not_a_checkpoint_is_a_clear_error(tmp_path, smoke_config, monkeypatch):
+    config = smoke_config("eval.generate=false", "train.local_steps=2", "federation.rounds=3")
+    restore = crash_in_round(monkeypatch, "fedavg", 2, Crash())
+    with pytest.raises(Crash):
+        run_local(config, tmp_path / "cut", quiet=True)
+    restore()
+    path = tmp_path / "cut.partial/checkpoint/state.json"
+    good = json.loads(path.read_text())
+    server_file = good["files"]["server"]["name"]
+    broken = {"round": {k: v for k, v in good.items() if k != "round"},
+              "files.server.bytes": {**good, "files": {**good["files"], "server": {"name": server_file}}},
+              "elapsed_s": {**good, "elapsed_s": "soon"},
+              "files.states": {**good, "files": {**good["files"], "states": None}}}
+    for key, record in broken.items():
+        path.write_text(json.dumps(record))
+        with pytest.raises(UsageError, match=f"lacks a valid '{key}'"):
+            resume_local(tmp_path / "cut", quiet=True)
+    path.write_text(json.dumps({**good, "files": {**good["files"], "server": {**good["files"]["server"],
+                                                                              "name": "../../config.toml"}}}))
+    with pytest.raises(UsageError, match="names a file outside its directory"):
+        resume_local(tmp_path / "cut", quiet=True)
+    path.write_text(json.dumps(good))
+    resume_local(tmp_path / "cut", quiet=True)
+    assert (tmp_path / "cut" / "summary.json").is_file()
 
 
 def test_a_second_writer_of_one_run_is_refused_and_the_first_ones_files_are_kept(tmp_path, smoke_config, capsys):
