@@ -4,6 +4,7 @@ aggregation, checkpoint and resume (in process and after SIGKILL), bad input at 
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -169,6 +170,63 @@ def test_stragglers_simulated_and_real(tmp_path, smoke_config):
     assert all(r["skipped"] and r["clients_ok"] == 0 for r in rounds)
     assert all("no reply within 0.001 s" in f["reason"] for r in rounds for f in r["failures"])
     assert summary["final_eval"] == summary["base_eval"]
+
+
+def test_a_client_whose_fit_never_returns_costs_its_update_not_the_run(tmp_path, smoke_config, monkeypatch):
+    """In process, the deadline holds even when fit blocks forever: the client is abandoned after
+    the deadline and a grace, the round aggregates the others, and the next round runs."""
+    import threading
+
+    from thinwire.runtime.local import grace_s
+
+    release = threading.Event()
+    original = DeltaClient.fit
+
+    def fit(self, rnd, cid, *args):
+        if (rnd, cid) == (1, hung):
+            release.wait()  # never returns while the run lasts
+            raise RuntimeError("released after the run")
+        return original(self, rnd, cid, *args)
+
+    monkeypatch.setattr(DeltaClient, "fit", fit)
+    config = smoke_config("federation.round_timeout_s=0.5", "eval.generate=false", "train.local_steps=2")
+    hung = sample_clients(config, 1)[0]
+    started = time.perf_counter()
+    try:
+        run_local(config, tmp_path / "run", quiet=True)
+    finally:
+        release.set()
+    assert time.perf_counter() - started < 60
+    first, second = _rounds(tmp_path / "run")
+    assert [f["client"] for f in first["failures"]] == [hung]
+    assert f"within a further {grace_s(0.5):g} s: abandoned" in first["failures"][0]["reason"]
+    assert first["clients_ok"] == 1 and not first["skipped"]
+    assert second["clients_ok"] == 2 and not second["failures"]
+
+
+def test_a_client_past_the_deadline_stops_at_its_next_step(tmp_path, smoke_config, monkeypatch):
+    """A client still training at the deadline is stopped at its next step (within the grace),
+    not awaited to the end of its local steps."""
+    from thinwire.train import first_order
+
+    original = first_order.train_local
+
+    def slow(model, params, batches, train, on_step=None):
+        def stepping():
+            time.sleep(0.2)
+            if on_step is not None:
+                on_step()
+        return original(model, params, batches, train, stepping)
+
+    monkeypatch.setattr("thinwire.methods.base.train_local", slow)
+    config = smoke_config("federation.round_timeout_s=0.3", "eval.generate=false", "train.local_steps=200",
+                          "federation.rounds=1")
+    started = time.perf_counter()
+    run_local(config, tmp_path / "run", quiet=True)
+    assert time.perf_counter() - started < 30  # 2 clients x 200 steps x 0.2 s would be 80 s
+    (first,) = _rounds(tmp_path / "run")
+    assert first["skipped"] and len(first["failures"]) == 2
+    assert all(re.fullmatch(r"no reply within 0.3 s \(stopped at 0\.\d s\)", f["reason"]) for f in first["failures"])
 
 
 def test_every_byte_sent_is_counted_whatever_became_of_the_client(tmp_path, smoke_config, monkeypatch):
