@@ -87,6 +87,7 @@ def test_bad_compare_tables_are_named(tmp_path, text, words):
     ("method.name=fedsgd", "method.name = 'fedsgd' is not one of"),
     ("federation.clients_per_round=99", "exceeds federation.clients"),
     ("model.lora_targets=[1]", "must be a list of str"),
+    ("data.tasks=[add,uppercase]", r"""--set data.tasks=.\["a", "b"\]."""),
     ("train.lr", "must look like section.key=value"),
     ("train.momentum=0.9", "applies to SGD only"),
 ])
@@ -223,3 +224,32 @@ def test_every_size_option_has_an_upper_bound():
                  for f, hint in ((f, typing.get_type_hints(cls)[f.name]) for f in dataclasses.fields(cls))
                  if int in (hint, *typing.get_args(hint)) and f.metadata.get("high") is None]
     assert unbounded == []
+
+
+def test_built_in_examples_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    from thinwire.config import EXAMPLES
+
+    monkeypatch.chdir(tmp_path)
+    smoke = load_config(EXAMPLES / "smoke.toml")
+    for name in ("smoke", "smoke.toml", "examples/smoke.toml"):
+        assert load_config(name) == smoke
+    (tmp_path / "smoke.toml").write_text("[federation]\nrounds = 7\n")  # a file of that name here wins
+    assert load_config("smoke.toml").federation.rounds == 7
+    with pytest.raises(UsageError, match=r"does not exist; .* built-in example \(.*quickstart, smoke"):
+        load_config("elsewhere/smoke.toml")
+
+
+def test_options_of_a_method_that_is_not_running_get_a_notice(tmp_path, capsys):
+    from thinwire.config import ignored_options_notice
+
+    config = load_config(SMOKE)  # fedavg; the file's [method.fedkseed] is for compare: no notice
+    assert ignored_options_notice(config, []) is None
+    assert ignored_options_notice(config, ["method.server_lr=0.5"]) is None
+    notice = ignored_options_notice(config, ["method.ferret.k_max=50", "method.fedkseed.lr=1e-3"])
+    assert notice == ("notice: --set options of [method.fedkseed], [method.ferret] do not apply: method.name is "
+                      "'fedavg' (set method.name to run that method)")
+    pro = load_config(SMOKE, ["method.name='fedkseed-pro'"])  # [method.fedkseed] configures fedkseed-pro
+    assert ignored_options_notice(pro, ["method.fedkseed.lr=1e-3"]) is None
+    assert main(["run", str(SMOKE), "--set", "method.ferret.k_max=50", "--set", "federation.rounds=1",
+                 "--set", "eval.generate=false", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    assert "[method.ferret] do not apply" in capsys.readouterr().err

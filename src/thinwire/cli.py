@@ -86,7 +86,7 @@ PREPARABLE = ("smollm2-135m", "smollm2-small")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from thinwire.config import default_config, default_model_notice, load_config
+    from thinwire.config import default_config, default_model_notice, ignored_options_notice, load_config
     from thinwire.runtime.local import run_local
     from thinwire.runtime.rundir import ensure_not_written
 
@@ -106,9 +106,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             run_local(config, out, quiet=args.quiet, resume=True)
         return 0
     config = load_config(args.config or default_config(), args.overrides)
-    notice = default_model_notice(args.config or default_config(), args.overrides)
-    if notice:
-        print(notice, file=sys.stderr)
+    for notice in (default_model_notice(args.config or default_config(), args.overrides),
+                   ignored_options_notice(config, args.overrides)):
+        if notice:
+            print(notice, file=sys.stderr)
     out = args.out or Path("runs") / f"{config.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     partial = out.with_name(out.name + ".partial")
     if args.force and partial.is_dir():

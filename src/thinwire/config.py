@@ -243,7 +243,19 @@ def _resolved_table(path: str | Path | None, overrides: list[str], variant: str 
         _merge_tables(table, per_run[chosen])
     for item in overrides:
         _apply_override(table, item)
+    data = table.get("data")
+    if path is not None and isinstance(data, dict) and isinstance(data.get("source"), str):
+        data["source"] = _beside(resolve_config(path), data["source"])
     return table
+
+
+def _beside(config: Path, source: str) -> str:
+    """A relative data path that the working directory lacks but the config's directory holds, as
+    that path (so a config and its data travel together); anything else unchanged."""
+    path = Path(source)
+    if source == "tasks" or path.is_absolute() or path.exists() or not (config.parent / path).exists():
+        return source
+    return str((config.parent / path).resolve())
 
 
 def _method_name(table: dict[str, Any], overrides: list[str]) -> Any:
@@ -262,12 +274,24 @@ def compare_variants(path: str | Path | None) -> list[str]:
     return [name for name in per_run if name not in METHOD_NAMES]
 
 
+def resolve_config(path: str | Path) -> Path:
+    """`path` when it exists, else the built-in example it names (`smoke`, `smoke.toml` or
+    `examples/smoke.toml`), from any directory, as `thinwire run` finds its default."""
+    path = Path(path)
+    if path.exists() or not (len(path.parts) == 1 or path.parent.name == "examples"):
+        return path
+    builtin = EXAMPLES / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
+    return builtin if builtin.is_file() else path
+
+
 def _read_table(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
-    path = Path(path)
+    path = resolve_config(path)
     if not path.is_file():
-        raise UsageError(f"config file {path} does not exist; pass an existing TOML file")
+        builtins = ", ".join(sorted(p.stem for p in EXAMPLES.glob("*.toml")))
+        raise UsageError(f"config file {path} does not exist; pass an existing TOML file or a built-in "
+                         f"example ({builtins})")
     try:
         return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -356,7 +380,10 @@ def _check_value(key: str, value: Any, hint: Any, meta: Any) -> Any:
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list) or not all(_is_type(v, item_type) for v in value):
-            raise UsageError(f"config key {key} must be a list of {item_type.__name__}")
+            example = '["a", "b"]' if item_type is str else "[1, 2]"
+            raise UsageError(f"config key {key} must be a list of {item_type.__name__}, like "
+                             f"{key.rsplit('.', 1)[-1]} = {example} in TOML, or --set {key}='{example}' "
+                             "(the quotes keep the shell off the brackets)")
         return list(value)
     if origin in (typing.Union, types.UnionType):
         if value is None or any(_is_type(value, t) for t in typing.get_args(hint) if t is not type(None)):
@@ -403,6 +430,24 @@ def _method_options(method: str, options: dict[str, dict]) -> dict[str, Any]:
 def _method_train_defaults(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """The `[train]` values `method` is meant to run with when the config does not set them."""
     return train_defaults(method, options)
+
+
+# a method whose options live in another method's table ([method.fedkseed] configures fedkseed-pro)
+OPTIONS_TABLE = {"fedkseed-pro": "fedkseed"}
+
+
+def ignored_options_notice(config: Config, overrides: list[str]) -> str | None:
+    """A one-line notice when `--set` gives options of a method other than the one running. A file's
+    [method.<name>] tables stay silent: a file may hold settings for each method `compare` runs."""
+    running = OPTIONS_TABLE.get(config.method.name, config.method.name)
+    tables = sorted({parts[1] for item in overrides
+                     if len(parts := item.split("=", 1)[0].strip().split(".")) > 2 and parts[0] == "method"
+                     and parts[1] != running})
+    if not tables:
+        return None
+    named = ", ".join(f"[method.{name}]" for name in tables)
+    return (f"notice: --set options of {named} do not apply: method.name is {config.method.name!r} "
+            "(set method.name to run that method)")
 
 
 def method_options(config: Config, method: str, cls: type) -> Any:
