@@ -219,7 +219,8 @@ def test_every_size_option_has_an_upper_bound():
     from thinwire.config import SECTIONS, _section_class
     from thinwire.methods import option_classes
 
-    classes = {name: _section_class(name) for name in SECTIONS} | {f"method.{n}": c for n, c in option_classes().items()}
+    classes = {name: _section_class(name) for name in SECTIONS}
+    classes |= {f"method.{name}": cls for name, cls in option_classes().items()}
     unbounded = [f"{prefix}.{f.name}" for prefix, cls in classes.items()
                  for f, hint in ((f, typing.get_type_hints(cls)[f.name]) for f in dataclasses.fields(cls))
                  if int in (hint, *typing.get_args(hint)) and f.metadata.get("high") is None]

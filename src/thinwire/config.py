@@ -278,7 +278,7 @@ def resolve_config(path: str | Path) -> Path:
     """`path` when it exists, else the built-in example it names (`smoke`, `smoke.toml` or
     `examples/smoke.toml`), from any directory, as `thinwire run` finds its default."""
     path = Path(path)
-    if path.exists() or not (len(path.parts) == 1 or path.parent.name == "examples"):
+    if path.is_file() or not (len(path.parts) == 1 or path.parent.name == "examples"):
         return path
     builtin = EXAMPLES / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
     return builtin if builtin.is_file() else path
