@@ -254,3 +254,13 @@ def test_options_of_a_method_that_is_not_running_get_a_notice(tmp_path, capsys):
     assert main(["run", str(SMOKE), "--set", "method.ferret.k_max=50", "--set", "federation.rounds=1",
                  "--set", "eval.generate=false", "--out", str(tmp_path / "r"), "--quiet"]) == 0
     assert "[method.ferret] do not apply" in capsys.readouterr().err
+
+
+def test_a_bad_size_fails_before_torch_loads(tmp_path):
+    """`thinwire run ... --set federation.rounds=10**9` is refused before the heavy imports."""
+    code = ("import sys; from thinwire.cli import main; "
+            f"rc = main(['run', {str(SMOKE)!r}, '--set', 'federation.rounds=1000000000', '--out', 'X']); "
+            "print(rc, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.stdout.split() == ["2", "False"], proc.stderr
+    assert "federation.rounds" in proc.stderr and not list(tmp_path.iterdir())

@@ -87,7 +87,6 @@ PREPARABLE = ("smollm2-135m", "smollm2-small")
 
 def cmd_run(args: argparse.Namespace) -> int:
     from thinwire.config import default_config, default_model_notice, ignored_options_notice, load_config
-    from thinwire.runtime.local import run_local
     from thinwire.runtime.rundir import ensure_not_written
 
     if args.resume is not None:
@@ -103,6 +102,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             run_flower_sim(config, out, quiet=args.quiet, resume=True)
         else:
+            from thinwire.runtime.local import run_local
+
             run_local(config, out, quiet=args.quiet, resume=True)
         return 0
     config = load_config(args.config or default_config(), args.overrides)
@@ -120,6 +121,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         run_flower_sim(config, out, quiet=args.quiet)
     else:
+        from thinwire.runtime.local import run_local  # here, not above: a bad config fails before torch loads
+
         run_local(config, out, quiet=args.quiet)
     return 0
 
