@@ -191,12 +191,10 @@ def test_a_client_whose_fit_never_returns_costs_its_update_not_the_run(tmp_path,
     monkeypatch.setattr(DeltaClient, "fit", fit)
     config = smoke_config("federation.round_timeout_s=0.5", "eval.generate=false", "train.local_steps=2")
     hung = sample_clients(config, 1)[0]
-    started = time.perf_counter()
     try:
-        run_local(config, tmp_path / "run", quiet=True)
+        run_local(config, tmp_path / "run", quiet=True)  # before the fix: never returns
     finally:
         release.set()
-    assert time.perf_counter() - started < 60
     first, second = _rounds(tmp_path / "run")
     assert [f["client"] for f in first["failures"]] == [hung]
     assert f"within a further {grace_s(0.5):g} s: abandoned" in first["failures"][0]["reason"]
@@ -210,23 +208,23 @@ def test_a_client_past_the_deadline_stops_at_its_next_step(tmp_path, smoke_confi
     from thinwire.train import first_order
 
     original = first_order.train_local
+    steps = []
 
     def slow(model, params, batches, train, on_step=None):
         def stepping():
+            steps.append(1)
             time.sleep(0.2)
-            if on_step is not None:
-                on_step()
+            on_step()
         return original(model, params, batches, train, stepping)
 
     monkeypatch.setattr("thinwire.methods.base.train_local", slow)
     config = smoke_config("federation.round_timeout_s=0.3", "eval.generate=false", "train.local_steps=200",
                           "federation.rounds=1")
-    started = time.perf_counter()
     run_local(config, tmp_path / "run", quiet=True)
-    assert time.perf_counter() - started < 30  # 2 clients x 200 steps x 0.2 s would be 80 s
     (first,) = _rounds(tmp_path / "run")
     assert first["skipped"] and len(first["failures"]) == 2
-    assert all(re.fullmatch(r"no reply within 0.3 s \(stopped at 0\.\d s\)", f["reason"]) for f in first["failures"])
+    assert all(re.fullmatch(r"no reply within 0.3 s \(stopped at \d+\.\d s\)", f["reason"]) for f in first["failures"])
+    assert len(steps) < 2 * 200 // 4  # each stopped a few steps past its deadline, far from its 200
 
 
 def test_every_byte_sent_is_counted_whatever_became_of_the_client(tmp_path, smoke_config, monkeypatch):
