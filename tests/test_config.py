@@ -87,6 +87,7 @@ def test_bad_compare_tables_are_named(tmp_path, text, words):
     ("method.name=fedsgd", "method.name = 'fedsgd' is not one of"),
     ("federation.clients_per_round=99", "exceeds federation.clients"),
     ("model.lora_targets=[1]", "must be a list of str"),
+    ("data.tasks=[add,uppercase]", r"""--set data.tasks=.\["a", "b"\]."""),
     ("train.lr", "must look like section.key=value"),
     ("train.momentum=0.9", "applies to SGD only"),
 ])
@@ -172,3 +173,94 @@ def test_the_readmes_commands_parse_and_the_supernode_reaches_the_superlinks_por
         parsed[argv[0]] = args
     assert {"run", "compare", "report", "superlink", "supernode", "export", "generate"} <= set(parsed)
     assert parsed["supernode"].superlink.rsplit(":", 1)[1] == str(parsed["superlink"].port)
+
+
+SMOKE = Path(__file__).resolve().parents[1] / "examples" / "smoke.toml"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("federation.rounds=1000000000", "federation.rounds"),
+    ("federation.clients=1000000000", "federation.clients"),
+    ("data.examples_per_client=1000000000", "data.examples_per_client"),
+    ("data.eval_examples=1000000000", "data.eval_examples"),
+    ("eval.max_examples=1000000000", "eval.max_examples"),
+    ("train.local_steps=1000000000", "train.local_steps"),
+    ("train.batch_size=1000000000", "train.batch_size"),
+    ("data.max_length=1000000000", "data.max_length"),
+    ("method.ferret.k_max=1000000000", "method.ferret.k_max"),
+    ("method.fedkseed.pool_size=2147483647", "method.fedkseed.pool_size"),
+    ("method.fedpt.kd_examples=1000000000", "method.fedpt.kd_examples"),
+    ("method.cgfedllm.ae_steps=1000000000", "method.cgfedllm.ae_steps"),
+])
+def test_huge_sizes_are_one_line_errors_that_leave_nothing_behind(tmp_path, capsys, override, key):
+    out = tmp_path / "X"
+    assert main(["run", str(SMOKE), "--set", override, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and key in err and "above its maximum" in err and "lower it" in err
+    assert not out.exists() and not out.with_name("X.partial").exists()
+
+
+def test_built_in_examples_generated_for_a_run_are_bounded(tmp_path, capsys):
+    from thinwire.config import MAX_SUITE_EXAMPLES
+
+    clients = MAX_SUITE_EXAMPLES // 24 + 1  # smoke: 24 examples per client
+    assert main(["run", str(SMOKE), "--set", f"federation.clients={clients}", "--out", str(tmp_path / "X")]) == 2
+    err = capsys.readouterr().err
+    assert f"federation.clients = {clients}" in err and str(MAX_SUITE_EXAMPLES) in err
+    assert not list(tmp_path.iterdir())
+    load_config(SMOKE, [f"federation.clients={clients - 1}"])  # at the bound: accepted
+
+
+def test_every_size_option_has_an_upper_bound():
+    """An int option without a maximum lets a typo (10**9) hang a run or exhaust memory."""
+    import dataclasses
+    import typing
+
+    from thinwire.config import SECTIONS, _section_class
+    from thinwire.methods import option_classes
+
+    classes = {name: _section_class(name) for name in SECTIONS}
+    classes |= {f"method.{name}": cls for name, cls in option_classes().items()}
+    unbounded = [f"{prefix}.{f.name}" for prefix, cls in classes.items()
+                 for f, hint in ((f, typing.get_type_hints(cls)[f.name]) for f in dataclasses.fields(cls))
+                 if int in (hint, *typing.get_args(hint)) and f.metadata.get("high") is None]
+    assert unbounded == []
+
+
+def test_built_in_examples_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    from thinwire.config import EXAMPLES
+
+    monkeypatch.chdir(tmp_path)
+    smoke = load_config(EXAMPLES / "smoke.toml")
+    for name in ("smoke", "smoke.toml", "examples/smoke.toml"):
+        assert load_config(name) == smoke
+    (tmp_path / "smoke.toml").write_text("[federation]\nrounds = 7\n")  # a file of that name here wins
+    assert load_config("smoke.toml").federation.rounds == 7
+    with pytest.raises(UsageError, match=r"does not exist; .* built-in example \(.*quickstart, smoke"):
+        load_config("elsewhere/smoke.toml")
+
+
+def test_options_of_a_method_that_is_not_running_get_a_notice(tmp_path, capsys):
+    from thinwire.config import ignored_options_notice
+
+    config = load_config(SMOKE)  # fedavg; the file's [method.fedkseed] is for compare: no notice
+    assert ignored_options_notice(config, []) is None
+    assert ignored_options_notice(config, ["method.server_lr=0.5"]) is None
+    notice = ignored_options_notice(config, ["method.ferret.k_max=50", "method.fedkseed.lr=1e-3"])
+    assert notice == ("notice: --set options of [method.fedkseed], [method.ferret] do not apply: method.name is "
+                      "'fedavg' (set method.name to run that method)")
+    pro = load_config(SMOKE, ["method.name='fedkseed-pro'"])  # [method.fedkseed] configures fedkseed-pro
+    assert ignored_options_notice(pro, ["method.fedkseed.lr=1e-3"]) is None
+    assert main(["run", str(SMOKE), "--set", "method.ferret.k_max=50", "--set", "federation.rounds=1",
+                 "--set", "eval.generate=false", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    assert "[method.ferret] do not apply" in capsys.readouterr().err
+
+
+def test_a_bad_size_fails_before_torch_loads(tmp_path):
+    """`thinwire run ... --set federation.rounds=10**9` is refused before the heavy imports."""
+    code = ("import sys; from thinwire.cli import main; "
+            f"rc = main(['run', {str(SMOKE)!r}, '--set', 'federation.rounds=1000000000', '--out', 'X']); "
+            "print(rc, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.stdout.split() == ["2", "False"], proc.stderr
+    assert "federation.rounds" in proc.stderr and not list(tmp_path.iterdir())

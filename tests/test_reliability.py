@@ -4,6 +4,7 @@ aggregation, checkpoint and resume (in process and after SIGKILL), bad input at 
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -169,6 +170,61 @@ def test_stragglers_simulated_and_real(tmp_path, smoke_config):
     assert all(r["skipped"] and r["clients_ok"] == 0 for r in rounds)
     assert all("no reply within 0.001 s" in f["reason"] for r in rounds for f in r["failures"])
     assert summary["final_eval"] == summary["base_eval"]
+
+
+def test_a_client_whose_fit_never_returns_costs_its_update_not_the_run(tmp_path, smoke_config, monkeypatch):
+    """In process, the deadline holds even when fit blocks forever: the client is abandoned after
+    the deadline and a grace, the round aggregates the others, and the next round runs."""
+    import threading
+
+    from thinwire.runtime.local import grace_s
+
+    release = threading.Event()
+    original = DeltaClient.fit
+
+    def fit(self, rnd, cid, *args):
+        if (rnd, cid) == (1, hung):
+            release.wait()  # never returns while the run lasts
+            raise RuntimeError("released after the run")
+        return original(self, rnd, cid, *args)
+
+    monkeypatch.setattr(DeltaClient, "fit", fit)
+    config = smoke_config("federation.round_timeout_s=0.5", "eval.generate=false", "train.local_steps=2")
+    hung = sample_clients(config, 1)[0]
+    try:
+        run_local(config, tmp_path / "run", quiet=True)  # before the fix: never returns
+    finally:
+        release.set()
+    first, second = _rounds(tmp_path / "run")
+    assert [f["client"] for f in first["failures"]] == [hung]
+    assert f"within a further {grace_s(0.5):g} s: abandoned" in first["failures"][0]["reason"]
+    assert first["clients_ok"] == 1 and not first["skipped"]
+    assert second["clients_ok"] == 2 and not second["failures"]
+
+
+def test_a_client_past_the_deadline_stops_at_its_next_step(tmp_path, smoke_config, monkeypatch):
+    """A client still training at the deadline is stopped at its next step (within the grace),
+    not awaited to the end of its local steps."""
+    from thinwire.train import first_order
+
+    original = first_order.train_local
+    steps = []
+
+    def slow(model, params, batches, train, on_step=None):
+        def stepping():
+            steps.append(1)
+            time.sleep(0.2)
+            on_step()
+        return original(model, params, batches, train, stepping)
+
+    monkeypatch.setattr("thinwire.methods.base.train_local", slow)
+    config = smoke_config("federation.round_timeout_s=0.3", "eval.generate=false", "train.local_steps=200",
+                          "federation.rounds=1")
+    run_local(config, tmp_path / "run", quiet=True)
+    (first,) = _rounds(tmp_path / "run")
+    assert first["skipped"] and len(first["failures"]) == 2
+    assert all(re.fullmatch(r"no reply within 0.3 s \(stopped at \d+\.\d s\)", f["reason"]) for f in first["failures"])
+    assert len(steps) < 2 * 200 // 4  # each stopped a few steps past its deadline, far from its 200
 
 
 def test_every_byte_sent_is_counted_whatever_became_of_the_client(tmp_path, smoke_config, monkeypatch):
@@ -398,7 +454,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, smoke_config, monkeypat
 
 
 def test_resume_without_a_checkpoint_starts_over_and_bad_checkpoints_are_refused(tmp_path, smoke_config,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, capsys):
     config = smoke_config("eval.generate=false", "train.local_steps=2")
     run_local(config, tmp_path / "whole", quiet=True)
     original = DeltaServer.aggregate
@@ -406,7 +462,9 @@ def test_resume_without_a_checkpoint_starts_over_and_bad_checkpoints_are_refused
     with pytest.raises(Crash):
         run_local(config, tmp_path / "cut", quiet=True)
     monkeypatch.setattr(DeltaServer, "aggregate", original)
-    resume_local(tmp_path / "cut", quiet=True)  # killed in round 1: no checkpoint, starts over
+    capsys.readouterr()
+    resume_local(tmp_path / "cut", quiet=True)  # killed in round 1: no checkpoint, starts over, and says so
+    assert f"{tmp_path / 'cut.partial'} holds no checkpoint" in capsys.readouterr().err
     assert_same_run(tmp_path / "whole", tmp_path / "cut")
     with pytest.raises(UsageError, match="already finished"):
         resume_local(tmp_path / "cut")
@@ -425,6 +483,32 @@ def test_resume_without_a_checkpoint_starts_over_and_bad_checkpoints_are_refused
     with pytest.raises(UsageError, match="corrupt"):
         resume_local(tmp_path / "bad.partial")
     assert state.exists()
+
+
+def test_a_state_json_that_is_json_but_not_a_checkpoint_is_a_clear_error(tmp_path, smoke_config, monkeypatch):
+    config = smoke_config("eval.generate=false", "train.local_steps=2", "federation.rounds=3")
+    restore = crash_in_round(monkeypatch, "fedavg", 2, Crash())
+    with pytest.raises(Crash):
+        run_local(config, tmp_path / "cut", quiet=True)
+    restore()
+    path = tmp_path / "cut.partial/checkpoint/state.json"
+    good = json.loads(path.read_text())
+    server_file = good["files"]["server"]["name"]
+    broken = {"round": {k: v for k, v in good.items() if k != "round"},
+              "files.server.bytes": {**good, "files": {**good["files"], "server": {"name": server_file}}},
+              "elapsed_s": {**good, "elapsed_s": "soon"},
+              "files.states": {**good, "files": {**good["files"], "states": None}}}
+    for key, record in broken.items():
+        path.write_text(json.dumps(record))
+        with pytest.raises(UsageError, match=f"lacks a valid '{key}'"):
+            resume_local(tmp_path / "cut", quiet=True)
+    path.write_text(json.dumps({**good, "files": {**good["files"], "server": {**good["files"]["server"],
+                                                                              "name": "../../config.toml"}}}))
+    with pytest.raises(UsageError, match="names a file outside its directory"):
+        resume_local(tmp_path / "cut", quiet=True)
+    path.write_text(json.dumps(good))
+    resume_local(tmp_path / "cut", quiet=True)
+    assert (tmp_path / "cut" / "summary.json").is_file()
 
 
 def test_a_second_writer_of_one_run_is_refused_and_the_first_ones_files_are_kept(tmp_path, smoke_config, capsys):

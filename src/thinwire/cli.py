@@ -93,20 +93,22 @@ PREPARABLE = ("smollm2-135m", "smollm2-small")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from thinwire.config import default_config, default_model_notice, load_config
-    from thinwire.runtime.checkpoint import resume_paths
+    from thinwire.config import default_config, default_model_notice, ignored_options_notice, load_config
     from thinwire.runtime.rundir import ensure_not_written
 
     if args.resume is not None:
         if args.config or args.overrides or args.out:
             raise UsageError("--resume takes the config and output directory from the interrupted run; "
                              "drop CONFIG, --set and --out")
+        from thinwire.runtime.checkpoint import resume_paths
+
         out, partial = resume_paths(args.resume)
         return _run(load_config(partial / "config.toml"), out, args, resume=True)
     config = load_config(args.config or default_config(), args.overrides)
-    notice = default_model_notice(args.config or default_config(), args.overrides)
-    if notice:
-        print(notice, file=sys.stderr)
+    for notice in (default_model_notice(args.config or default_config(), args.overrides),
+                   ignored_options_notice(config, args.overrides)):
+        if notice:
+            print(notice, file=sys.stderr)
     if args.out is None:
         earlier = _offer_resume(config, args.runtime)
         if earlier is not None:

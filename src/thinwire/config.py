@@ -25,6 +25,19 @@ from thinwire.methods import METHOD_NAMES, option_classes, train_defaults
 EXAMPLES = Path(__file__).resolve().parent / "examples"  # shipped inside the package
 
 
+# Upper bounds of the size options: far above what a run here or on one GPU node holds, low enough
+# that a typo (10**9) is a one-line error instead of a run that never ends, a hang or a MemoryError.
+MAX_ROUNDS = 100_000  # rounds (and round-counted options): days of rounds at a second each
+MAX_CLIENTS = 100_000  # simulated data owners: one state each, held for the whole run
+MAX_STEPS = 1_000_000  # optimizer steps of one local, healing or autoencoder loop
+MAX_BATCH = 4096  # examples per batch: activations grow with it
+MAX_TOKENS = 32_768  # tokens of one example or one generation: longer than any built-in model's context
+MAX_EXAMPLES = 1_000_000  # examples of one kind (per client, distilled)
+MAX_EVAL_EXAMPLES = 100_000  # held-out examples: the built-in suite draws 4x as many to find unseen ones
+MAX_SUITE_EXAMPLES = 2_000_000  # built-in examples generated for one run: ~300 bytes and ~15 us each
+MAX_RANK = 4096  # ranks and widths: beyond any built-in model's hidden size
+
+
 def default_config() -> Path:
     """`examples/quickstart.toml`: what `thinwire run` runs without a config."""
     return EXAMPLES / "quickstart.toml"
@@ -44,18 +57,20 @@ class ModelConfig:
     name: str = opt("tiny", "built-in name (see `thinwire models`), hub id, local directory or .gguf file")
     dtype: str = opt("auto", "weight dtype", choices=("auto", "float32", "bfloat16", "float16"))
     device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:N or mps")
-    lora_rank: int = opt(8, "LoRA rank for methods that train an adapter", low=1)
+    lora_rank: int = opt(8, "LoRA rank for methods that train an adapter", low=1, high=MAX_RANK)
     lora_alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / rank)", low=0)
     lora_dropout: float = opt(0.0, "LoRA dropout", low=0, high=0.99)
     lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "module names LoRA wraps")
     # how `smollm2-small` (FedPT's device model) is cut down from SmolLM2-135M and healed
     # (models/small.py); a cached build with another recipe is rebuilt
-    small_layers: int = opt(30, "smollm2-small: decoder layers kept", low=1)
-    small_keep_last: int = opt(0, "smollm2-small: how many of the kept layers are the large model's last", low=0)
-    small_mlp_width: int = opt(256, "smollm2-small: MLP neurons kept per layer (0: whole MLPs)", low=0)
-    small_head_rank: int = opt(96, "smollm2-small: rank of the factorised LM head (0: the full tied head)", low=0)
-    small_heal_steps: int = opt(180, "smollm2-small: distillation steps that heal it", low=0)
-    small_heal_per_family: int = opt(8, "smollm2-small: healing examples per task family", low=1)
+    small_layers: int = opt(30, "smollm2-small: decoder layers kept", low=1, high=MAX_RANK)
+    small_keep_last: int = opt(0, "smollm2-small: how many of the kept layers are the large model's last",
+                               low=0, high=MAX_RANK)
+    small_mlp_width: int = opt(256, "smollm2-small: MLP neurons kept per layer (0: whole MLPs)", low=0, high=MAX_RANK)
+    small_head_rank: int = opt(96, "smollm2-small: rank of the factorised LM head (0: the full tied head)",
+                               low=0, high=MAX_RANK)
+    small_heal_steps: int = opt(180, "smollm2-small: distillation steps that heal it", low=0, high=MAX_STEPS)
+    small_heal_per_family: int = opt(8, "smollm2-small: healing examples per task family", low=1, high=MAX_EXAMPLES)
     small_heal_focus: str = opt("all", "smollm2-small: KL on every position, or on the response's (and a "
                                 "quarter of the prompt's)", choices=("all", "response"))
     small_heal_data: str = opt("disjoint", "smollm2-small: heal on the families outside the headline's "
@@ -72,8 +87,9 @@ class DataConfig:
     output_field: str = opt("", "record field holding the reference output ('' = the format's default)")
     tasks: list[str] = opt([], "task families of the built-in suite to use (empty: all)")
     heldout_tasks: list[str] = opt([], "tasks kept out of training, evaluated apart (generalisation)")
-    examples_per_client: int = opt(64, "training examples generated per client (built-in suite)", low=1)
-    eval_examples: int = opt(32, "held-out evaluation examples", low=1)
+    examples_per_client: int = opt(64, "training examples generated per client (built-in suite)", low=1,
+                                   high=MAX_EXAMPLES)
+    eval_examples: int = opt(32, "held-out evaluation examples", low=1, high=MAX_EVAL_EXAMPLES)
     eval_split: str = opt("test", "what the run evaluates on: the reported test split, or a validation "
                           "split disjoint from it and from training (for tuning: benchmarks/tune.py)",
                           choices=("test", "validation"))
@@ -82,7 +98,7 @@ class DataConfig:
     dirichlet_alpha: float = opt(0.5, "Dirichlet concentration over categories", low=1e-6)
     category_field: str = opt("category", "example field that dirichlet partitions over")
     quantity_skew: float = opt(0.0, "lognormal sigma of per-client dataset sizes (0: equal)", low=0)
-    max_length: int = opt(256, "tokens per training example (longer ones are truncated)", low=8)
+    max_length: int = opt(256, "tokens per training example (longer ones are truncated)", low=8, high=MAX_TOKENS)
     template: str = opt("alpaca", "prompt template: Alpaca (measured to serve SmolLM2-Instruct as well as its "
                         "own, docs/benchmarks/measurements.md), the tokenizer's chat template, or auto (chat when the "
                         "tokenizer has one); the loss covers the response in each",
@@ -91,22 +107,22 @@ class DataConfig:
 
 @dataclass
 class FederationConfig:
-    clients: int = opt(4, "number of clients (data owners)", low=1)
-    clients_per_round: int = opt(2, "clients sampled each round", low=1)
-    rounds: int = opt(2, "federated rounds", low=1)
+    clients: int = opt(4, "number of clients (data owners)", low=1, high=MAX_CLIENTS)
+    clients_per_round: int = opt(2, "clients sampled each round", low=1, high=MAX_CLIENTS)
+    rounds: int = opt(2, "federated rounds", low=1, high=MAX_ROUNDS)
     seed: int = opt(0, "run seed: every random choice derives from it", low=0, high=2**63 - 1)
     failure_rate: float = opt(0.0, "simulated faults: share of sampled clients that fail each round "
                               "(local runtime; seeded per round)", low=0, high=1)
     straggler_rate: float = opt(0.0, "simulated stragglers: share of sampled clients that miss the round "
                                 "deadline (local runtime)", low=0, high=1)
     round_timeout_s: float = opt(600.0, "round deadline: a client that has not replied by then costs its "
-                                 "update for the round", low=1e-3)
-    min_replies: int = opt(1, "fewest accepted replies a round needs to aggregate", low=1)
+                                 "update for the round", low=1e-3, high=30 * 86400.0)
+    min_replies: int = opt(1, "fewest accepted replies a round needs to aggregate", low=1, high=MAX_CLIENTS)
     max_examples: int = opt(0, "most training examples a client may claim for its weight (0: the largest "
-                            "partition the server knows of)", low=0)
+                            "partition the server knows of)", low=0, high=10**12)
     on_too_few: str = opt("skip", "a round with fewer than min_replies replies: skip it, or retry it "
                           "with a fresh sample of clients", choices=("skip", "retry"))
-    max_retries: int = opt(2, "most retries of one round with on_too_few = 'retry'", low=0)
+    max_retries: int = opt(2, "most retries of one round with on_too_few = 'retry'", low=0, high=100)
     checkpoint: bool = opt(True, "write a resumable checkpoint after every round (thinwire run --resume)")
 
 
@@ -132,15 +148,15 @@ class MethodConfig:
                                   "aggregating (0: off)", low=0)
     max_update_norm: float = opt(0.0, "reject a client update whose L2 norm exceeds this (0: off)", low=0)
     max_upload_bytes: int = opt(0, "reject uploads larger than this many bytes (0: the method's own bound)",
-                                low=0)
+                                low=0, high=1 << 34)
     options: dict[str, Any] = field(default_factory=dict, metadata={"doc": "[method.<name>] tables"})
 
 
 @dataclass
 class TrainConfig:
-    local_steps: int = opt(10, "optimizer steps per client per round", low=1)
-    batch_size: int = opt(4, "examples per micro-batch", low=1)
-    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", low=1)
+    local_steps: int = opt(10, "optimizer steps per client per round", low=1, high=MAX_STEPS)
+    batch_size: int = opt(4, "examples per micro-batch", low=1, high=MAX_BATCH)
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", low=1, high=MAX_BATCH)
     lr: float = opt(1e-4, "local learning rate", low=0)
     optimizer: str = opt("adamw", "local optimizer", choices=("adamw", "sgd"))
     momentum: float = opt(0.0, "SGD momentum (Ferret's released code: 0); a client's momentum starts at "
@@ -151,11 +167,11 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = opt(1, "evaluate every N rounds (0: only before the first and after the last)", low=0)
-    max_examples: int = opt(32, "held-out examples evaluated", low=1)
+    every: int = opt(1, "evaluate every N rounds (0: only before the first and after the last)", low=0, high=MAX_ROUNDS)
+    max_examples: int = opt(32, "held-out examples evaluated", low=1, high=MAX_EVAL_EXAMPLES)
     generate: bool = opt(True, "greedy generation for Rouge-L and exact match (else loss only)")
-    max_new_tokens: int = opt(32, "generation length bound", low=1)
-    batch_size: int = opt(16, "evaluation batch size", low=1)
+    max_new_tokens: int = opt(32, "generation length bound", low=1, high=MAX_TOKENS)
+    batch_size: int = opt(16, "evaluation batch size", low=1, high=MAX_BATCH)
 
 
 @dataclass
@@ -229,7 +245,19 @@ def _resolved_table(path: str | Path | None, overrides: list[str], variant: str 
         _merge_tables(table, per_run[chosen])
     for item in overrides:
         _apply_override(table, item)
+    data = table.get("data")
+    if path is not None and isinstance(data, dict) and isinstance(data.get("source"), str):
+        data["source"] = _beside(resolve_config(path), data["source"])
     return table
+
+
+def _beside(config: Path, source: str) -> str:
+    """A relative data path that the working directory lacks but the config's directory holds, as
+    that path (so a config and its data travel together); anything else unchanged."""
+    path = Path(source)
+    if source == "tasks" or path.is_absolute() or path.exists() or not (config.parent / path).exists():
+        return source
+    return str((config.parent / path).resolve())
 
 
 def _method_name(table: dict[str, Any], overrides: list[str]) -> Any:
@@ -248,12 +276,24 @@ def compare_variants(path: str | Path | None) -> list[str]:
     return [name for name in per_run if name not in METHOD_NAMES]
 
 
+def resolve_config(path: str | Path) -> Path:
+    """`path` when it exists, else the built-in example it names (`smoke`, `smoke.toml` or
+    `examples/smoke.toml`), from any directory, as `thinwire run` finds its default."""
+    path = Path(path)
+    if path.is_file() or not (len(path.parts) == 1 or path.parent.name == "examples"):
+        return path
+    builtin = EXAMPLES / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
+    return builtin if builtin.is_file() else path
+
+
 def _read_table(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
-    path = Path(path)
+    path = resolve_config(path)
     if not path.is_file():
-        raise UsageError(f"config file {path} does not exist; pass an existing TOML file")
+        builtins = ", ".join(sorted(p.stem for p in EXAMPLES.glob("*.toml")))
+        raise UsageError(f"config file {path} does not exist; pass an existing TOML file or a built-in "
+                         f"example ({builtins})")
     try:
         return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -342,7 +382,10 @@ def _check_value(key: str, value: Any, hint: Any, meta: Any) -> Any:
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list) or not all(_is_type(v, item_type) for v in value):
-            raise UsageError(f"config key {key} must be a list of {item_type.__name__}")
+            example = '["a", "b"]' if item_type is str else "[1, 2]"
+            raise UsageError(f"config key {key} must be a list of {item_type.__name__}, like "
+                             f"{key.rsplit('.', 1)[-1]} = {example} in TOML, or --set {key}='{example}' "
+                             "(the quotes keep the shell off the brackets)")
         return list(value)
     if origin in (typing.Union, types.UnionType):
         if value is None or any(_is_type(value, t) for t in typing.get_args(hint) if t is not type(None)):
@@ -360,7 +403,7 @@ def _check_value(key: str, value: Any, hint: Any, meta: Any) -> Any:
     if low is not None and value < low:
         raise UsageError(f"config key {key} = {value!r} is below its minimum {low}")
     if high is not None and value > high:
-        raise UsageError(f"config key {key} = {value!r} is above its maximum {high}")
+        raise UsageError(f"config key {key} = {value!r} is above its maximum {high}; lower it")
     return value
 
 
@@ -391,6 +434,24 @@ def _method_train_defaults(method: str, options: dict[str, Any]) -> dict[str, An
     return train_defaults(method, options)
 
 
+# a method whose options live in another method's table ([method.fedkseed] configures fedkseed-pro)
+OPTIONS_TABLE = {"fedkseed-pro": "fedkseed"}
+
+
+def ignored_options_notice(config: Config, overrides: list[str]) -> str | None:
+    """A one-line notice when `--set` gives options of a method other than the one running. A file's
+    [method.<name>] tables stay silent: a file may hold settings for each method `compare` runs."""
+    running = OPTIONS_TABLE.get(config.method.name, config.method.name)
+    tables = sorted({parts[1] for item in overrides
+                     if len(parts := item.split("=", 1)[0].strip().split(".")) > 2 and parts[0] == "method"
+                     and parts[1] != running})
+    if not tables:
+        return None
+    named = ", ".join(f"[method.{name}]" for name in tables)
+    return (f"notice: --set options of {named} do not apply: method.name is {config.method.name!r} "
+            "(set method.name to run that method)")
+
+
 def method_options(config: Config, method: str, cls: type) -> Any:
     """The validated options dataclass of `method` (its defaults when the table is absent)."""
     return cls(**config.method.options.get(method, {}))
@@ -398,6 +459,11 @@ def method_options(config: Config, method: str, cls: type) -> Any:
 
 def _check_cross_fields(config: Config) -> None:
     fed = config.federation
+    generated = config.data.examples_per_client * fed.clients
+    if config.data.source == "tasks" and generated > MAX_SUITE_EXAMPLES:
+        raise UsageError(f"data.examples_per_client = {config.data.examples_per_client} x federation.clients = "
+                         f"{fed.clients} asks for {generated} built-in examples, above the bound "
+                         f"{MAX_SUITE_EXAMPLES}; lower either")
     if fed.clients_per_round > fed.clients:
         raise UsageError(f"config key federation.clients_per_round = {fed.clients_per_round} exceeds "
                          f"federation.clients = {fed.clients}; lower it or add clients")

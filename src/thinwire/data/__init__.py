@@ -105,8 +105,16 @@ def _partition(config: Config, train: list[dict]) -> list[list[int]]:
     if data.partition == "iid":
         return partition.iid(len(train), fed.clients, rng)
     if data.partition == "by-task":
-        return partition.by_task([e["task"] for e in train], fed.clients)
-    labels = [str(e.get(data.category_field, "")) for e in train]
+        tasks = [e["task"] for e in train]
+        unlabelled = tasks.count("")
+        if unlabelled:  # else they would all land in one '' task: an IID-like split, silently
+            raise UsageError(f"data.partition = 'by-task' needs a task per record, but {unlabelled} of {len(tasks)} "
+                             f"training records have neither a 'task' field nor data.category_field = "
+                             f"{data.category_field!r}; name the field that holds each record's category, or use "
+                             "data.partition = 'iid'")
+        return partition.by_task(tasks, fed.clients)
+    key = data.category_field if data.source == "tasks" else "category"  # a file's field was read into 'category'
+    labels = [str(e.get(key, "")) for e in train]
     if all(label == "" for label in labels):
         raise UsageError(f"data.category_field = {data.category_field!r} is missing from every example; "
                          "name a field the data has")

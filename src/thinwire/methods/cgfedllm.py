@@ -115,7 +115,7 @@ from thinwire.compress.codec import Codec
 from thinwire.compress.fixed import ZerosCodec
 from thinwire.compress.signs import SignCodec
 from thinwire.compress.topk import TopKCodec
-from thinwire.config import Config, method_options, opt
+from thinwire.config import MAX_BATCH, MAX_RANK, MAX_ROUNDS, MAX_STEPS, Config, method_options, opt
 from thinwire.errors import UsageError
 from thinwire.methods import robust, validate
 from thinwire.methods.aggregate import weighted_mean
@@ -186,31 +186,34 @@ class CGFedLLMOptions:
     paper_sum: bool = opt(False, "sum the decoded objects as the paper writes, instead of [method] aggregation "
                           "(the weighted mean by default)")
     compression: int = opt(None, "(preset) input cells per latent value (0: paper default, 64 for conv2d, 32 for "
-                           "conv1d); topk, signs: FedIT's float32 upload bytes per sent byte (0: 64)", low=0)
+                           "conv1d); topk, signs: FedIT's float32 upload bytes per sent byte (0: 64)", low=0,
+                           high=1 << 20)
     depth: int = opt(None, "(preset) stride-2 conv layers of the encoder (and transposed convs of the decoder)",
                      low=1, high=12)
-    width: int = opt(8, "channels of the first conv, doubling per layer up to 64", low=1)
-    res_blocks: int = opt(None, "(preset) residual blocks at the deepest intermediate stage (each side)", low=0)
-    chunk: int = opt(4096, "conv1d: values per chunk (a multiple of 2^depth)", low=2)
+    width: int = opt(8, "channels of the first conv, doubling per layer up to 64", low=1, high=MAX_RANK)
+    res_blocks: int = opt(None, "(preset) residual blocks at the deepest intermediate stage (each side)", low=0,
+                          high=64)
+    chunk: int = opt(4096, "conv1d: values per chunk (a multiple of 2^depth)", low=2, high=1 << 24)
     latent_dtype: str = opt("float32", "precision of the latent (topk: of the values) on the wire",
                             choices=tuple(LATENT_DTYPES))
     shuffle: bool = opt(None, "(preset) conv2d/conv1d: permute the entries by the (round, client) seed before "
                         "encoding (nothing more is sent), so a fixed code does not pair the same entries every round")
     binary_latent: bool = opt(None, "(preset) conv2d/conv1d: one sign bit per latent value (trained straight "
                               "through the sign), instead of latent_dtype; compression 2 with conv1d depth 1 is 1/64")
-    tgap_rounds: int = opt(1, "first rounds that run TGAP (uncompressed FedIT on the TGAP share)", low=0)
+    tgap_rounds: int = opt(1, "first rounds that run TGAP (uncompressed FedIT on the TGAP share)", low=0,
+                           high=MAX_ROUNDS)
     tgap_share: float = opt(0.3, "share of each client's examples used in TGAP; FAF uses the rest", low=0, high=1)
     tgap_snapshots: int = opt(4, "objects each client records (and uploads) per TGAP round, evenly spaced "
-                              "over its local steps", low=1)
-    ae_steps: int = opt(300, "Adam steps training the AE after TGAP", low=0)
+                              "over its local steps", low=1, high=1000)
+    ae_steps: int = opt(300, "Adam steps training the AE after TGAP", low=0, high=MAX_STEPS)
     ae_lr: float = opt(None, "(preset) AE learning rate (paper: 2e-4, which underfits in a few hundred steps)",
                        low=0)
-    ae_batch: int = opt(None, "(preset) AE training samples per step", low=1)
+    ae_batch: int = opt(None, "(preset) AE training samples per step", low=1, high=MAX_BATCH)
     ae_path: str = opt("", "load this trained AE (a file written by ae_save) and skip TGAP")
     ae_save: str = opt("", "write the trained AE here (safetensors), after TGAP and after each refinement")
     refine_every: int = opt(0, "every N-th FAF round is a calibration round (exact uploads, AE fine-tuned "
-                            "and re-sent); 0: AE frozen during FAF (paper)", low=0)
-    refine_steps: int = opt(100, "Adam steps of each AE refinement", low=0)
+                            "and re-sent); 0: AE frozen during FAF (paper)", low=0, high=MAX_ROUNDS)
+    refine_steps: int = opt(100, "Adam steps of each AE refinement", low=0, high=MAX_STEPS)
 
     def __post_init__(self) -> None:
         """Give every key the user left unset (None) its value from the preset."""

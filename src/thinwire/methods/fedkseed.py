@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from thinwire.config import Config, method_options, opt
+from thinwire.config import MAX_BATCH, MAX_STEPS, Config, method_options, opt
 from thinwire.methods import robust, validate
 from thinwire.methods.base import Reply, Upload
 from thinwire.methods.history import HistoryServer, ReplicaClient
@@ -34,13 +34,14 @@ from thinwire.wire import Payload, PayloadError
 class FedKSeedOptions:
     """`[method.fedkseed]`, which also configures fedkseed-pro. Defaults: the paper's settings."""
 
-    pool_size: int = opt(4096, "K: candidate seeds shared for the whole run", low=1, high=2**31 - 1)
+    pool_size: int = opt(4096, "K: candidate seeds shared for the whole run (dense per-seed sums: 8 bytes "
+                         "each)", low=1, high=1 << 24)
     eps: float = opt(5e-4, "perturbation scale ε of the two-point estimate", low=1e-12)
     lr: float = opt(3e-7, "ZO learning rate η (clients and the server's rebuild)", low=0)
     global_lr_scale: float = opt(1.0, "multiplies η where a round's (seed, ΔG) pairs update the global model "
                                  "(the server's rebuild and every client's replay); local ZO steps keep η", low=0)
-    local_steps: int = opt(200, "ZO steps per client per round", low=1)
-    batch_size: int = opt(1, "examples per ZO step", low=1)
+    local_steps: int = opt(200, "ZO steps per client per round", low=1, high=MAX_STEPS)
+    batch_size: int = opt(1, "examples per ZO step", low=1, high=MAX_BATCH)
     pro_clip: float = opt(0.0, "FedKSeed-Pro: clip |g| at this value in the history (0: off)", low=0)
 
 

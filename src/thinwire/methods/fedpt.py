@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from thinwire.config import Config, method_options, opt
+from thinwire.config import MAX_BATCH, MAX_EXAMPLES, MAX_STEPS, MAX_TOKENS, Config, method_options, opt
 from thinwire.errors import UsageError
 from thinwire.methods.base import Reply, RunContext, Workbench, load_into, snapshot
 from thinwire.methods.fedavg import FedITClient, FedITServer
@@ -88,17 +88,18 @@ class FedPTOptions:
                     choices=("pretrained", "broadcast", "distilled"))
     distill: bool = opt(True, "distil the proxy-tuned large model into the small adapter each round "
                         "(false: FedIT then proxy-tune, the FedAvg+PT baseline)")
-    kd_steps: int = opt(10, "distillation optimizer steps per round", low=0)
+    kd_steps: int = opt(10, "distillation optimizer steps per round", low=0, high=MAX_STEPS)
     kd_lr: float = opt(5e-4, "distillation learning rate (AdamW on the adapter)", low=0)
-    kd_batch_size: int = opt(8, "distillation examples per step", low=1)
+    kd_batch_size: int = opt(8, "distillation examples per step", low=1, high=MAX_BATCH)
     kd_temperature: float = opt(1.0, "distillation softmax temperature", low=1e-3)
     kd_direction: str = opt("forward", "KL(proxy || student) (forward) or KL(student || proxy) (reverse)",
                             choices=("forward", "reverse"))
     kd_prompts: str = opt("suite", "server-side prompts: the built-in task suite, Alpaca template", choices=("suite",))
     kd_targets: str = opt("generated", "continuations: the proxy's greedy generations, or the suite's references",
                           choices=("generated", "reference"))
-    kd_examples: int = opt(32, "distillation prompts per round", low=1)
-    kd_max_new_tokens: int = opt(16, "length bound of generated distillation targets", low=1)
+    kd_examples: int = opt(32, "distillation prompts per round", low=1, high=MAX_EXAMPLES)
+    kd_max_new_tokens: int = opt(16, "length bound of generated distillation targets", low=1,
+                                high=MAX_TOKENS)
 
 
 def pair(config: Config) -> tuple[str, str]:

@@ -51,11 +51,12 @@ class FerretOptions:
                          choices=("all", "lora"))
     block_rule: str = opt("code", "block partition: the released code's rule, one block per matrix, "
                           "per tensor or per layer", choices=("code", "matrix", "tensor", "layer"))
-    k_max: int = opt(200, "most coordinates per block (the code's K)", low=1)
-    k_min: int = opt(2, "fewest coordinates of a block with a non-zero update", low=0)
+    k_max: int = opt(200, "most coordinates per block (the code's K)", low=1, high=1 << 16)
+    k_min: int = opt(2, "fewest coordinates of a block with a non-zero update", low=0, high=1 << 16)
     allocation: str = opt("code", "K_l ∝ ‖Δ_l‖: the code's floor rule, or a fixed total budget",
                           choices=("code", "proportional"))
-    budget: int = opt(0, "total coordinates per client with allocation = 'proportional'", low=0)
+    budget: int = opt(0, "total coordinates per client with allocation = 'proportional'", low=0,
+                        high=1 << 24)
     scaling: str = opt("unbiased", "coordinate scaling: the paper's 1/(ρK) or the code's d/K",
                        choices=("unbiased", "code"))
     basis: str = opt("uniform", "basis distribution: fast uniform grid (same support and, up to "
@@ -72,7 +73,7 @@ class FerretOptions:
     lr_schedule: str = opt("constant", "schedule of server_lr over rounds",
                            choices=("constant", "cosine", "linear"))
     value_dtype: str = opt("float16", "precision of coordinates on the wire", choices=tuple(WIRE_DTYPES))
-    threads: int = opt(0, "codec worker threads (0: torch's intra-op thread count)", low=0)
+    threads: int = opt(0, "codec worker threads (0: torch's intra-op thread count)", low=0, high=1024)
 
 
 class _FerretRule:

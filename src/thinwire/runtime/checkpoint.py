@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,16 +141,19 @@ class Checkpoint:
                 path.unlink(missing_ok=True)
 
     def load(self, config: Config) -> Restored | None:
-        """The committed checkpoint, or None when there is none yet; UsageError when it is unusable."""
+        """The committed checkpoint, or None (saying on stderr that the run restarts) when there is
+        none yet; UsageError when it is unusable."""
         path = self.dir / STATE
         if not path.is_file():
+            print(restart_notice(self.dir.parent), file=sys.stderr)
             return None
         try:
             record = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
             raise UsageError(f"checkpoint {path} is unreadable ({exc}); start the run afresh") from exc
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             raise UsageError(f"checkpoint {path} has an unknown format; start the run afresh")
+        _check_record(record, path)
         if record.get("config_sha256") != config_digest(config):
             raise UsageError(f"checkpoint {path} was written for a different config than {self.dir.parent}/config.toml; "
                              "restore that config or start the run afresh")
@@ -195,6 +199,43 @@ def committed_round(partial: Path) -> int:
         return int(json.loads((Path(partial) / DIRNAME / STATE).read_text())["round"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
+
+
+# The commit record's fields and their types; a record that lacks one was not written by `save`.
+RECORD_FIELDS = {"round": int, "files": dict, "metrics_bytes": int, "metrics_sha256": str, "base_eval": dict,
+                 "evaluation": dict, "elapsed_s": (int, float)}
+FILE_FIELDS = {"name": str, "bytes": int, "sha256": str}
+
+
+def _check_record(record: dict[str, Any], path: Path) -> None:
+    """UsageError unless `record` has every field `save` writes, with its type, and names only
+    files inside the checkpoint directory."""
+    def need(table: dict[str, Any], key: str, kind: type | tuple[type, ...], name: str) -> None:
+        value = table.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UsageError(f"checkpoint {path} lacks a valid {name!r}, so thinwire did not write it; "
+                             "start the run afresh")
+
+    for key, kind in RECORD_FIELDS.items():
+        need(record, key, kind, key)
+    for role, info in record["files"].items():
+        need(record["files"], role, dict, f"files.{role}")
+        for key, kind in FILE_FIELDS.items():
+            need(info, key, kind, f"files.{role}.{key}")
+        if Path(info["name"]).name != info["name"]:
+            raise UsageError(f"checkpoint {path} names a file outside its directory ({info['name']!r}); "
+                             "start the run afresh")
+    if record["round"] < 1:
+        raise UsageError(f"checkpoint {path} is at round {record['round']}; start the run afresh")
+
+
+def restart_notice(partial: Path) -> str:
+    """What `--resume` says of a `.partial` without a checkpoint: it starts again from round 1."""
+    metrics = partial / "metrics.jsonl"
+    logged = metrics.read_bytes().count(b"\n") if metrics.is_file() else 0
+    again = f"; its {logged} logged round(s) run again" if logged else ""
+    return (f"notice: {partial} holds no checkpoint (the run stopped before its first round ended, or ran with "
+            f"federation.checkpoint = false): resuming restarts it from round 1{again}")
 
 
 def resume_paths(path: str | Path) -> tuple[Path, Path]:

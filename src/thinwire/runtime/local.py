@@ -10,12 +10,22 @@ success). If *every* client that ran in a round raised (at least two), the first
 re-raised: that is a bug in the method or data, not a fault. The deadline measures a client's
 wall time, the one input that is not a function of the seed: with the default 600 s it never
 fires on the built-in models.
+
+The deadline holds even when `fit` never returns: each client works in a worker thread that the
+round waits for until the deadline. Past it, the client is told to stop at its next training step
+(it raises there), and the round waits a grace (`grace_s`: 5 to 60 s) for that; a client that
+neither stops nor returns by then is abandoned, and the round moves on without it. Clients share
+this process's model, so an abandoned thread that wakes later stops at its first step, but what it
+does before that step can disturb the client then running: the record says "abandoned".
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
+from collections.abc import Callable
+from functools import partial
 import weakref
 from pathlib import Path
 from typing import Any
@@ -25,7 +35,7 @@ import torch
 from thinwire.config import Config
 from thinwire.data import Federation
 from thinwire.methods import get_method
-from thinwire.methods.base import ClientSide, ClientState, RunContext
+from thinwire.methods.base import ClientSide, ClientState, RunContext, Upload
 from thinwire.methods.validate import reason as short_reason
 from thinwire import secagg
 from thinwire.runtime import engine
@@ -59,7 +69,14 @@ class InProcess(Transport):
         self.shared = SharedTensors(self.client.shared_state_prefixes)
         self.clients_bar = progress.add_task("clients", total=ctx.config.federation.clients_per_round)
         self.steps_bar = progress.add_task("steps", total=self.client.steps_per_round())
-        ctx.on_step = lambda: progress.advance(self.steps_bar)
+
+        def on_step() -> None:
+            thread = threading.current_thread()
+            if isinstance(thread, ClientThread) and thread.stopped:
+                raise ClientDeadline("past the round deadline")  # the round stopped waiting for this client
+            progress.advance(self.steps_bar)
+
+        ctx.on_step = on_step
         self.secagg_clients: dict[int, secagg.SecAggClient] = {}  # each client's SecAgg+ keys and round
 
     def control(self, rnd: int, stage: str, messages: dict[int, bytes]) -> dict[int, bytes | str]:
@@ -82,20 +99,23 @@ class InProcess(Transport):
             self.progress.reset(self.steps_bar)
             state = self.shared.working_copy(self.states[cid])
             t0 = time.perf_counter()
-            try:
-                download = Payload.decode(down)
-                roster = take_roster(download)
-                upload = self.client.fit(rnd, cid, download, self.federation.clients[cid], state)
-                up = client_upload(self.config, rnd, cid, upload.payload, state=state,
-                                   secure=self.secagg_clients.get(cid), roster=roster)
-            except Exception as exc:  # a crashing client costs its own update, not the run
-                errors += 1
-                first_error = first_error or exc
-                arrivals[cid] = Arrival(failure=f"{type(exc).__name__}: {short_reason(exc)}")
+            worker = ClientThread(partial(self._fit, rnd, cid, down, state))
+            done = worker.finish(self.timeout_s, grace_s(self.timeout_s))
+            took = time.perf_counter() - t0
+            local_s += took
+            if not done:  # never returned, nor reached a step after the deadline: the round moves on
+                arrivals[cid] = Arrival(failure=f"no reply within {self.timeout_s:g} s (its work did not stop "
+                                                f"within a further {grace_s(self.timeout_s):g} s: abandoned)")
                 continue
-            finally:
-                took = time.perf_counter() - t0
-                local_s += took
+            if isinstance(worker.error, ClientDeadline):
+                arrivals[cid] = Arrival(failure=f"no reply within {self.timeout_s:g} s (stopped at {took:.1f} s)")
+                continue
+            if worker.error is not None:  # a crashing client costs its own update, not the run
+                errors += 1
+                first_error = first_error or worker.error
+                arrivals[cid] = Arrival(failure=f"{type(worker.error).__name__}: {short_reason(worker.error)}")
+                continue
+            upload, up = worker.result
             if took > self.timeout_s:  # its upload arrived, too late to be used
                 arrivals[cid] = Arrival(up=up, failure=f"no reply within {self.timeout_s:g} s (took {took:.1f} s)")
                 continue
@@ -106,6 +126,14 @@ class InProcess(Transport):
             raise first_error  # every client that ran crashed: a bug, not a client fault
         return arrivals, local_s
 
+    def _fit(self, rnd: int, cid: int, down: bytes, state: ClientState) -> tuple[Upload, bytes]:
+        """One client's work: its upload, and the bytes it sends."""
+        download = Payload.decode(down)
+        roster = take_roster(download)
+        upload = self.client.fit(rnd, cid, download, self.federation.clients[cid], state)
+        return upload, client_upload(self.config, rnd, cid, upload.payload, state=state,
+                                     secure=self.secagg_clients.get(cid), roster=roster)
+
     def state(self) -> tuple[Payload | None, dict[int, ClientState]]:
         return self.client.state_dict(), self.states
 
@@ -113,6 +141,44 @@ class InProcess(Transport):
         if client is not None:
             self.client.load_state_dict(client)
         self.states = {cid: self.shared.intern(state) for cid, state in states.items()}
+
+
+class ClientDeadline(Exception):
+    """Raised inside a client's work at its next step once the round has stopped waiting for it."""
+
+
+def grace_s(timeout_s: float) -> float:
+    """How long past the deadline a round waits for a client to reach its next step and stop."""
+    return min(max(timeout_s, 5.0), 60.0)
+
+
+class ClientThread(threading.Thread):
+    """One client's work, in a daemon thread that the round can stop waiting for."""
+
+    def __init__(self, work: Callable[[], tuple[Upload, bytes]]):
+        super().__init__(name="thinwire-client", daemon=True)
+        self.work = work
+        self.result: tuple[Upload, bytes] | None = None
+        self.error: BaseException | None = None
+        self.stopped = False  # set past the deadline: the work's next step raises ClientDeadline
+
+    def run(self) -> None:
+        try:
+            self.result = self.work()
+        except BaseException as exc:  # handed to the round, which decides what it costs
+            self.error = exc
+
+    def finish(self, timeout_s: float, grace: float) -> bool:
+        """Run the work; False when it neither returned by the deadline nor stopped within `grace`
+        after it (the thread is then abandoned, and stops at its next step if it ever takes one)."""
+        self.start()
+        self.join(timeout_s)
+        if self.is_alive():
+            self.stopped = True
+            self.join(grace)
+        if self.error is not None and not isinstance(self.error, Exception):
+            raise self.error  # not a client fault (SystemExit and the like)
+        return not self.is_alive()
 
 
 class SharedTensors:
