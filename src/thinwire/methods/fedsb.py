@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from thinwire.config import Config, method_options, opt
+from thinwire.config import MAX_EXAMPLES, MAX_STEPS, Config, method_options, opt
 from thinwire.errors import UsageError
 from thinwire.methods import robust, validate
 from thinwire.methods.base import ClientState, Reply, Upload, snapshot
@@ -65,9 +65,9 @@ class FedSBOptions:
     """`[method.fed-sb]`. The rank is `model.lora_rank` (r² values per module each way)."""
 
     init_examples: int = opt(50, "examples per client whose gradient initialises A, B, R0 in the init round "
-                             "(the code's N: 50 pooled on its arithmetic runs)", low=1)
+                             "(the code's N: 50 pooled on its arithmetic runs)", low=1, high=MAX_EXAMPLES)
     svd_iters: int = opt(10, "power iterations of the randomized SVD (torch.svd_lowrank niter; the code's 10)",
-                         low=0)
+                         low=0, high=MAX_STEPS)
 
 
 class SBProjection(torch.nn.Module):

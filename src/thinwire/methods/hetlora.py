@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from thinwire.config import method_options, opt
+from thinwire.config import MAX_RANK, method_options, opt
 from thinwire.errors import UsageError
 from thinwire.methods import validate
 from thinwire.methods.base import ClientSide, ClientState, Reply, Upload, WeightsServer, snapshot
@@ -35,7 +35,8 @@ class RankOptions:
     """`[method.hetlora]` and `[method.flora]`: the clients' ranks."""
 
     ranks: list[int] = opt([], "each client's LoRA rank, in client order and repeated over federation.clients "
-                           "(empty: model.lora_rank for every client); each at most model.lora_rank")
+                           "(empty: model.lora_rank for every client); each at most model.lora_rank", low=1,
+                           high=MAX_RANK)
 
 
 def _factor(name: str) -> str:

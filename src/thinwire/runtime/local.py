@@ -152,6 +152,9 @@ def grace_s(timeout_s: float) -> float:
     return min(max(timeout_s, 5.0), 60.0)
 
 
+INTERRUPT_WAIT_S = 10.0  # how long Ctrl-C waits for a client's work to reach its next step
+
+
 class ClientThread(threading.Thread):
     """One client's work, in a daemon thread that the round can stop waiting for."""
 
@@ -172,7 +175,12 @@ class ClientThread(threading.Thread):
         """Run the work; False when it neither returned by the deadline nor stopped within `grace`
         after it (the thread is then abandoned, and stops at its next step if it ever takes one)."""
         self.start()
-        self.join(timeout_s)
+        try:
+            self.join(timeout_s)
+        except KeyboardInterrupt:  # Ctrl-C: let the work stop at its next step before the process exits
+            self.stopped = True
+            self.join(min(grace, INTERRUPT_WAIT_S))
+            raise
         if self.is_alive():
             self.stopped = True
             self.join(grace)
