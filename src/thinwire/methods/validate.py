@@ -10,7 +10,8 @@ reason, built from the helpers here:
 2. `ServerSide.check_update` (each method): exact tensor names, dtypes and shapes against its own
    state, indices (seeds, block counts) in range, the version and basis round the client must
    have used;
-3. `check_finite` (every method): no NaN or ±Inf in any floating tensor;
+3. `check_finite` (every method): no NaN or ±Inf in any floating tensor, and `check_magnitude`:
+   no value (tensor or float scalar) beyond `[method] max_update_value`;
 4. the norm bound `[method] max_update_norm` on `ServerSide.update_norm`.
 
 Validation never changes server state; a rejected upload is dropped and logged as
@@ -54,6 +55,25 @@ def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
         t = tensors[name]
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise PayloadError(f"tensor {name!r} has non-finite values")
+
+
+def check_magnitude(payload, bound: float) -> None:
+    """No floating tensor value and no numeric scalar of `payload` beyond ±`bound` (0: off).
+
+    Finite is not enough: values near the float32 maximum (3.4e38) overflow the moment they are
+    added or squared, so a plausibility bound far above any honest update rejects them here."""
+    if bound <= 0:
+        return
+    for name in sorted(payload.tensors):
+        t = payload.tensors[name]
+        if t.is_floating_point() and t.numel() and float(t.detach().abs().max()) > bound:
+            raise PayloadError(f"tensor {name!r} holds a value of magnitude {float(t.detach().abs().max()):.3g}, "
+                               f"over method.max_update_value = {bound:g}")
+    for key in sorted(payload.scalars):
+        value = payload.scalars[key]
+        if isinstance(value, float) and not abs(value) <= bound:
+            raise PayloadError(f"scalar {key!r} = {value!r} is not a finite number within ±{bound:g} "
+                               "(method.max_update_value)")
 
 
 def check_names(tensors: Mapping[str, torch.Tensor], expected: Iterable[str]) -> None:

@@ -298,9 +298,12 @@ class Rounds:
             skipped, replies, clients = True, [], []
             break
         replies, dp_metrics = privacy.privatize_round(self.config, rnd, replies)
-        aggregate, round_eval, times = records.close_round(self.config, server, rnd, replies, skipped, self.evaluate,
+        committed, round_eval, times = records.close_round(self.config, server, rnd, replies, skipped, self.evaluate,
                                                            local_s, round_start)
-        aggregate.update({**dp_metrics, **secure_metrics})
+        clients, dropped = records.apply_commit(clients, committed, pooled=bool(secure))
+        rejected.extend(dropped)
+        skipped = skipped or not committed.replies
+        aggregate = {**committed.metrics, **dp_metrics, **secure_metrics}
         extra = {**self.transport.round_fields(), **(secure_traffic if self.config.privacy.secagg else {})}
         record = records.round_record(rnd, self.spec.name, sampled, clients, aggregate, round_eval, times,
                                       phase=server.phase(rnd), failures=failures, rejected=rejected, retries=retries,

@@ -19,12 +19,14 @@ figure.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 from thinwire.config import Config
 from thinwire.evaluate import score_splits, split_metrics
+from thinwire.runtime.commit import Commit, commit_round
 from thinwire.runtime.rundir import peak_rss_mb
 
 TRAFFIC = ("uplink_bytes", "downlink_bytes")
@@ -84,20 +86,43 @@ def evaluate_global(config: Config, server: Any, tokenizer: Any, federation: Any
 
 def close_round(config: Config, server: Any, rnd: int, replies: list[Any], skipped: bool,
                 evaluate: Callable[[], dict[str, float]], local_s: float,
-                round_start: float) -> tuple[dict[str, float], dict[str, float] | None, dict[str, float]]:
-    """Aggregate the round's accepted replies and evaluate if this round is due.
+                round_start: float) -> tuple[Commit, dict[str, float] | None, dict[str, float]]:
+    """Aggregate the round's accepted replies (runtime/commit.py: never into a model that fails
+    the checks) and evaluate if this round is due.
 
-    Returns (aggregate metrics, the evaluation or None, the round's times in seconds).
+    Returns (what the aggregation committed, the evaluation or None, the round's times in seconds).
     """
     t0 = time.perf_counter()
-    aggregate = {} if skipped else server.aggregate(rnd, replies)
+    committed = Commit() if skipped else commit_round(server, rnd, replies)
     aggregate_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     due = rnd == config.federation.rounds or (config.eval.every and rnd % config.eval.every == 0)
     evaluation = evaluate() if due else None
     times = {"local": local_s, "aggregate": aggregate_s, "eval": time.perf_counter() - t0,
              "total": time.perf_counter() - round_start}
-    return aggregate, evaluation, times
+    return committed, evaluation, times
+
+
+def apply_commit(clients: list[dict[str, Any]], committed: Commit,
+                 pooled: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The client records of the replies `committed` kept, each with the update norm the server
+    measured (and its clip factor when clipped), and `rejected` entries (with their bytes) for those it
+    dropped. `pooled`: the round's one reply stood for every client (SecAgg), who share its fate."""
+    dropped = {entry["client"]: entry["reason"] for entry in committed.dropped}
+    if pooled and dropped:
+        reason = next(iter(dropped.values()))
+        dropped = {c["client"]: reason for c in clients}
+    kept = [c for c in clients if c["client"] not in dropped]
+    for c in kept:
+        norm = committed.norms.get(c["client"])
+        if norm is not None:
+            c["update_norm"] = norm if math.isfinite(norm) else None
+            bound = committed.metrics.get("norm_bound")
+            if bound is not None and not norm <= bound:
+                c["clip_factor"] = bound / norm if math.isfinite(norm) and norm > 0 else 0.0
+    gone = [failure(c["client"], dropped[c["client"]], c["downlink_bytes"], c["uplink_bytes"])
+            for c in clients if c["client"] in dropped]
+    return kept, gone
 
 
 def round_record(rnd: int, method: str, sampled: list[int], clients: list[dict[str, Any]],
