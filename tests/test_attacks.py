@@ -183,3 +183,91 @@ def test_an_aggregate_that_is_not_finite_is_never_committed(smoke_config, monkey
         assert [c["client"] for c in record["clients"]] == [0, 2]
     assert (tmp_path / "hostile" / "final_state.safetensors").read_bytes() == \
         (tmp_path / "absent" / "final_state.safetensors").read_bytes()
+
+
+# --- records: what a client claims stays a claim ---------------------------------------------------
+
+FORGED = {"process-age-s": float("nan"), "import-s": -float("inf"), "setup-s": 1e300}
+COERCIBLE = {0: True, 1: 24.9, 2: "24"}  # round -> a num-examples Flower used to coerce (True -> 1, 24.9 -> 24)
+
+
+def _forging_client_app(forger: int, miscounter: int):
+    """thinwire's ClientApp, except that `forger` reports impossible timings in round 1 and
+    `miscounter` a num-examples of the wrong type (round r: COERCIBLE[r - 1]); defined in a
+    function so Ray ships it to its actors by value."""
+    from flwr.clientapp import ClientApp
+
+    from thinwire.runtime import flower
+
+    app = ClientApp()
+
+    @app.query("thinwire_hello")
+    def hello(message, context):
+        return flower._hello(message, context)
+
+    @app.train("thinwire_fit")
+    def fit(message, context):
+        meta = message.content["thinwire"]
+        cid, rnd = int(meta["client"]), int(meta["round"])
+        reply = flower._fit(message, context)
+        if cid == forger and rnd == 1:
+            for key, value in FORGED.items():
+                reply.content["thinwire"][key] = value
+        if cid == miscounter:
+            reply.content["thinwire"]["num-examples"] = COERCIBLE[rnd - 1]
+        return reply
+
+    return app
+
+
+def test_flower_client_claims_stay_claims(smoke_config, tmp_path):
+    """Forged timings (NaN, -inf, 1e300) reject the forger's reply instead of landing in the record as
+    measured fields, metrics.jsonl stays strict JSON, and num-examples of the wrong type (True, 24.9,
+    "24") is refused as the in-process runtime refuses it."""
+    from thinwire.runtime import flower
+
+    config = smoke_config("federation.clients_per_round=3", "federation.rounds=3", "eval.generate=false")
+    flower.run_flower_sim(config, tmp_path / "run", quiet=True, num_cpus=1,
+                          client_app=_forging_client_app(forger=0, miscounter=2))
+
+    def strict(constant):
+        raise ValueError(f"metrics.jsonl holds {constant}")
+
+    text = (tmp_path / "run" / "metrics.jsonl").read_text()
+    rounds = [json.loads(line, parse_constant=strict) for line in text.splitlines()]
+    rejected = [{r["client"]: r["reason"] for r in record["rejected"]} for record in rounds]
+    assert sorted(rejected[0]) == [0, 2] and "is not a finite number" in rejected[0][0]
+    assert [sorted(r) for r in rejected[1:]] == [[2], [2]]
+    assert all("example count" in r[2] for r in rejected)
+    for record in rounds:
+        for client in record["clients"]:
+            assert not {"clientapp_age_s", "import_s", "setup_s"} & set(client)  # never a measured field
+            assert client["metrics"]["setup_s"] >= 0 and client["metrics"]["clientapp_age_s"] >= -1
+
+
+@pytest.mark.parametrize("claim", [True, 24.9, "24"])
+def test_an_example_count_of_the_wrong_type_is_refused_in_process(smoke_config, monkeypatch, tmp_path, claim):
+    rounds = _run(smoke_config, monkeypatch, tmp_path / "run", "fedavg", lambda up: (up.payload, claim))
+    assert [r["client"] for r in rounds[0]["rejected"]] == [ATTACKER]
+    assert "example count" in rounds[0]["rejected"][0]["reason"]
+
+
+def test_one_client_cannot_set_the_rounds_train_loss(smoke_config, monkeypatch, tmp_path):
+    """The round's train_loss is the median of the clients' claims: a claim of -330 does not move it
+    outside the honest claims."""
+    from thinwire.methods.fedavg import DeltaClient
+
+    fit = DeltaClient.fit
+
+    def lying_fit(self, rnd, cid, download, examples, state):
+        upload = fit(self, rnd, cid, download, examples, state)
+        if cid == ATTACKER:
+            upload.metrics["train_loss"] = -330.0
+        return upload
+
+    monkeypatch.setattr(DeltaClient, "fit", lying_fit)
+    config = smoke_config("federation.clients_per_round=3", "federation.rounds=1", "eval.generate=false")
+    run_local(config, tmp_path / "run", quiet=True)
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    honest = sorted(c["metrics"]["train_loss"] for c in record["clients"] if c["client"] != ATTACKER)
+    assert honest[0] <= record["train_loss"] <= honest[-1]

@@ -5,8 +5,9 @@ it knows, the byte cap). What it cannot know is what the *method* expects; every
 therefore has a `validate(reply)` hook (methods/base.py) that raises `PayloadError` with a
 reason, built from the helpers here:
 
-1. `check_reply` (every method): a sane example count, finite numeric metrics, the upload's
-   tensor bytes under the method's cap;
+1. `check_reply` (every method): a sane example count (an int: True, 24.9 or "24" are refused on
+   every runtime), metrics that are finite numbers of sane magnitude (`check_metric`), the
+   upload's tensor bytes under the method's cap;
 2. `ServerSide.check_update` (each method): exact tensor names, dtypes and shapes against its own
    state, indices (seeds, block counts) in range, the version and basis round the client must
    have used;
@@ -28,6 +29,8 @@ import torch
 from thinwire.wire import PayloadError
 
 MAX_REASON = 300
+MAX_METRIC = 1e15  # no honest client figure (a loss, a token count) comes near
+MAX_SECONDS = 1e7  # a client's duration: four months
 
 
 def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -43,11 +46,22 @@ def check_reply(reply, max_bytes: int, max_examples: int | None = None) -> None:
         raise PayloadError(f"example count {n} exceeds the {max_examples} a client can hold "
                            "(federation.max_examples)")
     for key, value in (reply.metrics or {}).items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise PayloadError(f"metric {key!r} = {value!r} is not a finite number")
+        check_metric(key, value)
     size = tensor_bytes(reply.payload.tensors)
     if size > max_bytes:
         raise PayloadError(f"upload holds {size} tensor bytes, over the cap of {max_bytes}")
+
+
+def check_metric(key: str, value: object) -> None:
+    """A client's own figure: a finite number of sane magnitude; a duration (`*_s`, seconds) within
+    [-1, `MAX_SECONDS`] (-1: unknown). Records keep it under the client's `metrics`, never as a
+    measured field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PayloadError(f"metric {str(key)[:60]!r} = {str(value)[:40]!r} is not a finite number")
+    if abs(value) > MAX_METRIC:
+        raise PayloadError(f"metric {str(key)[:60]!r} = {value:.3g} is beyond ±{MAX_METRIC:g}")
+    if str(key).endswith("_s") and not -1 <= value <= MAX_SECONDS:
+        raise PayloadError(f"metric {str(key)[:60]!r} = {value:.3g} s is not a duration in [-1, {MAX_SECONDS:g}]")
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:

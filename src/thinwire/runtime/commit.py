@@ -10,7 +10,9 @@ a whole. `commit_round` therefore:
 3. if aggregation raised or left a non-finite value (a hostile update that passed every per-upload
    check, or FedPT's distillation diverging on it), restores the copy and tries again without the
    reply with the largest update norm, and so on: the dropped client is logged with the reason,
-   and a round that no reply can be aggregated from commits nothing.
+   and a round that no reply can be aggregated from commits nothing. If no subset of the replies
+   aggregates and no failure was a `PayloadError` or a non-finite model (nothing points at what
+   the clients sent), the first error is raised: a bug or a fault of the server, as a power cut.
 
 So nothing a client sends can raise out of aggregation, and a checkpoint (written after the
 round) never holds a model that failed the check. A method whose `state_dict()` is None cannot be
@@ -29,7 +31,7 @@ import torch
 from thinwire.errors import UsageError
 from thinwire.methods.base import Reply, ServerSide
 from thinwire.methods.validate import rejection
-from thinwire.wire import Payload
+from thinwire.wire import Payload, PayloadError
 
 
 class NonFiniteModel(ValueError):
@@ -50,7 +52,7 @@ def commit_round(server: ServerSide, rnd: int, replies: list[Reply]) -> Commit:
     """Aggregate `replies` into `server`, dropping (largest update norm first) any whose presence
     makes aggregation fail or the state non-finite; see the module docstring."""
     saved = _copy(server.state_dict())
-    remaining, dropped = list(replies), []
+    remaining, dropped, errors = list(replies), [], []
     while remaining:
         norms = server.bound_round(remaining)
         try:
@@ -61,6 +63,7 @@ def commit_round(server: ServerSide, rnd: int, replies: list[Reply]) -> Commit:
         except Exception as exc:  # a hostile update that passed validation: its sender pays, not the run
             if saved is None:
                 raise
+            errors.append(exc)
             server.load_state_dict(_copy(saved))
             offender = max(remaining, key=lambda r: _order(norms.get(r.client_id, math.inf)))
             dropped.append({"client": offender.client_id,
@@ -71,6 +74,8 @@ def commit_round(server: ServerSide, rnd: int, replies: list[Reply]) -> Commit:
             metrics["norm_bound"] = server.round_norm_bound
         return Commit(metrics, remaining, dropped, norms)
     server.bound_round([])
+    if errors and not any(isinstance(e, (PayloadError, NonFiniteModel)) for e in errors):
+        raise errors[0]  # no subset of the replies aggregates, and nothing points at their content: a fault
     return Commit({}, [], dropped, {})
 
 

@@ -13,13 +13,16 @@ A *client-round* is one download sent to one client (`clients_contacted` per rou
 contacted again in a retry of the round counts again).
 
 A client record keeps what the runtime measured at its top level and the client's own metrics
-(`Upload.metrics`, e.g. `train_loss`) under `metrics`, so a client can never replace a measured
-figure.
+(`Upload.metrics`, e.g. `train_loss`, and on Flower its own timings `clientapp_age_s`, `import_s`,
+`setup_s`) under `metrics`, so a client can never replace a measured figure; validation
+(methods/validate.py) admits only finite numbers of sane magnitude there.
+metrics.jsonl is strict JSON (rundir.json_line): a non-finite number the server computed is written as null.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -137,7 +140,9 @@ def round_record(rnd: int, method: str, sampled: list[int], clients: list[dict[s
     in a round with too few (`failure` entries, with the bytes sent); `rejected`: replies that
     failed validation; `retries`: how often the round was resampled for want of replies;
     `skipped`: the round aggregated nothing; `phase`: `ServerSide.phase(rnd)`; `warnings`: those
-    the run raised since the previous record. Traffic: see the module docstring.
+    the run raised since the previous record; `train_loss`: the median of the aggregated clients'
+    claimed `train_loss` (client-reported; the median, so that one client cannot set it). Traffic:
+    see the module docstring.
     """
     failures, rejected = list(failures or []), list(rejected or [])
     everyone = [*clients, *failures, *rejected]
@@ -147,7 +152,7 @@ def round_record(rnd: int, method: str, sampled: list[int], clients: list[dict[s
         "clients_contacted": sum("downlink_bytes" in e for e in everyone), "clients_ok": len(clients),
         **{key: sum(e.get(key, 0) for e in everyone) for key in TRAFFIC},
         **{f"{key}_accepted": sum(c[key] for c in clients) for key in TRAFFIC},
-        "train_loss": sum(losses) / len(losses) if losses else None,
+        "train_loss": statistics.median(losses) if losses else None,
         "eval": evaluation, "aggregate": aggregate, "clients": clients, "time_s": time_s,
         "failures": failures, "rejected": rejected, "retries": retries, "skipped": skipped,
         "warnings": list(warnings), **extra,
