@@ -17,6 +17,8 @@ Faults (all logged in the round record of metrics.jsonl):
   costs only its own update (`failures: [{client, reason}]`);
 - each upload is decoded under the method's size cap and checked by `server.validate`; a reply
   that fails is dropped (`rejected: [{client, reason}]`) and never reaches the global model;
+- the round's aggregation is committed only into a finite server state (runtime/commit.py): a
+  reply whose presence makes it fail is dropped the same way, before any checkpoint is written;
 - a round with fewer than `federation.min_replies` accepted replies is skipped (`skipped: true`)
   or, with `on_too_few = "retry"`, resampled from the stream (seed, "sample", round, "retry", i)
   up to `max_retries` times (`retries`).
