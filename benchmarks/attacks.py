@@ -2,7 +2,7 @@
 bounded-mean costs a clean run: final evaluation loss on the smoke config, every method.
 
     python benchmarks/attacks.py                         # every method, seeds 0,1,2
-    python benchmarks/attacks.py --methods fedavg,ferret --seeds 0
+    python benchmarks/attacks.py --methods fedavg,ferret --seeds 0 --set method.norm_bound_factor=2
 
 Each method runs `examples/smoke.toml` (its [compare.<method>] settings apply) with all 3 clients in
 every round, per seed:
@@ -56,7 +56,8 @@ def hostile_fit(fit: Callable, factor: float | None) -> Callable:
     return run
 
 
-def final_loss(method: str, seed: int, rule: str, factor: float | None, out: Path) -> tuple[float, int]:
+def final_loss(method: str, seed: int, rule: str, factor: float | None, out: Path,
+               overrides: list[str]) -> tuple[float, int]:
     """(final evaluation loss, updates clipped over the run) of one run."""
     spec = get_method(method)
     fit = spec.client.fit
@@ -64,7 +65,7 @@ def final_loss(method: str, seed: int, rule: str, factor: float | None, out: Pat
     try:
         config = load_config(EXAMPLES / "smoke.toml", [
             f"method.name='{method}'", "federation.clients_per_round=3", f"federation.seed={seed}",
-            "eval.generate=false", f"method.aggregation='{rule}'", *EXTRA.get(method, [])])
+            "eval.generate=false", f"method.aggregation='{rule}'", *EXTRA.get(method, []), *overrides])
         summary = run_local(config, out, quiet=True)
     finally:
         spec.client.fit = fit
@@ -76,6 +77,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=",".join(METHOD_NAMES))
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run (e.g. method.norm_bound_factor=2)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     table = Table(title="final eval loss, smoke config, 3 clients (client 1 hostile), mean over seeds " + args.seeds)
@@ -88,7 +91,7 @@ def main() -> None:
             for seed in seeds:
                 for case, (rule, factor) in CASES.items():
                     loss, clipped = final_loss(method, seed, rule, factor,
-                                               Path(work) / f"{method}-{seed}-{case.replace(' ', '_')}")
+                                               Path(work) / f"{method}-{seed}-{case.replace(' ', '_')}", args.set)
                     losses[case].append(loss)
                     if case == "clean bounded":
                         clean_clips += clipped
