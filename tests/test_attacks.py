@@ -236,9 +236,11 @@ def test_flower_client_claims_stay_claims(smoke_config, tmp_path):
     text = (tmp_path / "run" / "metrics.jsonl").read_text()
     rounds = [json.loads(line, parse_constant=strict) for line in text.splitlines()]
     rejected = [{r["client"]: r["reason"] for r in record["rejected"]} for record in rounds]
-    assert sorted(rejected[0]) == [0, 2] and "is not a finite number" in rejected[0][0]
-    assert [sorted(r) for r in rejected[1:]] == [[2], [2]]
-    assert all("example count" in r[2] for r in rejected)
+    failed = [{r["client"]: r["reason"] for r in record["failures"]} for record in rounds]
+    assert list(rejected[0]) == [0] and "is not a finite number" in rejected[0][0]
+    assert rejected[1:] == [{}, {}]
+    assert [list(f) for f in failed] == [[2], [2], [2]]  # refused as it arrives, as a malformed reply
+    assert all("example count" in f[2] and "is not a positive integer" in f[2] for f in failed)
     for record in rounds:
         for client in record["clients"]:
             assert not {"clientapp_age_s", "import_s", "setup_s"} & set(client)  # never a measured field

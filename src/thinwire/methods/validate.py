@@ -39,17 +39,23 @@ def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
 
 def check_reply(reply, max_bytes: int, max_examples: int | None = None) -> None:
     """Example count, metrics and size: what every method's upload must satisfy."""
-    n = reply.num_examples
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise PayloadError(f"example count {n!r} is not a positive integer")
-    if max_examples is not None and n > max_examples:
-        raise PayloadError(f"example count {n} exceeds the {max_examples} a client can hold "
-                           "(federation.max_examples)")
+    check_examples(reply.num_examples, max_examples)
     for key, value in (reply.metrics or {}).items():
         check_metric(key, value)
     size = tensor_bytes(reply.payload.tensors)
     if size > max_bytes:
         raise PayloadError(f"upload holds {size} tensor bytes, over the cap of {max_bytes}")
+
+
+def check_examples(n: object, max_examples: int | None = None) -> int:
+    """A claimed example count: an int of at least 1 (never True, 24.9 or "24", on any runtime), and
+    at most `max_examples` when given."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise PayloadError(f"example count {str(n)[:40]!r} is not a positive integer")
+    if max_examples is not None and n > max_examples:
+        raise PayloadError(f"example count {n} exceeds the {max_examples} a client can hold "
+                           "(federation.max_examples)")
+    return n
 
 
 def check_metric(key: str, value: object) -> None:

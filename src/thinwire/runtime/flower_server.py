@@ -17,6 +17,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from thinwire.config import Config, to_toml
+from thinwire.methods.validate import check_examples
 from thinwire.runtime import engine
 from thinwire.runtime.engine import Arrival, Transport
 from thinwire.runtime.flower_wire import (BASE_DIGEST, CLIENT_TIMINGS, FINGERPRINT, FIT, HELLO, META, METRICS,
@@ -236,7 +237,7 @@ class FlowerTransport(Transport):
             metrics = dict(reply.content[METRICS]) if METRICS in reply.content else {}
             # the client's own timings are its claims: kept with its metrics and validated as they are
             metrics.update({key: meta[field] for field, key in CLIENT_TIMINGS.items() if field in meta})
-            examples = meta["num-examples"]  # as sent: validation refuses anything but an int, as in process
+            examples = check_examples(meta["num-examples"])  # the in-process rule: no coercion
             measured = {"node": reply.metadata.src_node_id, "flower_downlink_bytes": flower_down,
                         "flower_uplink_bytes": flower_bytes(reply)}
         except Exception as exc:  # a malformed reply costs that client, not the run
