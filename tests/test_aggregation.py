@@ -181,17 +181,18 @@ def test_bounded_mean_clips_only_beyond_the_bound(first_upload):
     assert server.clip_factor(replies[0]) == 0.0
 
 
-def test_commit_drops_what_poisons_the_model_and_reraises_a_fault(first_upload):
+@pytest.mark.parametrize("rule", ["bounded-mean", "mean"])
+def test_commit_drops_what_poisons_the_model_and_reraises_a_fault(first_upload, rule):
     from thinwire.runtime.commit import commit_round
 
-    server, replies = _fedavg_replies(first_upload)
+    server, replies = _fedavg_replies(first_upload, f"method.aggregation='{rule}'")
     before = {k: t.clone() for k, t in server.weights.items()}
     poisoned = Payload(tensors={k: t.clone() for k, t in replies[1].payload.tensors.items()})
     next(iter(poisoned.tensors.values())).view(-1)[0] = float("inf")
     committed = commit_round(server, 1, [replies[0], Reply(1, poisoned, 8), replies[2]])
     assert [d["client"] for d in committed.dropped] == [1] and "non-finite" in committed.dropped[0]["reason"]
     assert [r.client_id for r in committed.replies] == [0, 2]
-    fresh, _ = _fedavg_replies(first_upload)
+    fresh, _ = _fedavg_replies(first_upload, f"method.aggregation='{rule}'")
     fresh.weights = before
     fresh.bound_round([replies[0], replies[2]])
     fresh.aggregate(1, [replies[0], replies[2]])

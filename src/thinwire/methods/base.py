@@ -263,9 +263,10 @@ class ServerSide(ABC):
         norms = {}
         for reply in replies:
             try:
-                norms[reply.client_id] = self.update_norm(reply)
+                norm = self.update_norm(reply)
             except Exception:  # noqa: BLE001 -- validated already; a norm that still fails weighs nothing
-                norms[reply.client_id] = math.inf
+                norm = math.inf
+            norms[reply.client_id] = math.inf if math.isnan(norm) else norm
         self.round_norm_bound = robust.adaptive_bound(list(norms.values()), method.norm_bound_factor)
         return norms
 

@@ -65,7 +65,8 @@ def commit_round(server: ServerSide, rnd: int, replies: list[Reply]) -> Commit:
                 raise
             errors.append(exc)
             server.load_state_dict(_copy(saved))
-            offender = max(remaining, key=lambda r: _order(norms.get(r.client_id, math.inf)))
+            sizes = norms or {r.client_id: _norm(server, r) for r in remaining}  # other rules: measured here
+            offender = max(remaining, key=lambda r: sizes[r.client_id])
             dropped.append({"client": offender.client_id,
                             "reason": f"aggregate not applied: {rejection(exc)}; dropped the largest update"})
             remaining.remove(offender)
@@ -95,5 +96,10 @@ def _copy(state: Payload | None) -> Payload | None:
                    scalars=copy.deepcopy(state.scalars))
 
 
-def _order(norm: float) -> float:
+def _norm(server: ServerSide, reply: Reply) -> float:
+    """The reply's update norm for ordering: one that cannot be measured, or is NaN, goes first."""
+    try:
+        norm = server.update_norm(reply)
+    except Exception:  # noqa: BLE001 -- any failure to measure marks the reply as the likely culprit
+        return math.inf
     return math.inf if math.isnan(norm) else norm
