@@ -140,3 +140,84 @@ def test_example_weighting_needs_a_bound_on_the_claims(smoke_config):
     assert len(blind.ctx.warnings) == 1 and "federation.max_examples" in blind.ctx.warnings[0]
     config.federation.max_examples = 25
     assert blind.example_cap() == 25 and blind.aggregation_weights(replies) == [0.75, 0.25]
+
+
+# --- bounded-mean, the default: the adaptive bound and the round commit ---------------------------
+
+
+def test_adaptive_bound_by_hand():
+    from thinwire.methods.robust import adaptive_bound
+
+    assert adaptive_bound([1.0, 100.0, 2.0], 3.0) == 6.0  # the median of three
+    assert adaptive_bound([4.0, 1e30], 3.0) == 12.0  # of two: the smaller, so one cannot raise it
+    assert adaptive_bound([5.0, 1.0, 1e9, 2.0], 2.0) == 4.0  # the lower of the two middle values
+    assert adaptive_bound([], 3.0) == 0.0
+
+
+def test_the_default_aggregation_resolves_per_run(smoke_config):
+    """bounded-mean without privacy; the plain mean where DP or SecAgg needs it (check_privacy)."""
+    assert smoke_config().method.aggregation == "bounded-mean"
+    assert smoke_config("privacy.dp='central'").method.aggregation == "mean"
+    assert smoke_config("privacy.dp='local'").method.aggregation == "mean"
+    assert smoke_config("privacy.secagg=true").method.aggregation == "mean"
+    assert smoke_config("method.aggregation='mean'").method.aggregation == "mean"
+
+
+def _fedavg_replies(first_upload, *extra):
+    server, payload, n = first_upload("method.name='fedavg'", "method.weighting='equal'", *extra)
+    honest = [Reply(cid, Payload(tensors={k: t * (1 + cid / 10) for k, t in payload.tensors.items()}), n)
+              for cid in range(3)]
+    return server, honest
+
+
+def test_bounded_mean_clips_only_beyond_the_bound(first_upload):
+    server, replies = _fedavg_replies(first_upload)
+    replies[1] = Reply(1, Payload(tensors={k: t * 50 for k, t in replies[1].payload.tensors.items()}), 8)
+    norms = server.bound_round(replies)
+    assert server.round_norm_bound == pytest.approx(3 * norms[2])  # the median norm: client 2's (×1.2)
+    assert [server.clip_factor(r) for r in (replies[0], replies[2])] == [1.0, 1.0]
+    assert server.clip_factor(replies[1]) == pytest.approx(server.round_norm_bound / norms[1])
+    server.round_norm_bound = 0.0  # a round whose median update is zero: everything clips to nothing
+    assert server.clip_factor(replies[0]) == 0.0
+
+
+@pytest.mark.parametrize("rule", ["bounded-mean", "mean"])
+def test_commit_drops_what_poisons_the_model_and_reraises_a_fault(first_upload, rule):
+    from thinwire.runtime.commit import commit_round
+
+    server, replies = _fedavg_replies(first_upload, f"method.aggregation='{rule}'")
+    before = {k: t.clone() for k, t in server.weights.items()}
+    poisoned = Payload(tensors={k: t.clone() for k, t in replies[1].payload.tensors.items()})
+    next(iter(poisoned.tensors.values())).view(-1)[0] = float("inf")
+    committed = commit_round(server, 1, [replies[0], Reply(1, poisoned, 8), replies[2]])
+    assert [d["client"] for d in committed.dropped] == [1] and "non-finite" in committed.dropped[0]["reason"]
+    assert [r.client_id for r in committed.replies] == [0, 2]
+    fresh, _ = _fedavg_replies(first_upload, f"method.aggregation='{rule}'")
+    fresh.weights = before
+    fresh.bound_round([replies[0], replies[2]])
+    fresh.aggregate(1, [replies[0], replies[2]])
+    assert all(torch.equal(server.weights[k], fresh.weights[k]) for k in before)
+
+    def power_cut(rnd, replies):
+        raise RuntimeError("power cut")
+
+    server.aggregate = power_cut
+    with pytest.raises(RuntimeError, match="power cut"):
+        commit_round(server, 2, replies)
+
+
+def test_extreme_values_and_claims_fail_validation(first_upload):
+    from thinwire.methods.validate import check_magnitude, check_metric
+    from thinwire.wire import PayloadError
+
+    check_magnitude(Payload(tensors={"v": torch.tensor([1e6, -1e6])}, scalars={"x": 2.0}), 1e6)
+    with pytest.raises(PayloadError, match="max_update_value"):
+        check_magnitude(Payload(tensors={"v": torch.tensor([0.0, -3e38])}), 1e6)
+    with pytest.raises(PayloadError, match="scalar 'x'"):
+        check_magnitude(Payload(scalars={"x": 1e38}), 1e6)
+    check_magnitude(Payload(tensors={"v": torch.tensor([1e30])}), 0)  # 0: off
+    check_metric("train_loss", 4.5)
+    check_metric("clientapp_age_s", -1.0)
+    for key, value in [("train_loss", 1e300), ("import_s", -5.0), ("setup_s", 1e9), ("tokens", float("nan"))]:
+        with pytest.raises(PayloadError):
+            check_metric(key, value)

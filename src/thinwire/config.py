@@ -139,14 +139,20 @@ class MethodConfig:
     server_momentum: float = opt(0.9, "FedAvgM momentum / FedAdam beta1", low=0, high=0.999999)
     server_beta2: float = opt(0.99, "FedAdam beta2", low=0, high=0.999999)
     server_tau: float = opt(1e-3, "FedAdam adaptivity / FedExP epsilon", low=0)
-    aggregation: str = opt("mean", "how client updates are combined: weighted mean, or coordinate-wise "
-                           "median / trimmed mean (unweighted; robust to a few hostile clients)",
-                           choices=("mean", "median", "trimmed-mean"))
+    aggregation: str = opt("bounded-mean", "how client updates are combined: weighted mean with each update "
+                           "clipped to norm_bound_factor x the round's median update norm (the default; 'mean' "
+                           "under privacy.dp or privacy.secagg), plain weighted mean, or coordinate-wise median / "
+                           "trimmed mean (unweighted; robust to a few hostile clients)",
+                           choices=("bounded-mean", "mean", "median", "trimmed-mean"))
+    norm_bound_factor: float = opt(3.0, "bounded-mean: clip each update to this multiple of the round's "
+                                   "(lower) median update norm", low=1)
     trim_fraction: float = opt(0.2, "trimmed-mean: share of clients cut from each end per coordinate "
                                "(ceil(fraction * n), at most (n - 1) // 2)", low=0, high=0.49)
     clip_update_norm: float = opt(0.0, "scale each client's update down to this L2 norm before "
                                   "aggregating (0: off)", low=0)
     max_update_norm: float = opt(0.0, "reject a client update whose L2 norm exceeds this (0: off)", low=0)
+    max_update_value: float = opt(1e6, "reject a client update holding a value whose magnitude exceeds this "
+                                  "(a plausibility bound far above any honest update; 0: off)", low=0)
     max_upload_bytes: int = opt(0, "reject uploads larger than this many bytes (0: the method's own bound)",
                                 low=0, high=1 << 34)
     options: dict[str, Any] = field(default_factory=dict, metadata={"doc": "[method.<name>] tables"})
@@ -346,6 +352,7 @@ def from_dict(table: dict[str, Any]) -> Config:
             private = privacy.get("dp", "none") != "none" or privacy.get("secagg") is True
             if private:  # under DP or SecAgg a client's weight must not depend on what it claims
                 raw.setdefault("weighting", "equal")
+                raw.setdefault("aggregation", "mean")  # DP clips each update; SecAgg shows only the sum
             section = parse_section(cls, raw, name)
             section.options = _method_options(section.name, options)
         elif name == "train":

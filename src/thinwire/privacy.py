@@ -143,10 +143,11 @@ class CentralDP:
         self.space = update_space(config)
 
     def screen(self, payload: Payload) -> Payload:
-        """An upload with a non-finite update replaced by the zero update, before validation: a
-        rejection would reveal that a client's training diverged."""
-        view = self.space.view(payload)
-        if all(bool(torch.isfinite(t).all()) for t in view.values()):
+        """An upload whose update is non-finite or beyond `method.max_update_value` replaced by the
+        zero update, before validation: a rejection would reveal that a client's training diverged."""
+        view, bound = self.space.view(payload), self.config.method.max_update_value
+        if all(bool(torch.isfinite(t).all()) and (not bound or not t.numel() or float(t.abs().max()) <= bound)
+               for t in view.values()):
             return payload
         return self.space.rebuild(payload, {name: torch.zeros_like(t) for name, t in view.items()})
 

@@ -16,6 +16,7 @@ loaded once and reused, so simulating many clients never holds many models.
 
 from __future__ import annotations
 
+import math
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -211,11 +212,13 @@ class ServerSide(ABC):
         """Raise `PayloadError` (with a reason) unless `reply` is safe to aggregate. Never changes state.
 
         Every method gets: example count, finite metrics, size cap, method checks (`check_update`),
-        finite values, and `[method] max_update_norm` on `update_norm`.
+        finite values, values within `[method] max_update_value`, and `[method] max_update_norm` on
+        `update_norm`.
         """
         checks.check_reply(reply, self.max_upload_bytes(), self.example_cap())
         self.check_update(reply)
         checks.check_finite(reply.payload.tensors)
+        checks.check_magnitude(reply.payload, self.config.method.max_update_value)
         bound = self.config.method.max_update_norm
         if bound > 0:
             norm = self.update_norm(reply)
@@ -260,10 +263,43 @@ class ServerSide(ABC):
         decode a model-sized payload where a real one is a few kilobytes."""
         return 8 * self.trainable_parameters() + (1 << 20)
 
+    # bounded-mean's clip norm for the round being aggregated (None: no adaptive bound); see bound_round
+    round_norm_bound: float | None = None
+
+    def bound_round(self, replies: list[Reply]) -> dict[int, float]:
+        """Set `round_norm_bound` from `replies` (bounded-mean: `robust.adaptive_bound` of their
+        update norms; otherwise None) and return each client's update norm as the server measured
+        it (an update whose norm cannot be measured counts as infinite: clipped to nothing)."""
+        self.round_norm_bound = None
+        method = self.config.method
+        if method.aggregation != "bounded-mean" or not replies:
+            return {}
+        norms = {}
+        for reply in replies:
+            try:
+                norm = self.update_norm(reply)
+            except Exception:  # noqa: BLE001 -- validated already; a norm that still fails weighs nothing
+                norm = math.inf
+            norms[reply.client_id] = math.inf if math.isnan(norm) else norm
+        self.round_norm_bound = robust.adaptive_bound(list(norms.values()), method.norm_bound_factor)
+        return norms
+
+    def clipping(self) -> bool:
+        """Whether this round's updates are clipped (`clip_update_norm` or bounded-mean's bound)."""
+        return self.config.method.clip_update_norm > 0 or self.round_norm_bound is not None
+
     def clip_factor(self, reply: Reply) -> float:
-        """What `[method] clip_update_norm` multiplies this upload by (1 when off or within)."""
-        bound = self.config.method.clip_update_norm
-        return robust.clip_factor(self.update_norm(reply), bound) if bound > 0 else 1.0
+        """What this upload is multiplied by: the smaller of `[method] clip_update_norm` and the
+        round's adaptive bound over its norm (1 when both are off or the norm is within)."""
+        bounds = [b for b in (self.config.method.clip_update_norm, self.round_norm_bound) if b is not None and b > 0]
+        if self.round_norm_bound == 0:
+            bounds.append(0.0)
+        if not bounds:
+            return 1.0
+        bound, norm = min(bounds), self.update_norm(reply)
+        if norm <= bound:
+            return 1.0
+        return bound / norm if math.isfinite(norm) else 0.0
 
     # -- checkpointing (runtime/checkpoint.py) --------------------------------------------------
 

@@ -339,9 +339,12 @@ class CGFedLLMServer(_Rule, FedITServer):
 
     def setup(self) -> None:
         self._setup_rule()
-        if self.options.paper_sum and self.config.method.aggregation != "mean":
+        if self.options.paper_sum and not robust.is_mean(self.config.method.aggregation):
             raise UsageError("method.cgfedllm.paper_sum replaces the mean; it cannot be combined with "
                              f"method.aggregation = {self.config.method.aggregation!r}")
+        if self.options.paper_sum and self.config.method.aggregation == "bounded-mean":
+            self.ctx.warn("method.cgfedllm.paper_sum sums the decoded objects unclipped: the bounded-mean norm "
+                          "bound does not apply (set method.max_update_norm to bound each upload)")
         if self.options.paper_sum and self.config.method.server_optimizer == "fedexp":
             raise UsageError("method.cgfedllm.paper_sum sums the decoded objects, so FedExP has no client updates "
                              "to scale by: set method.server_optimizer to none, fedavgm or fedadam")
@@ -473,7 +476,7 @@ class CGFedLLMServer(_Rule, FedITServer):
             updates = [robust.scale(self._update_of(r), f) for r, f in zip(replies, factors)]
             weights = self.aggregation_weights(replies)
             update = robust.combine_tensors(updates, weights, cfg.aggregation, cfg.trim_fraction)
-            if cfg.clip_update_norm > 0:
+            if self.clipping():
                 metrics["clipped"] = float(sum(f < 1.0 for f in factors))
         metrics.update(self.optimizer.step(self.weights, update, updates, weights))
         self._objects.clear()

@@ -50,7 +50,7 @@ class DeltaServer(WeightsServer):
         mean = robust.combine_tensors(updates, weights, cfg.aggregation, cfg.trim_fraction)
         metrics = self.optimizer.step(self.weights, mean, updates, weights)
         metrics["update_norm"] = robust.l2_norm(mean, self.weights)
-        if cfg.clip_update_norm > 0:
+        if self.clipping():
             metrics["clipped"] = float(sum(f < 1.0 for f in factors))
         return metrics
 

@@ -207,7 +207,7 @@ class FedKSeedServer(_FedKSeedRule, HistoryServer):
                 raise PayloadError(f"client {reply.client_id} sent a seed index outside the pool")
             factors.append(self.clip_factor(reply))
             values = values.double() * factors[-1] if factors[-1] < 1.0 else values.double()
-            if cfg.aggregation == "mean":
+            if robust.is_mean(cfg.aggregation):
                 total.index_add_(0, seeds, values * w)
             else:
                 dense.append(torch.zeros(self.pool.size, dtype=torch.float64).index_add_(0, seeds, values))
@@ -219,7 +219,7 @@ class FedKSeedServer(_FedKSeedRule, HistoryServer):
         seeds = torch.nonzero(total).view(-1)
         update = Payload(tensors={"seeds": seeds.to(torch.int32), "values": total[seeds].float()})
         metrics = {"seeds_touched": float(seeds.numel())}
-        if cfg.clip_update_norm > 0:
+        if self.clipping():
             metrics["clipped"] = float(sum(f < 1.0 for f in factors))
         return update, metrics
 

@@ -210,7 +210,7 @@ class FerretServer(_FerretRule, HistoryServer):
         cfg = self.config.method
         if not replies:
             mean = [torch.zeros(0) for _ in self.blocks]
-        elif cfg.aggregation == "mean":
+        elif robust.is_mean(cfg.aggregation):
             mean = aggregate(client_coords, self.aggregation_weights(replies))
         else:
             mean = robust.combine_ragged(client_coords, cfg.aggregation, cfg.trim_fraction)
@@ -220,7 +220,7 @@ class FerretServer(_FerretRule, HistoryServer):
         values, counts = pack(mean, WIRE_DTYPES[self.options.value_dtype])
         lr = self.server_lr(rnd)
         metrics = {"coordinates": float(values.numel()), "server_lr": lr}
-        if cfg.clip_update_norm > 0:
+        if self.clipping():
             metrics["clipped"] = float(sum(f < 1.0 for f in factors))
         return Payload(tensors={"values": values, "counts": counts}, scalars={"lr": lr}), metrics
 

@@ -2,6 +2,13 @@
 
 `[method] aggregation` picks how the accepted uploads of a round are combined:
 
+- ``"bounded-mean"`` (the default without privacy): the weighted mean after each client's update is
+  clipped to `norm_bound_factor` (3) × the round's lower median update norm (`adaptive_bound`). With
+  an honest majority the median is an honest norm, so one client, whatever it scales its update
+  by, moves the round by at most what a client at the bound does; an honest update is clipped only
+  when it is 3× longer than the median one (clean runs: never, see benchmarks/attacks.py). Under
+  `privacy.dp` or `privacy.secagg` the default is ``"mean"``: DP clips each update to its own bound,
+  and under SecAgg the server sees only the sum.
 - ``"mean"``: the weighted mean (by example count or equal, `[method] weighting`): the methods'
   original rule, bit for bit.
 - ``"median"``: per coordinate, the median over clients (the mean of the two middle values for an
@@ -32,7 +39,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-RULES = ("mean", "median", "trimmed-mean")
+RULES = ("bounded-mean", "mean", "median", "trimmed-mean")
 CHUNK = 1 << 20
 """Coordinates reduced at a time: n clients × CHUNK floats of scratch, whatever the tensor size."""
 
@@ -42,6 +49,21 @@ def trim_count(n: int, fraction: float) -> int:
     if fraction <= 0 or n < 3:
         return 0
     return min(math.ceil(fraction * n - 1e-9), (n - 1) // 2)
+
+
+def is_mean(rule: str) -> bool:
+    """Rules that combine by the weighted mean (bounded-mean clips first, through `clip_factor`)."""
+    return rule in ("mean", "bounded-mean")
+
+
+def adaptive_bound(norms: Sequence[float], factor: float) -> float:
+    """bounded-mean's clip norm: `factor` × the lower median of the round's update norms.
+
+    The lower median (the smaller middle value for an even count) is an honest norm whenever
+    honest clients are a majority, and for two replies it is the smaller one, so one client
+    cannot raise the bound by inflating its own norm."""
+    ordered = sorted(norms)
+    return factor * ordered[(len(ordered) - 1) // 2] if ordered else 0.0
 
 
 def l2_norm(tensors: Mapping[str, torch.Tensor], names: Iterable[str] | None = None) -> float:
@@ -95,7 +117,7 @@ def coordinatewise(tensors: Sequence[torch.Tensor], rule: str, trim_fraction: fl
 def combine_tensors(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], rule: str,
                     trim_fraction: float = 0.0) -> dict[str, torch.Tensor]:
     """FedAvg/FedIT: the round's float32 update per tensor name, by `rule`."""
-    if rule == "mean":
+    if is_mean(rule):
         from thinwire.methods.aggregate import weighted_mean
 
         return weighted_mean(list(updates), list(weights))

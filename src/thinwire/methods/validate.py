@@ -5,12 +5,14 @@ it knows, the byte cap). What it cannot know is what the *method* expects; every
 therefore has a `validate(reply)` hook (methods/base.py) that raises `PayloadError` with a
 reason, built from the helpers here:
 
-1. `check_reply` (every method): a sane example count, finite numeric metrics, the upload's
-   tensor bytes under the method's cap;
+1. `check_reply` (every method): a sane example count (an int: True, 24.9 or "24" are refused on
+   every runtime), metrics that are finite numbers of sane magnitude (`check_metric`), the
+   upload's tensor bytes under the method's cap;
 2. `ServerSide.check_update` (each method): exact tensor names, dtypes and shapes against its own
    state, indices (seeds, block counts) in range, the version and basis round the client must
    have used;
-3. `check_finite` (every method): no NaN or ±Inf in any floating tensor;
+3. `check_finite` (every method): no NaN or ±Inf in any floating tensor, and `check_magnitude`:
+   no value (tensor or float scalar) beyond `[method] max_update_value`;
 4. the norm bound `[method] max_update_norm` on `ServerSide.update_norm`.
 
 Validation never changes server state; a rejected upload is dropped and logged as
@@ -27,6 +29,8 @@ import torch
 from thinwire.wire import PayloadError
 
 MAX_REASON = 300
+MAX_METRIC = 1e15  # no honest client figure (a loss, a token count) comes near
+MAX_SECONDS = 1e7  # a client's duration: four months
 
 
 def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -35,18 +39,35 @@ def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
 
 def check_reply(reply, max_bytes: int, max_examples: int | None = None) -> None:
     """Example count, metrics and size: what every method's upload must satisfy."""
-    n = reply.num_examples
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise PayloadError(f"example count {n!r} is not a positive integer")
-    if max_examples is not None and n > max_examples:
-        raise PayloadError(f"example count {n} exceeds the {max_examples} a client can hold "
-                           "(federation.max_examples)")
+    check_examples(reply.num_examples, max_examples)
     for key, value in (reply.metrics or {}).items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise PayloadError(f"metric {key!r} = {value!r} is not a finite number")
+        check_metric(key, value)
     size = tensor_bytes(reply.payload.tensors)
     if size > max_bytes:
         raise PayloadError(f"upload holds {size} tensor bytes, over the cap of {max_bytes}")
+
+
+def check_examples(n: object, max_examples: int | None = None) -> int:
+    """A claimed example count: an int of at least 1 (never True, 24.9 or "24", on any runtime), and
+    at most `max_examples` when given."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise PayloadError(f"example count {str(n)[:40]!r} is not a positive integer")
+    if max_examples is not None and n > max_examples:
+        raise PayloadError(f"example count {n} exceeds the {max_examples} a client can hold "
+                           "(federation.max_examples)")
+    return n
+
+
+def check_metric(key: str, value: object) -> None:
+    """A client's own figure: a finite number of sane magnitude; a duration (`*_s`, seconds) within
+    [-1, `MAX_SECONDS`] (-1: unknown). Records keep it under the client's `metrics`, never as a
+    measured field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PayloadError(f"metric {str(key)[:60]!r} = {str(value)[:40]!r} is not a finite number")
+    if abs(value) > MAX_METRIC:
+        raise PayloadError(f"metric {str(key)[:60]!r} = {value:.3g} is beyond ±{MAX_METRIC:g}")
+    if str(key).endswith("_s") and not -1 <= value <= MAX_SECONDS:
+        raise PayloadError(f"metric {str(key)[:60]!r} = {value:.3g} s is not a duration in [-1, {MAX_SECONDS:g}]")
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
@@ -54,6 +75,25 @@ def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
         t = tensors[name]
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise PayloadError(f"tensor {name!r} has non-finite values")
+
+
+def check_magnitude(payload, bound: float) -> None:
+    """No floating tensor value and no numeric scalar of `payload` beyond ±`bound` (0: off).
+
+    Finite is not enough: values near the float32 maximum (3.4e38) overflow the moment they are
+    added or squared, so a plausibility bound far above any honest update rejects them here."""
+    if bound <= 0:
+        return
+    for name in sorted(payload.tensors):
+        t = payload.tensors[name]
+        if t.is_floating_point() and t.numel() and float(t.detach().abs().max()) > bound:
+            raise PayloadError(f"tensor {name!r} holds a value of magnitude {float(t.detach().abs().max()):.3g}, "
+                               f"over method.max_update_value = {bound:g}")
+    for key in sorted(payload.scalars):
+        value = payload.scalars[key]
+        if isinstance(value, float) and not abs(value) <= bound:
+            raise PayloadError(f"scalar {key!r} = {value!r} is not a finite number within ±{bound:g} "
+                               "(method.max_update_value)")
 
 
 def check_names(tensors: Mapping[str, torch.Tensor], expected: Iterable[str]) -> None:

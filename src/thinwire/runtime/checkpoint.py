@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, TypeVar
 from thinwire.config import Config, to_toml
 from thinwire.errors import UsageError
 from thinwire.methods.base import ClientState
-from thinwire.runtime.rundir import RunDir, atomic_write
+from thinwire.runtime.rundir import RunDir, atomic_write, json_line
 from thinwire.secret import key_bytes, key_tensor
 from thinwire.wire import Payload, PayloadError
 
@@ -269,7 +269,7 @@ class ResumableRunDir(RunDir):
 
     def log_round(self, record: dict[str, Any]) -> None:
         super().log_round(record)
-        self._count(json.dumps(record, sort_keys=True) + "\n")
+        self._count(json_line(record))
         self.logged += 1
 
     def _count(self, text: str) -> None:
@@ -287,7 +287,7 @@ class ResumableRunDir(RunDir):
         if not self.partial.is_dir():
             raise UsageError(f"nothing to resume: {self.partial} does not exist")
         atomic_write(self.partial / "config.toml", to_toml(config))
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rounds)
+        text = "".join(json_line(r) for r in rounds)
         atomic_write(self.partial / "metrics.jsonl", text)
         self._count(text)
         for stale in ("final_state.safetensors", "summary.json"):

@@ -17,6 +17,8 @@ Faults (all logged in the round record of metrics.jsonl):
   costs only its own update (`failures: [{client, reason}]`);
 - each upload is decoded under the method's size cap and checked by `server.validate`; a reply
   that fails is dropped (`rejected: [{client, reason}]`) and never reaches the global model;
+- the round's aggregation is committed only into a finite server state (runtime/commit.py): a
+  reply whose presence makes it fail is dropped the same way, before any checkpoint is written;
 - a round with fewer than `federation.min_replies` accepted replies is skipped (`skipped: true`)
   or, with `on_too_few = "retry"`, resampled from the stream (seed, "sample", round, "retry", i)
   up to `max_retries` times (`retries`).
@@ -317,9 +319,12 @@ class Rounds:
         dp_metrics: dict[str, float] = {}
         if self.central:
             replies, dp_metrics = self.central.privatize(rnd, replies, self.central.space.dimension(server))
-        aggregate, round_eval, times = records.close_round(self.config, server, rnd, replies, skipped, self.evaluate,
+        committed, round_eval, times = records.close_round(self.config, server, rnd, replies, skipped, self.evaluate,
                                                            local_s, round_start)
-        aggregate.update({**dp_metrics, **secure_metrics})
+        clients, dropped = records.apply_commit(clients, committed, pooled=bool(secure), private=self.private)
+        rejected.extend(dropped)
+        skipped = skipped or not committed.replies
+        aggregate = {**committed.metrics, **dp_metrics, **secure_metrics}
         extra = {**self.transport.round_fields(), **(secure_traffic if self.config.privacy.secagg else {}),
                  **({"client_reports": "withheld (privacy)"} if self.private else {})}
         record = records.round_record(rnd, self.spec.name, sampled, clients, aggregate, round_eval, times,

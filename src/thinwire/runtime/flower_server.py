@@ -17,11 +17,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from thinwire.config import Config, to_toml
+from thinwire.methods.validate import check_examples
 from thinwire.runtime import engine
 from thinwire.runtime.engine import Arrival, Transport
-from thinwire.runtime.flower_wire import (BASE_DIGEST, FINGERPRINT, FIT, HELLO, META, METRICS, PARTITION_ID, PAYLOAD,
-                                          POLL_S, RUN_KEY, SECAGG, config_digest, flower_bytes, pack, round_timeout,
-                                          short_reason, unpack)
+from thinwire.runtime.flower_wire import (BASE_DIGEST, CLIENT_TIMINGS, FINGERPRINT, FIT, HELLO, META, METRICS,
+                                          PARTITION_ID, PAYLOAD, POLL_S, RUN_KEY, SECAGG, config_digest, flower_bytes,
+                                          pack, round_timeout, short_reason, unpack)
 from thinwire.seeding import random_fingerprint
 
 @dataclass
@@ -234,11 +235,11 @@ class FlowerTransport(Transport):
             if int(meta["client"]) != cid:
                 raise ValueError(f"reply is for client {meta['client']}")
             metrics = dict(reply.content[METRICS]) if METRICS in reply.content else {}
-            examples = int(meta["num-examples"])
+            # the client's own timings are its claims: kept with its metrics and validated as they are
+            metrics.update({key: meta[field] for field, key in CLIENT_TIMINGS.items() if field in meta})
+            examples = check_examples(meta["num-examples"])  # the in-process rule: no coercion
             measured = {"node": reply.metadata.src_node_id, "flower_downlink_bytes": flower_down,
-                        "flower_uplink_bytes": flower_bytes(reply),
-                        "clientapp_age_s": float(meta.get("process-age-s", -1.0)),
-                        "import_s": float(meta.get("import-s", 0.0)), "setup_s": float(meta.get("setup-s", 0.0))}
+                        "flower_uplink_bytes": flower_bytes(reply)}
         except Exception as exc:  # a malformed reply costs that client, not the run
             return Arrival(up=up, failure=f"malformed reply: {exc}")
         return Arrival(up=up, num_examples=examples, metrics=metrics, measured=measured)

@@ -25,6 +25,8 @@ FINGERPRINT = "random-fingerprint"
 BASE_DIGEST = "base-digest"
 RUN_KEY = "run-key"  # the run's identity across ServerApp restarts (RunDir.run_key)
 DATA_PATH = "data-path"
+# a fit reply's META fields holding the client's own timings -> their names in its record's `metrics`
+CLIENT_TIMINGS = {"process-age-s": "clientapp_age_s", "import-s": "import_s", "setup-s": "setup_s"}
 DEFAULT_ROUND_TIMEOUT_S = 600.0
 POLL_S = 0.25
 

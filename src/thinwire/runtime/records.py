@@ -13,15 +13,19 @@ A *client-round* is one download sent to one client (`clients_contacted` per rou
 contacted again in a retry of the round counts again).
 
 A client record keeps what the runtime measured at its top level and the client's own metrics
-(`Upload.metrics`, e.g. `train_loss`) under `metrics`, so a client can never replace a measured
-figure.
+(`Upload.metrics`, e.g. `train_loss`, and on Flower its own timings `clientapp_age_s`, `import_s`,
+`setup_s`) under `metrics`, so a client can never replace a measured figure; validation
+(methods/validate.py) admits only finite numbers of sane magnitude there.
+metrics.jsonl is strict JSON (rundir.json_line): a non-finite number the server computed is written as null.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import platform
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -30,6 +34,7 @@ from typing import Any
 
 from thinwire.config import Config
 from thinwire.evaluate import evaluation_work, score_splits, split_metrics
+from thinwire.runtime.commit import Commit, commit_round
 from thinwire.runtime.rundir import peak_rss_mb
 
 TRAFFIC = ("uplink_bytes", "downlink_bytes")
@@ -93,20 +98,44 @@ def evaluate_global(config: Config, server: Any, tokenizer: Any, federation: Any
 
 def close_round(config: Config, server: Any, rnd: int, replies: list[Any], skipped: bool,
                 evaluate: Callable[[], dict[str, float]], local_s: float,
-                round_start: float) -> tuple[dict[str, float], dict[str, float] | None, dict[str, float]]:
-    """Aggregate the round's accepted replies and evaluate if this round is due.
+                round_start: float) -> tuple[Commit, dict[str, float] | None, dict[str, float]]:
+    """Aggregate the round's accepted replies (runtime/commit.py: never into a model that fails
+    the checks) and evaluate if this round is due.
 
-    Returns (aggregate metrics, the evaluation or None, the round's times in seconds).
+    Returns (what the aggregation committed, the evaluation or None, the round's times in seconds).
     """
     t0 = time.perf_counter()
-    aggregate = {} if skipped else server.aggregate(rnd, replies)
+    committed = Commit() if skipped else commit_round(server, rnd, replies)
     aggregate_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     due = rnd == config.federation.rounds or (config.eval.every and rnd % config.eval.every == 0)
     evaluation = evaluate() if due else None
     times = {"local": local_s, "aggregate": aggregate_s, "eval": time.perf_counter() - t0,
              "total": time.perf_counter() - round_start}
-    return aggregate, evaluation, times
+    return committed, evaluation, times
+
+
+def apply_commit(clients: list[dict[str, Any]], committed: Commit, pooled: bool,
+                 private: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The client records of the replies `committed` kept, each with the update norm the server
+    measured (and its clip factor when clipped) unless `private` (DP or SecAgg+: no per-client
+    figure is logged), and `rejected` entries (with their bytes) for those it dropped. `pooled`: the
+    round's one reply stood for every client (SecAgg), who share its fate."""
+    dropped = {entry["client"]: entry["reason"] for entry in committed.dropped}
+    if pooled and dropped:
+        reason = next(iter(dropped.values()))
+        dropped = {c["client"]: reason for c in clients}
+    kept = [c for c in clients if c["client"] not in dropped]
+    for c in kept:
+        norm = None if private else committed.norms.get(c["client"])
+        if norm is not None:
+            c["update_norm"] = norm if math.isfinite(norm) else None
+            bound = committed.metrics.get("norm_bound")
+            if bound is not None and not norm <= bound:
+                c["clip_factor"] = bound / norm if math.isfinite(norm) and norm > 0 else 0.0
+    gone = [failure(c["client"], dropped[c["client"]], c["downlink_bytes"], c["uplink_bytes"])
+            for c in clients if c["client"] in dropped]
+    return kept, gone
 
 
 def round_record(rnd: int, method: str, sampled: list[int], clients: list[dict[str, Any]],
@@ -121,7 +150,9 @@ def round_record(rnd: int, method: str, sampled: list[int], clients: list[dict[s
     in a round with too few (`failure` entries, with the bytes sent); `rejected`: replies that
     failed validation; `retries`: how often the round was resampled for want of replies;
     `skipped`: the round aggregated nothing; `phase`: `ServerSide.phase(rnd)`; `warnings`: those
-    the run raised since the previous record. Traffic: see the module docstring.
+    the run raised since the previous record; `train_loss`: the median of the aggregated clients'
+    claimed `train_loss` (client-reported; the median, so that one client cannot set it). Traffic:
+    see the module docstring.
     """
     failures, rejected = list(failures or []), list(rejected or [])
     everyone = [*clients, *failures, *rejected]
@@ -131,7 +162,7 @@ def round_record(rnd: int, method: str, sampled: list[int], clients: list[dict[s
         "clients_contacted": sum("downlink_bytes" in e for e in everyone), "clients_ok": len(clients),
         **{key: sum(e.get(key, 0) for e in everyone) for key in TRAFFIC},
         **{f"{key}_accepted": sum(c[key] for c in clients) for key in TRAFFIC},
-        "train_loss": sum(losses) / len(losses) if losses else None,
+        "train_loss": statistics.median(losses) if losses else None,
         "eval": evaluation, "aggregate": aggregate, "clients": clients, "time_s": time_s,
         "failures": failures, "rejected": rejected, "retries": retries, "skipped": skipped,
         "warnings": list(warnings), **extra,

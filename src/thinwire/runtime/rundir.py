@@ -14,6 +14,7 @@ import fcntl
 import glob
 import hashlib
 import json
+import math
 import os
 import resource
 import shlex
@@ -154,7 +155,7 @@ class RunDir:
         return path.read_text().strip()
 
     def log_round(self, record: dict[str, Any]) -> None:
-        self._metrics.write(json.dumps(record, sort_keys=True) + "\n")
+        self._metrics.write(json_line(record))
         self._metrics.flush()
 
     def save_predictions(self, records: list[dict[str, Any]]) -> None:
@@ -178,3 +179,19 @@ class RunDir:
         if metrics is not None and not metrics.closed:
             metrics.close()
         self.release()
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or ±Inf float (in nested dicts and lists) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One line of metrics.jsonl: strict JSON (no NaN or Infinity, which JSON does not have)."""
+    return json.dumps(finite(record), sort_keys=True, allow_nan=False) + "\n"
