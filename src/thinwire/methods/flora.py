@@ -91,9 +91,11 @@ class FLoRAServer(_Merged, WeightsCheckpoint, WeightsServer):
     def aggregate(self, rnd: int, replies: list[Reply]) -> dict[str, float]:
         p = self.aggregation_weights(replies)
         for name in self.layers:
-            a_stack = torch.cat([pk * r.payload.tensors[f"{name}.lora_A.{ADAPTER}.weight"].double()
-                                 for pk, r in zip(p, replies)])
-            b_stack = torch.cat([r.payload.tensors[f"{name}.lora_B.{ADAPTER}.weight"].double() for r in replies], dim=1)
+            a_list = [r.payload.tensors[f"{name}.lora_A.{ADAPTER}.weight"].double() for r in replies]
+            b_list = [r.payload.tensors[f"{name}.lora_B.{ADAPTER}.weight"].double() for r in replies]
+            scales = self.product_scales([float(torch.linalg.norm(b @ a)) for a, b in zip(a_list, b_list)])
+            a_stack = torch.cat([pk * c * a for pk, c, a in zip(p, scales, a_list)])
+            b_stack = torch.cat(b_list, dim=1)
             merged = float(self.layers[name].scaling[ADAPTER]) * (b_stack @ a_stack)
             self.weights[f"W/{name}"] = (self.weights[f"W/{name}"].double() + merged).float()
         return {"stack_rank": float(a_stack.shape[0])}

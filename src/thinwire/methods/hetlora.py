@@ -19,13 +19,14 @@ not deltas, so this method has no update space for DP or SecAgg.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from thinwire.config import MAX_RANK, method_options, opt
 from thinwire.errors import UsageError
-from thinwire.methods import validate
+from thinwire.methods import robust, validate
 from thinwire.methods.base import ClientSide, ClientState, Reply, Upload, WeightsServer, snapshot
 from thinwire.wire import Payload, PayloadError
 
@@ -77,9 +78,19 @@ class Ranks:
                              f"[1, model.lora_rank = {self.r_max}]; lower it or raise model.lora_rank "
                              "(the global adapter's rank)")
         method = self.config.method
-        if method.server_optimizer != "none" or method.aggregation != "mean":
+        if method.server_optimizer != "none" or method.aggregation not in ("mean", "bounded-mean"):
             raise UsageError(f"{method.name} aggregates by its own rule (ALGORITHMS.md §7.3); set "
-                             "method.server_optimizer = 'none' and method.aggregation = 'mean'")
+                             "method.server_optimizer = 'none' and method.aggregation = 'bounded-mean' or 'mean'")
+
+    def product_scales(self, norms: list[float]) -> list[float]:
+        """What each client's product B_k A_k is scaled by: under bounded-mean (the default) down to
+        `norm_bound_factor` x the round's lower median product norm, so no client's scale or weight
+        exceeds an honest one's by more than that; 1 under the plain mean."""
+        method = self.config.method
+        if method.aggregation != "bounded-mean":
+            return [1.0] * len(norms)
+        bound = robust.adaptive_bound(norms, method.norm_bound_factor)
+        return [min(1.0, bound / n) if n > 0 else 1.0 for n in norms]
 
     def rank_of(self, client_id: int) -> int:
         ranks = self.options.ranks
@@ -123,10 +134,13 @@ class HetLoRAServer(Ranks, WeightsCheckpoint, WeightsServer):
                 continue
             b_name = name.replace(".lora_A.", ".lora_B.")
             norms = [float(torch.linalg.norm(p[b_name].double() @ p[name].double())) for p in padded]
-            total = sum(norms)
-            weights = [s / total for s in norms] if total > 0 else [1.0 / len(padded)] * len(padded)
-            for key in (name, b_name):
-                self.weights[key] = sum(w * p[key].double() for w, p in zip(weights, padded)).float()
+            scales = self.product_scales(norms)
+            bounded = [n * c for n, c in zip(norms, scales)]
+            total = sum(bounded)
+            weights = [s / total for s in bounded] if total > 0 else [1.0 / len(padded)] * len(padded)
+            for key in (name, b_name):  # each factor scaled by √c: their product by c
+                self.weights[key] = sum(w * math.sqrt(c) * p[key].double()
+                                        for w, c, p in zip(weights, scales, padded)).float()
             spread.append(max(weights) - min(weights))
         return {"weight_spread": max(spread)}
 
