@@ -152,11 +152,12 @@ def grace_s(timeout_s: float) -> float:
     return min(max(timeout_s, 5.0), 60.0)
 
 
-INTERRUPT_WAIT_S = 10.0  # how long Ctrl-C waits for a client's work to reach its next step
-
-
 class ClientThread(threading.Thread):
-    """One client's work, in a daemon thread that the round can stop waiting for."""
+    """One client's work, in a daemon thread that the round can stop waiting for.
+
+    The round waits on an Event, not `join`: a `join` interrupted by Ctrl-C marks a running thread
+    as stopped (CPython's bpo-45274 handling), after which the process exits while the work is
+    still inside torch and aborts."""
 
     def __init__(self, work: Callable[[], tuple[Upload, bytes]]):
         super().__init__(name="thinwire-client", daemon=True)
@@ -164,29 +165,31 @@ class ClientThread(threading.Thread):
         self.result: tuple[Upload, bytes] | None = None
         self.error: BaseException | None = None
         self.stopped = False  # set past the deadline: the work's next step raises ClientDeadline
+        self.done = threading.Event()
 
     def run(self) -> None:
         try:
             self.result = self.work()
         except BaseException as exc:  # handed to the round, which decides what it costs
             self.error = exc
+        finally:
+            self.done.set()
 
     def finish(self, timeout_s: float, grace: float) -> bool:
         """Run the work; False when it neither returned by the deadline nor stopped within `grace`
         after it (the thread is then abandoned, and stops at its next step if it ever takes one)."""
         self.start()
         try:
-            self.join(timeout_s)
-        except KeyboardInterrupt:  # Ctrl-C: let the work stop at its next step before the process exits
+            if not self.done.wait(timeout_s):
+                self.stopped = True
+                self.done.wait(grace)
+        except KeyboardInterrupt:  # Ctrl-C: the work stops at its next step before the process exits
             self.stopped = True
-            self.join(min(grace, INTERRUPT_WAIT_S))
+            self.done.wait()
             raise
-        if self.is_alive():
-            self.stopped = True
-            self.join(grace)
         if self.error is not None and not isinstance(self.error, Exception):
             raise self.error  # not a client fault (SystemExit and the like)
-        return not self.is_alive()
+        return self.done.is_set()
 
 
 class SharedTensors:
