@@ -513,7 +513,8 @@ def test_two_nodes_claiming_one_partition_cannot_both_serve_it(tmp_path, smoke_c
     """One node per partition: the second claim is refused with a warning, and the run goes on
     (the impostor's own partition has no node; if its claim came first, partition 0's messages
     reach a node that refuses them, so that client fails too)."""
-    config = smoke_config("eval.generate=false", "federation.rounds=2", "federation.clients_per_round=3")
+    config = smoke_config("eval.generate=false", "federation.rounds=2", "federation.clients_per_round=3",
+                          "federation.round_timeout_s=20")  # a refused node must not cost the default 600 s
     flower.run_flower_sim(config, tmp_path / "run", quiet=True, num_cpus=1, client_app=_impostor_client_app(1, 0))
     first, second = _rounds(tmp_path / "run")
     assert any("both claim partition 0" in w for w in first["warnings"]), first["warnings"]
