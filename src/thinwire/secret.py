@@ -5,9 +5,6 @@ they never come from the run seed (which every client receives and config.toml r
 is 256 bits of OS entropy; a stream is ChaCha20 under a subkey derived from the key and the
 stream's labels (keyed BLAKE2b), so one key serves every (round, client) without storing more,
 and a checkpoint that keeps the key resumes every stream bit-exactly.
-
-`seeded_key` exists for tests only: a key derived from the run seed, which makes noise
-reproducible and worthless as a guarantee (privacy.insecure_seeded_noise says so in every table).
 """
 
 from __future__ import annotations
@@ -28,11 +25,6 @@ def new_key() -> bytes:
     return secrets.token_bytes(KEY_BYTES)
 
 
-def seeded_key(seed: int, role: str) -> bytes:
-    """A key anyone with the run seed can rebuild: tests only (see module docstring)."""
-    return hashlib.blake2b(f"thinwire-insecure-test-key\x1f{seed}\x1f{role}".encode(), digest_size=KEY_BYTES).digest()
-
-
 def keystream(key: bytes, *labels: object):
     """The ChaCha20 keystream (key, labels): `.update(zeros)` returns its next bytes."""
     return _cipher(key, labels)
@@ -43,11 +35,6 @@ def _cipher(key: bytes, labels: tuple[object, ...]):
         raise ValueError(f"a stream key needs at least 128 bits, got {8 * len(key)}")
     subkey = hashlib.blake2b("\x1f".join(map(str, labels)).encode(), key=key[:64], digest_size=32).digest()
     return Cipher(algorithms.ChaCha20(subkey, bytes(16)), mode=None).encryptor()
-
-
-def words(key: bytes, count: int, *labels: object) -> np.ndarray:
-    """`count` uniform uint32 values from the stream (key, labels)."""
-    return np.frombuffer(_cipher(key, labels).update(bytes(4 * count)), dtype=np.uint32).copy()
 
 
 def normal(key: bytes, shape: tuple[int, ...] | torch.Size, *labels: object) -> torch.Tensor:
